@@ -1,0 +1,88 @@
+//! dcat — pipe data through a service.
+//!
+//! Usage: dcat [-v] SERVICE [FILE…]
+//!
+//! Connects to the first service that SERVICE selects and accepts (falling
+//! over to the next on a refused or vanished socket), sends each FILE in
+//! order (`-` is stdin; no FILE means stdin), then shuts down its write side
+//! and copies the service's reply to stdout until the service closes.
+//! SERVICE is a selector (`lame`, `madplay.stereo`, `text/plain/sorter`, an
+//! absolute socket path) or a `sep://` / `ssh://` URI.
+//!
+//! Exit status: 0 done; 64 usage; 69 no such service, or none accepted;
+//! 74 an I/O error. A closed stdout (`dcat x | head -1`) ends quietly.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use argh::FromArgs;
+
+use crate::error::Error;
+use crate::relay::{self, Relay, Way};
+use crate::selector::Target;
+use crate::transport;
+
+#[derive(FromArgs)]
+/// Pipe FILEs (or stdin) through SERVICE and copy its reply to stdout.
+struct Args {
+    /// report on stderr which service was used
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+    /// the service: a selector or a sep:// or ssh:// URI
+    #[argh(positional)]
+    service: String,
+    /// files to send in order; - is stdin (default: stdin)
+    #[argh(positional, greedy)]
+    files: Vec<String>,
+}
+
+enum Input {
+    Stdin,
+    File(File),
+}
+
+pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
+    let args: Args = crate::applets::parse_args(name, args);
+    let target = Target::parse(&args.service)?;
+    // Open every file first, so a typo fails before anything is sent.
+    let inputs = args
+        .files
+        .iter()
+        .map(|path| match path.as_str() {
+            "-" => Ok(Input::Stdin),
+            path => File::open(path).map(Input::File).map_err(|source| Error::Open { path: path.into(), source }),
+        })
+        .collect::<Result<Vec<Input>, Error>>()?;
+    let connection = transport::connect(&target)?;
+    if args.verbose {
+        eprintln!("{name}: connected to {}", connection.description);
+    }
+    pipe_through(UnixStream::from(connection.stream), &inputs)
+}
+
+fn pipe_through(stream: UnixStream, inputs: &[Input]) -> Result<(), Error> {
+    stream.set_nonblocking(true).map_err(|e| Error::io("cannot set up the connection", e))?;
+    let sources: Vec<RawFd> = if inputs.is_empty() {
+        vec![libc::STDIN_FILENO]
+    } else {
+        inputs
+            .iter()
+            .map(|input| match input {
+                Input::Stdin => libc::STDIN_FILENO,
+                Input::File(file) => file.as_raw_fd(),
+            })
+            .collect()
+    };
+    let socket = stream.as_raw_fd();
+    let mut relay = Relay::new(&sources, socket, socket, libc::STDOUT_FILENO);
+    // The reply decides when we are done: a service may answer before it
+    // has read everything, or without reading at all.
+    relay::run_until(&mut relay, |relay| relay.way_done(Way::Backward)).map_err(|e| Error::io("relay failed", e))?;
+    match relay.broken(Way::Backward) {
+        // stdout was closed by its reader (`| head -1`): that is their
+        // choice, not our error.
+        Some(std::io::ErrorKind::BrokenPipe) | None => Ok(()),
+        Some(kind) => Err(Error::io("cannot write to stdout", kind.into())),
+    }
+}

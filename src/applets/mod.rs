@@ -1,0 +1,158 @@
+//! The applet table and the multiplexer: `basename(argv[0])` or the first
+//! argument picks the applet. Adding an applet is adding a file here and a
+//! row in [`APPLETS`].
+
+use std::path::Path;
+
+use crate::error::{Error, EXIT_USAGE};
+
+mod cat;
+mod ls;
+mod monitor;
+mod pipe;
+
+/// One applet: its subcommand name, the names it is installed as, a
+/// one-line summary for `dipus --help`, and its entry point, which gets the
+/// name it was called by and its arguments.
+pub struct Applet {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub summary: &'static str,
+    pub main: fn(&str, &[&str]) -> Result<(), Error>,
+}
+
+pub const APPLETS: &[Applet] = &[
+    Applet {
+        name: "cat",
+        aliases: &["dcat"],
+        summary: "pipe FILEs (or stdin) through a service and its reply to stdout",
+        main: cat::main,
+    },
+    Applet {
+        name: "export-pipe",
+        aliases: &["dipus-export-pipe"],
+        summary: "serve a stdin/stdout command as a service offered to the LAN",
+        main: pipe::export_main,
+    },
+    Applet {
+        name: "local-pipe",
+        aliases: &["dipus-local-pipe"],
+        summary: "serve a stdin/stdout command as a service on this host",
+        main: pipe::local_main,
+    },
+    Applet { name: "ls", aliases: &["dls"], summary: "list services, once or live (-w)", main: ls::main },
+    Applet {
+        name: "monitor",
+        aliases: &["dipus-service-monitor"],
+        summary: "print + PATH / - PATH as services appear and vanish",
+        main: monitor::main,
+    },
+];
+
+fn find(name: &str) -> Option<&'static Applet> {
+    APPLETS.iter().find(|applet| applet.name == name || applet.aliases.contains(&name))
+}
+
+fn usage() -> String {
+    let mut text = format!(
+        "dipus {} — distributed IPC by proxying UNIX sockets\n\n\
+         Usage: dipus APPLET [ARGS…]   or, through a symlink, APPLET-NAME [ARGS…]\n\n\
+         Applets:\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for applet in APPLETS {
+        let names = std::iter::once(applet.name).chain(applet.aliases.iter().copied()).collect::<Vec<_>>().join(", ");
+        text.push_str(&format!("  {names:<40} {}\n", applet.summary));
+    }
+    text.push_str(
+        "\nEach applet takes --help. Environment: DIPUS_ROOT (default /tmp/dipus), DIPUS_HOSTNAME, RUST_LOG.\n",
+    );
+    text
+}
+
+fn known_names() -> String {
+    APPLETS.iter().flat_map(|a| std::iter::once(a.name).chain(a.aliases.iter().copied())).collect::<Vec<_>>().join(", ")
+}
+
+/// Runs the applet `args` name and returns the exit status.
+pub fn dispatch(args: &[String]) -> i32 {
+    let invoked = args
+        .first()
+        .map(|arg0| Path::new(arg0).file_name().and_then(|n| n.to_str()).unwrap_or("dipus"))
+        .unwrap_or("dipus");
+    let (applet, rest) = match find(invoked) {
+        Some(applet) => (applet, &args[args.len().min(1)..]),
+        None => match args.get(1).map(String::as_str) {
+            None | Some("--help") | Some("-h") | Some("help") => {
+                print!("{}", usage());
+                return if args.len() < 2 { EXIT_USAGE } else { 0 };
+            }
+            Some("--version") | Some("-V") => {
+                println!("dipus {}", env!("CARGO_PKG_VERSION"));
+                return 0;
+            }
+            Some("--list") => {
+                for applet in APPLETS {
+                    println!("{}", applet.name);
+                    for alias in applet.aliases {
+                        println!("{alias}");
+                    }
+                }
+                return 0;
+            }
+            Some(name) => match find(name) {
+                Some(applet) => (applet, &args[2..]),
+                None => {
+                    eprintln!("dipus: unknown applet {name:?}; known applets: {}", known_names());
+                    return EXIT_USAGE;
+                }
+            },
+        },
+    };
+    let display_name = applet.aliases.first().copied().unwrap_or(applet.name);
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    match (applet.main)(display_name, &rest) {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("{display_name}: {error}");
+            error.exit_status()
+        }
+    }
+}
+
+/// Parses an applet's arguments with argh; `--help` prints and exits 0, a
+/// usage error prints and exits 64.
+pub fn parse_args<T: argh::FromArgs>(name: &str, args: &[&str]) -> T {
+    match T::from_args(&[name], args) {
+        Ok(parsed) => parsed,
+        Err(early) => match early.status {
+            Ok(()) => {
+                print!("{}", early.output);
+                std::process::exit(0);
+            }
+            Err(()) => {
+                eprint!("{name}: {}", early.output);
+                if !early.output.ends_with('\n') {
+                    eprintln!();
+                }
+                eprintln!("Run {name} --help for usage.");
+                std::process::exit(EXIT_USAGE);
+            }
+        },
+    }
+}
+
+/// The host name services are created under: `DIPUS_HOSTNAME`, or the
+/// short host name.
+pub fn host_name() -> Result<String, Error> {
+    let host = match std::env::var("DIPUS_HOSTNAME") {
+        Ok(host) if !host.is_empty() => host,
+        _ => {
+            let full = nix::unistd::gethostname().map_err(|e| Error::io("cannot read the host name", e.into()))?;
+            let full = full.to_string_lossy().into_owned();
+            full.split('.').next().unwrap_or("localhost").to_string()
+        }
+    };
+    crate::name::validate_host(&host)?;
+    Ok(host)
+}

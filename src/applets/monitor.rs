@@ -1,0 +1,68 @@
+//! dipus-service-monitor — report services appearing and vanishing.
+//!
+//! Usage: dipus-service-monitor [--initial] [SELECTOR]
+//!
+//! Prints `+ PATH` when a service matching SELECTOR (default: all) appears
+//! anywhere in the tree, and `- PATH` when it vanishes, PATH being the full
+//! socket path; one line each, flushed at once. With `--initial`, the
+//! services present at start are printed first as `+` lines, followed by
+//! `= synced`. Event-driven (inotify), including directories made later.
+
+use std::io::Write;
+
+use argh::FromArgs;
+
+use crate::error::Error;
+use crate::selector::Selector;
+use crate::tree::Tree;
+use crate::watch::{Change, TreeWatcher};
+
+#[derive(FromArgs)]
+/// Print + PATH / - PATH as services matching SELECTOR appear and vanish.
+struct Args {
+    /// first print the services present now, then "= synced"
+    #[argh(switch)]
+    initial: bool,
+    /// which services to report (default: all)
+    #[argh(positional)]
+    selector: Option<String>,
+}
+
+pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
+    let args: Args = crate::applets::parse_args(name, args);
+    let selector = Selector::parse(args.selector.as_deref().unwrap_or(""))?;
+    let tree = Tree::from_env()?;
+    tree.ensure_root()?;
+    let mut watcher =
+        TreeWatcher::new(&tree).map_err(|e| Error::io(format!("cannot watch {}", tree.root().display()), e))?;
+    let mut out = std::io::stdout().lock();
+    let mut emit = |line: String| -> bool { writeln!(out, "{line}").and_then(|()| out.flush()).is_ok() };
+    if args.initial {
+        for service in watcher.current() {
+            if selector.matches(&service.path, &service.full) && !emit(format!("+ {}", service.full.display())) {
+                return Ok(());
+            }
+        }
+        if !emit("= synced".into()) {
+            return Ok(());
+        }
+    }
+    loop {
+        let changes = watcher.wait_changes().map_err(|e| Error::io("cannot read changes", e))?;
+        for change in changes {
+            let line = match &change {
+                Change::Added(service) if selector.matches(&service.path, &service.full) => {
+                    format!("+ {}", service.full.display())
+                }
+                Change::Removed(service) if selector.matches(&service.path, &service.full) => {
+                    format!("- {}", service.full.display())
+                }
+                _ => continue,
+            };
+            // A closed stdout ends the monitor quietly.
+            if !emit(line) {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! dipus: distributed IPC by proxying UNIX sockets.
+//!
+//! One executable, busybox-style: the applet is chosen by the name it was
+//! run as (`dcat`, `dls`, `dipusd`, …) or by its first argument
+//! (`dipus cat …`). See `applets` for the table.
+
+mod applets;
+mod datagram;
+mod error;
+mod name;
+mod net;
+mod probe;
+mod relay;
+mod selector;
+mod signals;
+mod transport;
+mod sep;
+mod tree;
+mod watch;
+
+fn main() {
+    // A write to a closed socket or pipe must be an error we handle
+    // (EPIPE), not a silent death.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
+    let args: Vec<String> = std::env::args().collect();
+    std::process::exit(applets::dispatch(&args));
+}

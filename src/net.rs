@@ -1,0 +1,93 @@
+//! Socket helpers every applet shares: listening and connecting UNIX and TCP
+//! sockets the way dipus wants them (close-on-exec, a real backlog,
+//! TCP_NODELAY and keepalive on every TCP leg), and raising the descriptor
+//! limit of long-running applets.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use nix::sys::socket::{
+    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr,
+};
+
+fn to_io(errno: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(errno as i32)
+}
+
+/// A listening UNIX stream socket at `path`, nonblocking, with `backlog`.
+pub fn unix_listen(path: &Path, backlog: i32) -> io::Result<UnixListener> {
+    let address = UnixAddr::new(path).map_err(to_io)?;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
+        .map_err(to_io)?;
+    bind(fd.as_raw_fd(), &address).map_err(to_io)?;
+    listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN)).map_err(to_io)?;
+    Ok(UnixListener::from(fd))
+}
+
+/// A blocking connection to the UNIX socket at `path`.
+pub fn unix_connect(path: &Path) -> io::Result<UnixStream> {
+    crate::name::check_socket_path(path).map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    UnixStream::connect(path)
+}
+
+/// A listening TCP socket, nonblocking, with `backlog` and SO_REUSEADDR so a
+/// restarted exporter does not wait for TIME_WAIT.
+pub fn tcp_listen(address: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let family = match address {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None).map_err(to_io)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(to_io)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(address)).map_err(to_io)?;
+    listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN)).map_err(to_io)?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// Seconds of silence before TCP keepalive probes start, the gap between
+/// probes and how many unanswered probes end the connection: a vanished
+/// peer is noticed within about 10 + 3 × 5 = 25 s.
+pub const KEEPALIVE_IDLE_SECS: u32 = 10;
+pub const KEEPALIVE_INTERVAL_SECS: u32 = 5;
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Every TCP leg: no Nagle delay (small request/response traffic would
+/// wait for delayed ACKs), and keepalive so a vanished peer is noticed.
+pub fn tune_tcp(fd: RawFd) -> io::Result<()> {
+    // SAFETY: the caller owns `fd` for the duration of the call; we only
+    // borrow it to set options.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(to_io)?;
+    setsockopt(&fd, sockopt::KeepAlive, &true).map_err(to_io)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        setsockopt(&fd, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS).map_err(to_io)?;
+        setsockopt(&fd, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS).map_err(to_io)?;
+        setsockopt(&fd, sockopt::TcpKeepCount, &KEEPALIVE_PROBES).map_err(to_io)?;
+    }
+    Ok(())
+}
+
+/// Long-running applets serve many connections: take the whole hard limit.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::debug!("cannot raise the descriptor limit to {hard}: {error}");
+            }
+        }
+    }
+}
+
+/// Takes ownership of a raw descriptor.
+///
+/// # Safety
+/// `fd` must be open and owned by nobody else.
+pub unsafe fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

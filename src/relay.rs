@@ -1,0 +1,1098 @@
+//! The hot path: one nonblocking state machine that moves bytes both ways
+//! between descriptors, used by every applet that moves bytes.
+//!
+//! A [`Relay`] has two directions, each a source (or a queue of sources, for
+//! `dcat a b -`) and a sink. The two directions are one symmetric table, as
+//! in s6-ioconnect: nothing is written twice for "upstream" and
+//! "downstream". EOF on a source becomes `shutdown(SHUT_WR)` of its sink
+//! once everything read has been written, so half-close crosses the relay.
+//!
+//! How bytes move depends on the descriptors:
+//! - one end is a pipe: `splice(2)` straight between the two (zero copy);
+//! - a regular file into a socket: `sendfile(2)`;
+//! - socket to socket: a hybrid. Small messages go through a buffer with
+//!   `recv`/`send`, one syscall pair per message; a read that fills the
+//!   buffer means bulk, and the direction moves to `splice` through a pipe
+//!   borrowed from a per-thread pool, and back to the buffer when the
+//!   source runs dry. Pipes are capped per process, so thousands of idle
+//!   connections hold no pipes; above the cap a direction stays buffered.
+//! - anything else (a terminal), or where splice is refused (`EINVAL`),
+//!   or off Linux: read/write through the buffer.
+//!
+//! The relay never waits: each operation that would block clears that
+//! descriptor's readiness flag, and the driver (a mio loop, edge-triggered,
+//! or a `polling` loop, level-triggered) sets it again on the next event.
+//! Descriptors that are not nonblocking (a terminal, a blocking socket given
+//! to dcat) get one operation per readiness event, which cannot block long.
+//! `splice`'s `EAGAIN` does not say which end would block; the relay asks
+//! `FIONREAD` or its own count of bytes in the pipe instead of guessing, so
+//! it never stalls with data in a pipe and never spins.
+//!
+//! The relay does not own the descriptors: the caller keeps them open for
+//! the relay's lifetime and closes them afterwards.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// Buffer of a direction in buffered mode; a read that fills it is bulk.
+pub const BUFFER_SIZE: usize = 16 * 1024;
+/// Most bytes one splice or sendfile call is asked to move.
+const SPLICE_CHUNK: usize = 1 << 20;
+/// Pipes one process may hold for splicing, in use or pooled. Each can pin
+/// 16 pages; the kernel's per-user soft limit is typically 16384 pages.
+pub const MAX_PIPES: usize = 256;
+/// Idle pipes kept for reuse.
+const POOL_SIZE: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Socket,
+    Pipe,
+    File,
+    /// Terminals and other character devices: read/write only.
+    Other,
+}
+
+impl Kind {
+    pub fn of(fd: RawFd) -> Kind {
+        // SAFETY: fstat writes into a zeroed stat we own.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+            return Kind::Other;
+        }
+        match stat.st_mode & libc::S_IFMT {
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFIFO => Kind::Pipe,
+            libc::S_IFREG => Kind::File,
+            _ => Kind::Other,
+        }
+    }
+}
+
+fn is_nonblocking(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
+}
+
+/// One descriptor as the relay sees it.
+#[derive(Debug)]
+struct Endpoint {
+    fd: RawFd,
+    kind: Kind,
+    /// `O_NONBLOCK` is set: splice and read/write return EAGAIN.
+    nonblocking: bool,
+    /// A blocking terminal or pipe read/written with read/write: one
+    /// operation per readiness event, so it never blocks for long.
+    one_shot: bool,
+    /// Cannot be polled (a regular file, /dev/null): always ready.
+    always_ready: bool,
+    readable: bool,
+    writable: bool,
+}
+
+impl Endpoint {
+    fn new(fd: RawFd) -> Endpoint {
+        let kind = Kind::of(fd);
+        let nonblocking = is_nonblocking(fd);
+        // Sockets are read and written with MSG_DONTWAIT, so they never
+        // block whatever their flags say.
+        let one_shot = !nonblocking && matches!(kind, Kind::Pipe | Kind::Other);
+        let always_ready = kind == Kind::File;
+        Endpoint {
+            fd,
+            kind,
+            nonblocking,
+            one_shot,
+            always_ready,
+            // Blocking descriptors wait for the poller's word first.
+            readable: !one_shot,
+            writable: !one_shot,
+        }
+    }
+
+    fn after_read(&mut self) {
+        if self.one_shot && !self.always_ready {
+            self.readable = false;
+        }
+    }
+
+    fn after_write(&mut self) {
+        if self.one_shot && !self.always_ready {
+            self.writable = false;
+        }
+    }
+
+    fn set_blocked_read(&mut self) {
+        if !self.always_ready {
+            self.readable = false;
+        }
+    }
+
+    fn set_blocked_write(&mut self) {
+        if !self.always_ready {
+            self.writable = false;
+        }
+    }
+}
+
+/// How a direction moves its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strategy {
+    Buffered,
+    /// Buffered for small messages, spliced through a pool pipe for bulk.
+    Hybrid,
+    /// One end is a pipe: splice directly.
+    Direct,
+    /// A regular file into a socket.
+    SendFile,
+}
+
+fn choose_strategy(source: &Endpoint, sink: &Endpoint) -> Strategy {
+    if !cfg!(any(target_os = "linux", target_os = "android")) {
+        return Strategy::Buffered;
+    }
+    let splicable = |e: &Endpoint| match e.kind {
+        Kind::Pipe => true,
+        Kind::Socket => e.nonblocking,
+        Kind::File | Kind::Other => false,
+    };
+    match (source.kind, sink.kind) {
+        (Kind::File, Kind::Socket) if sink.nonblocking => Strategy::SendFile,
+        (Kind::Pipe, _) | (_, Kind::Pipe) if splicable(source) && splicable(sink) => Strategy::Direct,
+        (Kind::Socket, Kind::Socket) if source.nonblocking && sink.nonblocking => Strategy::Hybrid,
+        _ => Strategy::Buffered,
+    }
+}
+
+/// A pipe for splicing, with the read end first.
+#[derive(Debug)]
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+thread_local! {
+    static PIPES: RefCell<PipePool> = const { RefCell::new(PipePool { idle: Vec::new(), live: 0 }) };
+}
+
+struct PipePool {
+    idle: Vec<Pipe>,
+    live: usize,
+}
+
+/// A pipe from the pool, or a new one while under the cap.
+fn take_pipe() -> Option<Pipe> {
+    PIPES.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if let Some(pipe) = pool.idle.pop() {
+            return Some(pipe);
+        }
+        if pool.live >= MAX_PIPES {
+            return None;
+        }
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).ok()?;
+        pool.live += 1;
+        Some(Pipe { read, write })
+    })
+}
+
+/// Returns an empty pipe to the pool (or closes it).
+fn give_pipe(pipe: Pipe) {
+    PIPES.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.idle.len() < POOL_SIZE {
+            pool.idle.push(pipe);
+        } else {
+            pool.live -= 1;
+        }
+    })
+}
+
+/// A pipe that still holds data is not reusable: close it.
+fn discard_pipe(pipe: Pipe) {
+    drop(pipe);
+    PIPES.with(|pool| pool.borrow_mut().live -= 1);
+}
+
+/// Pipes this thread holds, in use or pooled (for tests and benchmarks).
+pub fn pipes_live() -> usize {
+    PIPES.with(|pool| pool.borrow().live)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// The source is finished; what is buffered is still being written.
+    Draining,
+    /// Done: the sink has been shut down (or broke).
+    Closed,
+}
+
+#[derive(Debug)]
+struct Direction {
+    /// Endpoint indices; `sources[0]` is current, the rest wait their turn.
+    sources: Vec<usize>,
+    sink: usize,
+    strategy: Strategy,
+    state: State,
+    buffer: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// Set while spliced through a pool pipe.
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    /// A buffered read filled the buffer: splice once it is empty.
+    wants_pipe: bool,
+    bytes: u64,
+    /// The sink refused data (peer gone, EPIPE): bytes were lost.
+    broken: Option<io::ErrorKind>,
+}
+
+/// What moving one direction returned.
+enum Step {
+    Progress,
+    Blocked,
+}
+
+/// Which way bytes go: `Forward` is the first pair given to the
+/// constructor (e.g. client to service), `Backward` the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    Forward = 0,
+    Backward = 1,
+}
+
+/// What a poller should wait for on one descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interest {
+    pub fd: RawFd,
+    pub read: bool,
+    pub write: bool,
+}
+
+#[derive(Debug)]
+pub struct Relay {
+    endpoints: Vec<Endpoint>,
+    directions: [Direction; 2],
+}
+
+impl Relay {
+    /// A bidirectional relay between two sockets: `a → b` is forward.
+    pub fn between(a: RawFd, b: RawFd) -> Relay {
+        Relay::new(&[a], b, b, a)
+    }
+
+    /// A relay from each of `sources` in turn into `sink` (forward) and
+    /// from `back_source` into `back_sink` (backward), as dcat needs.
+    pub fn new(sources: &[RawFd], sink: RawFd, back_source: RawFd, back_sink: RawFd) -> Relay {
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        let mut index_of = |fd: RawFd| match endpoints.iter().position(|e| e.fd == fd) {
+            Some(index) => index,
+            None => {
+                endpoints.push(Endpoint::new(fd));
+                endpoints.len() - 1
+            }
+        };
+        let forward_sources: Vec<usize> = sources.iter().map(|&fd| index_of(fd)).collect();
+        let forward_sink = index_of(sink);
+        let back_source = index_of(back_source);
+        let back_sink = index_of(back_sink);
+        let mut relay = Relay {
+            directions: [Direction::new(forward_sources, forward_sink), Direction::new(vec![back_source], back_sink)],
+            endpoints,
+        };
+        for direction in &mut relay.directions {
+            direction.choose(&relay.endpoints);
+        }
+        relay
+    }
+
+    /// The descriptors a poller should watch, with what each waits for.
+    /// Regular files are left out: they are always ready.
+    pub fn interests(&self) -> Vec<Interest> {
+        let mut interests: Vec<Interest> = Vec::with_capacity(self.endpoints.len());
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            if endpoint.always_ready {
+                continue;
+            }
+            let mut interest = Interest { fd: endpoint.fd, read: false, write: false };
+            for direction in &self.directions {
+                let (read, write) = direction.waits_for(&self.endpoints);
+                interest.read |= read == Some(index);
+                interest.write |= write == Some(index);
+            }
+            interests.push(interest);
+        }
+        interests
+    }
+
+    /// A poller reported readiness on `fd`. Errors and hang-ups count as
+    /// both: the next operation reports them.
+    pub fn set_ready(&mut self, fd: RawFd, readable: bool, writable: bool) {
+        for endpoint in &mut self.endpoints {
+            if endpoint.fd == fd {
+                endpoint.readable |= readable;
+                endpoint.writable |= writable;
+            }
+        }
+    }
+
+    /// The poller cannot watch `fd` (epoll refuses /dev/null and regular
+    /// files): treat it as always ready.
+    pub fn set_always_ready(&mut self, fd: RawFd) {
+        for endpoint in &mut self.endpoints {
+            if endpoint.fd == fd {
+                endpoint.always_ready = true;
+                endpoint.readable = true;
+                endpoint.writable = true;
+            }
+        }
+    }
+
+    /// Moves as many bytes as possible without blocking. Errors of the
+    /// peers (reset, broken pipe) end a direction and are not returned;
+    /// `Err` is for the relay's own failures.
+    pub fn pump(&mut self) -> io::Result<()> {
+        loop {
+            let mut progressed = false;
+            for way in 0..2 {
+                let Relay { endpoints, directions } = self;
+                if let Step::Progress = directions[way].step(endpoints)? {
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.directions.iter().all(|d| d.state == State::Closed)
+    }
+
+    pub fn way_done(&self, way: Way) -> bool {
+        self.directions[way as usize].state == State::Closed
+    }
+
+    /// Bytes moved in one direction so far.
+    pub fn bytes(&self, way: Way) -> u64 {
+        self.directions[way as usize].bytes
+    }
+
+    /// Why the sink of a direction refused data, if it did.
+    pub fn broken(&self, way: Way) -> Option<io::ErrorKind> {
+        self.directions[way as usize].broken
+    }
+
+    /// Whether a direction currently splices through a pool pipe.
+    pub fn is_spliced(&self, way: Way) -> bool {
+        self.directions[way as usize].pipe.is_some()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for direction in &mut self.directions {
+            direction.release_pipe();
+        }
+    }
+}
+
+/// Drives `relay` with a `polling` loop (level-triggered, as one-shot
+/// clients like dcat want) until `finished` says so or nothing is left.
+pub fn run_until(relay: &mut Relay, finished: impl Fn(&Relay) -> bool) -> io::Result<()> {
+    use std::os::fd::BorrowedFd;
+    let poller = polling::Poller::new()?;
+    let mut registered: Vec<RawFd> = Vec::new();
+    let mut events = polling::Events::new();
+    let result = (|| loop {
+        relay.pump()?;
+        if finished(relay) || relay.is_done() {
+            return Ok(());
+        }
+        for interest in relay.interests() {
+            let event = polling::Event::new(interest.fd as usize, interest.read, interest.write);
+            if registered.contains(&interest.fd) {
+                // SAFETY: the relay's descriptors stay open while it lives.
+                poller.modify(unsafe { BorrowedFd::borrow_raw(interest.fd) }, event)?;
+                continue;
+            }
+            // SAFETY: as above; every added descriptor is deleted below
+            // before this function returns.
+            match unsafe { poller.add(interest.fd, event) } {
+                Ok(()) => registered.push(interest.fd),
+                Err(error) if error.raw_os_error() == Some(libc::EPERM) => relay.set_always_ready(interest.fd),
+                Err(error) => return Err(error),
+            }
+        }
+        events.clear();
+        match poller.wait(&mut events, None) {
+            Ok(_) => {}
+            Err(error) if interrupted(&error) => continue,
+            Err(error) => return Err(error),
+        }
+        for event in events.iter() {
+            // Hang-ups and errors come as readable/writable here.
+            relay.set_ready(event.key as RawFd, event.readable, event.writable);
+        }
+    })();
+    for fd in registered {
+        // SAFETY: still open, as above.
+        let _ = poller.delete(unsafe { BorrowedFd::borrow_raw(fd) });
+    }
+    result
+}
+
+fn would_block(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EAGAIN)) || error.kind() == io::ErrorKind::WouldBlock
+}
+
+fn interrupted(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::Interrupted
+}
+
+/// Errors that mean the peer is gone, not that the relay failed.
+fn peer_gone(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::EPIPE
+                | libc::ECONNRESET
+                | libc::ENOTCONN
+                | libc::ETIMEDOUT
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::ECONNABORTED
+                | libc::EIO
+        )
+    )
+}
+
+impl Direction {
+    fn new(sources: Vec<usize>, sink: usize) -> Direction {
+        Direction {
+            sources,
+            sink,
+            strategy: Strategy::Buffered,
+            state: State::Open,
+            buffer: None,
+            start: 0,
+            end: 0,
+            pipe: None,
+            in_pipe: 0,
+            wants_pipe: false,
+            bytes: 0,
+            broken: None,
+        }
+    }
+
+    fn source(&self) -> Option<usize> {
+        self.sources.first().copied()
+    }
+
+    fn choose(&mut self, endpoints: &[Endpoint]) {
+        if let Some(source) = self.source() {
+            self.strategy = choose_strategy(&endpoints[source], &endpoints[self.sink]);
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.end - self.start + self.in_pipe
+    }
+
+    /// The endpoints (source to read, sink to write) whose readiness this
+    /// direction is waiting for.
+    fn waits_for(&self, endpoints: &[Endpoint]) -> (Option<usize>, Option<usize>) {
+        if self.state == State::Closed {
+            return (None, None);
+        }
+        let sink = (!endpoints[self.sink].writable).then_some(self.sink);
+        if self.pending() > 0 {
+            return (None, sink);
+        }
+        let source = self.source().filter(|&s| self.state == State::Open && !endpoints[s].readable);
+        match self.strategy {
+            // Both ends must be ready for one splice.
+            Strategy::Direct => (source, sink),
+            Strategy::SendFile => (None, sink),
+            Strategy::Hybrid | Strategy::Buffered => (source, None),
+        }
+    }
+
+    fn release_pipe(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            if self.in_pipe == 0 {
+                give_pipe(pipe);
+            } else {
+                discard_pipe(pipe);
+            }
+            self.in_pipe = 0;
+        }
+    }
+
+    /// The source is finished: the next one takes over, or the sink is
+    /// told there is no more once everything pending is written.
+    fn source_finished(&mut self, endpoints: &[Endpoint]) {
+        self.sources.remove(0);
+        if self.sources.is_empty() {
+            self.state = State::Draining;
+        } else {
+            self.release_pipe_if_empty();
+            self.choose(endpoints);
+        }
+    }
+
+    fn release_pipe_if_empty(&mut self) {
+        if self.in_pipe == 0 {
+            self.release_pipe();
+        }
+    }
+
+    fn close(&mut self, endpoints: &[Endpoint]) {
+        let sink = &endpoints[self.sink];
+        if sink.kind == Kind::Socket {
+            // SAFETY: shutdown on a descriptor the caller keeps open.
+            unsafe { libc::shutdown(sink.fd, libc::SHUT_WR) };
+        }
+        self.state = State::Closed;
+        self.release_pipe();
+        self.buffer = None;
+    }
+
+    /// The sink is gone: stop, and stop reading what can no longer go
+    /// anywhere.
+    fn break_off(&mut self, endpoints: &[Endpoint], error: &io::Error) {
+        self.broken = Some(error.kind());
+        if let Some(source) = self.source() {
+            if endpoints[source].kind == Kind::Socket {
+                // SAFETY: as in `close`.
+                unsafe { libc::shutdown(endpoints[source].fd, libc::SHUT_RD) };
+            }
+        }
+        self.close(endpoints);
+    }
+
+    fn step(&mut self, endpoints: &mut [Endpoint]) -> io::Result<Step> {
+        if self.state == State::Closed {
+            return Ok(Step::Blocked);
+        }
+        if self.state == State::Draining && self.pending() == 0 {
+            self.close(endpoints);
+            return Ok(Step::Progress);
+        }
+        match self.strategy {
+            Strategy::Direct => self.step_direct(endpoints),
+            Strategy::SendFile => self.step_sendfile(endpoints),
+            Strategy::Hybrid if self.pipe.is_some() => self.step_spliced(endpoints),
+            Strategy::Hybrid | Strategy::Buffered => self.step_buffered(endpoints),
+        }
+    }
+
+    fn step_buffered(&mut self, endpoints: &mut [Endpoint]) -> io::Result<Step> {
+        let sink = self.sink;
+        if self.end > self.start {
+            if !endpoints[sink].writable {
+                return Ok(Step::Blocked);
+            }
+            let buffer = self.buffer.as_ref().expect("data implies a buffer");
+            match write_some(&endpoints[sink], &buffer[self.start..self.end]) {
+                Ok(written) => {
+                    endpoints[sink].after_write();
+                    self.start += written;
+                    self.bytes += written as u64;
+                    if self.start == self.end {
+                        self.start = 0;
+                        self.end = 0;
+                        if self.wants_pipe {
+                            self.wants_pipe = false;
+                            self.pipe = take_pipe();
+                        }
+                    }
+                    return Ok(Step::Progress);
+                }
+                Err(error) if would_block(&error) => {
+                    endpoints[sink].set_blocked_write();
+                    return Ok(Step::Blocked);
+                }
+                Err(error) if interrupted(&error) => return Ok(Step::Progress),
+                Err(error) if peer_gone(&error) => {
+                    self.break_off(endpoints, &error);
+                    return Ok(Step::Progress);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let Some(source) = self.source() else {
+            return Ok(Step::Blocked);
+        };
+        if self.state != State::Open || !endpoints[source].readable {
+            return Ok(Step::Blocked);
+        }
+        let buffer = self.buffer.get_or_insert_with(|| vec![0; BUFFER_SIZE].into_boxed_slice());
+        match read_some(&endpoints[source], buffer) {
+            Ok(0) => {
+                self.source_finished(endpoints);
+                Ok(Step::Progress)
+            }
+            Ok(read) => {
+                endpoints[source].after_read();
+                self.start = 0;
+                self.end = read;
+                if read == BUFFER_SIZE && self.strategy == Strategy::Hybrid {
+                    self.wants_pipe = true;
+                }
+                Ok(Step::Progress)
+            }
+            Err(error) if would_block(&error) => {
+                endpoints[source].set_blocked_read();
+                Ok(Step::Blocked)
+            }
+            Err(error) if interrupted(&error) => Ok(Step::Progress),
+            Err(error) if peer_gone(&error) => {
+                // A reset source has said all it will: pass EOF on.
+                self.source_finished(endpoints);
+                Ok(Step::Progress)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Socket to socket through a pool pipe.
+    fn step_spliced(&mut self, endpoints: &mut [Endpoint]) -> io::Result<Step> {
+        let sink = self.sink;
+        let (pipe_read, pipe_write) = {
+            let pipe = self.pipe.as_ref().expect("spliced implies a pipe");
+            (pipe.read.as_raw_fd(), pipe.write.as_raw_fd())
+        };
+        if self.in_pipe > 0 {
+            if !endpoints[sink].writable {
+                return Ok(Step::Blocked);
+            }
+            return match splice(pipe_read, endpoints[sink].fd, self.in_pipe) {
+                Ok(moved) => {
+                    self.in_pipe -= moved;
+                    self.bytes += moved as u64;
+                    Ok(Step::Progress)
+                }
+                Err(error) if would_block(&error) => {
+                    endpoints[sink].set_blocked_write();
+                    Ok(Step::Blocked)
+                }
+                Err(error) if interrupted(&error) => Ok(Step::Progress),
+                Err(error) if peer_gone(&error) => {
+                    self.break_off(endpoints, &error);
+                    Ok(Step::Progress)
+                }
+                Err(error) => Err(error),
+            };
+        }
+        let Some(source) = self.source() else {
+            return Ok(Step::Blocked);
+        };
+        if self.state != State::Open || !endpoints[source].readable {
+            return Ok(Step::Blocked);
+        }
+        match splice(endpoints[source].fd, pipe_write, SPLICE_CHUNK) {
+            Ok(0) => {
+                self.source_finished(endpoints);
+                Ok(Step::Progress)
+            }
+            Ok(moved) => {
+                self.in_pipe += moved;
+                Ok(Step::Progress)
+            }
+            Err(error) if would_block(&error) => {
+                // The pipe is empty (we drain it before reading), so the
+                // source is dry: go back to the buffer until bulk returns,
+                // and give the pipe to a connection that needs it.
+                endpoints[source].set_blocked_read();
+                self.release_pipe();
+                Ok(Step::Blocked)
+            }
+            Err(error) if interrupted(&error) => Ok(Step::Progress),
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                self.release_pipe();
+                self.strategy = Strategy::Buffered;
+                Ok(Step::Progress)
+            }
+            Err(error) if peer_gone(&error) => {
+                self.source_finished(endpoints);
+                Ok(Step::Progress)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// One end is a pipe: splice between the two. On EAGAIN, FIONREAD on
+    /// the source says which end would block.
+    fn step_direct(&mut self, endpoints: &mut [Endpoint]) -> io::Result<Step> {
+        let sink = self.sink;
+        let Some(source) = self.source() else {
+            return Ok(Step::Blocked);
+        };
+        if self.state != State::Open || !endpoints[source].readable || !endpoints[sink].writable {
+            return Ok(Step::Blocked);
+        }
+        match splice(endpoints[source].fd, endpoints[sink].fd, SPLICE_CHUNK) {
+            Ok(0) => {
+                self.source_finished(endpoints);
+                Ok(Step::Progress)
+            }
+            Ok(moved) => {
+                self.bytes += moved as u64;
+                Ok(Step::Progress)
+            }
+            Err(error) if would_block(&error) => {
+                if bytes_readable(endpoints[source].fd) > 0 {
+                    endpoints[sink].set_blocked_write();
+                } else {
+                    endpoints[source].set_blocked_read();
+                }
+                Ok(Step::Blocked)
+            }
+            Err(error) if interrupted(&error) => Ok(Step::Progress),
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                self.strategy = Strategy::Buffered;
+                Ok(Step::Progress)
+            }
+            Err(error) if peer_gone(&error) => {
+                // Which end broke? A broken sink loses data; a reset
+                // source just ends.
+                if endpoints[sink].kind == Kind::Pipe || is_write_error(endpoints[sink].fd) {
+                    self.break_off(endpoints, &error);
+                } else {
+                    self.source_finished(endpoints);
+                }
+                Ok(Step::Progress)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn step_sendfile(&mut self, endpoints: &mut [Endpoint]) -> io::Result<Step> {
+        let sink = self.sink;
+        let Some(source) = self.source() else {
+            return Ok(Step::Blocked);
+        };
+        if self.state != State::Open || !endpoints[sink].writable {
+            return Ok(Step::Blocked);
+        }
+        match sendfile(endpoints[sink].fd, endpoints[source].fd, SPLICE_CHUNK) {
+            Ok(0) => {
+                self.source_finished(endpoints);
+                Ok(Step::Progress)
+            }
+            Ok(moved) => {
+                self.bytes += moved as u64;
+                Ok(Step::Progress)
+            }
+            Err(error) if would_block(&error) => {
+                endpoints[sink].set_blocked_write();
+                Ok(Step::Blocked)
+            }
+            Err(error) if interrupted(&error) => Ok(Step::Progress),
+            Err(error) if matches!(error.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                self.strategy = Strategy::Buffered;
+                Ok(Step::Progress)
+            }
+            Err(error) if peer_gone(&error) => {
+                self.break_off(endpoints, &error);
+                Ok(Step::Progress)
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// A socket's pending error says whether a failed splice broke on it.
+fn is_write_error(fd: RawFd) -> bool {
+    let mut error: libc::c_int = 0;
+    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `error`.
+    let result = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut error as *mut libc::c_int).cast(), &mut length)
+    };
+    // Not a socket (a pipe) or an error recorded: count it as the sink's.
+    result != 0 || error != 0 || {
+        // SAFETY: a zero-length send only checks the socket's state.
+        let sent = unsafe { libc::send(fd, std::ptr::null(), 0, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        sent < 0 && peer_gone(&io::Error::last_os_error())
+    }
+}
+
+fn result(value: isize) -> io::Result<usize> {
+    if value < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value as usize)
+    }
+}
+
+fn read_some(endpoint: &Endpoint, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the buffer is valid for `len` bytes; the descriptor is the
+    // caller's and stays open while the relay lives.
+    let value = unsafe {
+        if endpoint.kind == Kind::Socket {
+            libc::recv(endpoint.fd, buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT)
+        } else {
+            libc::read(endpoint.fd, buffer.as_mut_ptr().cast(), buffer.len())
+        }
+    };
+    result(value)
+}
+
+fn write_some(endpoint: &Endpoint, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: as in read_some.
+    let value = unsafe {
+        if endpoint.kind == Kind::Socket {
+            libc::send(endpoint.fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        } else {
+            libc::write(endpoint.fd, data.as_ptr().cast(), data.len())
+        }
+    };
+    result(value)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn splice(from: RawFd, to: RawFd, length: usize) -> io::Result<usize> {
+    // SAFETY: null offsets (use and move the descriptors' own positions);
+    // both descriptors are open for the call.
+    let value = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            length,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    result(value)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn splice(_from: RawFd, _to: RawFd, _length: usize) -> io::Result<usize> {
+    Err(io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn sendfile(to: RawFd, from: RawFd, length: usize) -> io::Result<usize> {
+    // SAFETY: null offset: the file's own position is used and moved.
+    result(unsafe { libc::sendfile(to, from, std::ptr::null_mut(), length) })
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn sendfile(_to: RawFd, _from: RawFd, _length: usize) -> io::Result<usize> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// Bytes waiting to be read on a socket or pipe (0 if it cannot tell).
+fn bytes_readable(fd: RawFd) -> usize {
+    let mut count: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let value = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut count) };
+    if value < 0 {
+        0
+    } else {
+        count.max(0) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// Drives a relay with a simple level-triggered poll loop until `done`.
+    fn drive(relay: &mut Relay, mut done: impl FnMut(&Relay) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done(relay) {
+            assert!(std::time::Instant::now() < deadline, "relay stalled");
+            relay.pump().unwrap();
+            if done(relay) {
+                break;
+            }
+            let interests = relay.interests();
+            let mut fds: Vec<libc::pollfd> = interests
+                .iter()
+                .map(|i| libc::pollfd {
+                    fd: i.fd,
+                    events: (if i.read { libc::POLLIN } else { 0 }) | (if i.write { libc::POLLOUT } else { 0 }),
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: fds is a valid array of pollfd.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+            for fd in &fds {
+                let readable = fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+                let writable = fd.revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
+                relay.set_ready(fd.fd, readable, writable);
+            }
+        }
+    }
+
+    fn pattern(length: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..length)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    fn nonblocking_pair() -> (UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    /// client <-> [a  relay  b] <-> server: bytes both ways, half-close
+    /// passed on, byte-identical, bulk and small.
+    #[test]
+    fn socket_pair_both_ways_with_half_close() {
+        for length in [0, 1, 100, BUFFER_SIZE, 5 * 1024 * 1024 + 7] {
+            let (mut client, a) = UnixStream::pair().unwrap();
+            let (b, mut server) = UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            b.set_nonblocking(true).unwrap();
+            let data = pattern(length, length as u64);
+            let sent = data.clone();
+            let writer = std::thread::spawn(move || {
+                client.write_all(&sent).unwrap();
+                client.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                client.read_to_end(&mut back).unwrap();
+                back
+            });
+            let echo = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).unwrap();
+                got.reverse();
+                server.write_all(&got).unwrap();
+            });
+            let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
+            drive(&mut relay, Relay::is_done);
+            echo.join().unwrap();
+            let mut expected = data;
+            expected.reverse();
+            assert_eq!(writer.join().unwrap(), expected, "length {length}");
+            assert_eq!(relay.bytes(Way::Forward), length as u64);
+            assert_eq!(relay.bytes(Way::Backward), length as u64);
+        }
+    }
+
+    /// A peer that dribbles one byte at a time, and one that pauses in the
+    /// middle of a burst: every byte arrives, nothing stalls.
+    #[test]
+    fn dribbling_and_bursty_peers() {
+        let (mut client, a) = UnixStream::pair().unwrap();
+        let (b, mut server) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let data = pattern(200_000, 9);
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            for byte in &sent[..50] {
+                client.write_all(&[*byte]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            client.write_all(&sent[50..100_000]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            client.write_all(&sent[100_000..]).unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
+        drive(&mut relay, |r| r.way_done(Way::Forward));
+        writer.join().unwrap();
+        drop(relay);
+        drop(b);
+        assert!(reader.join().unwrap() == data);
+    }
+
+    /// Pipes in and out (as dcat sees them) and a file as a source.
+    #[test]
+    fn pipes_and_files() {
+        let (service_side, relay_side) = nonblocking_pair();
+        let (stdin_read, stdin_write) = nix::unistd::pipe().unwrap();
+        let (stdout_read, stdout_write) = nix::unistd::pipe().unwrap();
+        let file_path = std::env::temp_dir().join(format!("dipus-relay-test-{}", std::process::id()));
+        let file_data = pattern(300_000, 3);
+        std::fs::write(&file_path, &file_data).unwrap();
+        let file = std::fs::File::open(&file_path).unwrap();
+        std::fs::remove_file(&file_path).unwrap();
+        let stdin_data = pattern(1_000_000, 4);
+        let feed = stdin_data.clone();
+        let feeder = std::thread::spawn(move || {
+            let mut pipe = std::fs::File::from(stdin_write);
+            pipe.write_all(&feed).unwrap();
+        });
+        let echo = std::thread::spawn(move || {
+            let mut service = service_side;
+            service.set_nonblocking(false).unwrap();
+            let mut got = Vec::new();
+            service.read_to_end(&mut got).unwrap();
+            service.write_all(&got).unwrap();
+        });
+        let collector = std::thread::spawn(move || {
+            let mut pipe = std::fs::File::from(stdout_read);
+            let mut got = Vec::new();
+            pipe.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut relay = Relay::new(
+            &[file.as_raw_fd(), stdin_read.as_raw_fd()],
+            relay_side.as_raw_fd(),
+            relay_side.as_raw_fd(),
+            stdout_write.as_raw_fd(),
+        );
+        drive(&mut relay, |r| r.way_done(Way::Backward));
+        drop(relay);
+        drop(stdout_write);
+        feeder.join().unwrap();
+        echo.join().unwrap();
+        let mut expected = file_data;
+        expected.extend_from_slice(&stdin_data);
+        assert!(collector.join().unwrap() == expected);
+    }
+
+    /// Idle connections hold no pipes; bulk ones give theirs back.
+    #[test]
+    fn pipes_are_borrowed_only_for_bulk() {
+        let before = pipes_live();
+        let (mut client, a) = UnixStream::pair().unwrap();
+        let (b, mut server) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
+        client.write_all(b"ping").unwrap();
+        relay.pump().unwrap();
+        let mut small = [0; 4];
+        server.read_exact(&mut small).unwrap();
+        assert_eq!(&small, b"ping");
+        assert!(!relay.is_spliced(Way::Forward));
+        assert_eq!(pipes_live(), before);
+        let bulk = pattern(4 * BUFFER_SIZE, 5);
+        client.write_all(&bulk[..2 * BUFFER_SIZE]).unwrap();
+        relay.set_ready(a.as_raw_fd(), true, false);
+        relay.pump().unwrap();
+        let mut got = vec![0; 2 * BUFFER_SIZE];
+        server.read_exact(&mut got).unwrap();
+        assert!(got == bulk[..2 * BUFFER_SIZE]);
+        relay.set_ready(a.as_raw_fd(), true, false);
+        relay.pump().unwrap();
+        assert!(!relay.is_spliced(Way::Forward), "a dry source gives its pipe back");
+    }
+}

@@ -1,0 +1,62 @@
+//! Opening a connection to a service named by a [`Target`]: a local
+//! selector (the first matching socket that accepts), or a remote one over
+//! SEP or SSH.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use crate::error::Error;
+use crate::selector::{Selector, Target};
+use crate::tree::{Service, Tree};
+
+/// An open connection to a service, ready for the relay.
+pub struct Connection {
+    pub stream: OwnedFd,
+    /// What was connected to, for messages.
+    pub description: String,
+}
+
+pub fn connect(target: &Target) -> Result<Connection, Error> {
+    match &target.remote {
+        None => connect_local(&target.selector),
+        Some(remote) => Err(Error::Usage(format!("{remote}: remote services are not supported by this build"))),
+    }
+}
+
+/// The local services a selector picks, in preference order.
+pub fn resolve_local(tree: &Tree, selector: &Selector) -> Result<Vec<Service>, Error> {
+    if let Selector::Path(path) = selector {
+        // An absolute path may be any socket, in the tree or not.
+        if let Some(service) = tree.service_at(path) {
+            return Ok(vec![service]);
+        }
+    }
+    Ok(tree.list()?.into_iter().filter(|service| selector.matches(&service.path, &service.full)).collect())
+}
+
+/// Tries each match in order; a refused, vanished or forbidden socket
+/// falls over to the next.
+fn connect_local(selector: &Selector) -> Result<Connection, Error> {
+    let tree = Tree::from_env()?;
+    let candidates: Vec<std::path::PathBuf> = match selector {
+        Selector::Path(path) if tree.service_at(path).is_none() => vec![path.clone()],
+        _ => resolve_local(&tree, selector)?.into_iter().map(|service| service.full).collect(),
+    };
+    if candidates.is_empty() {
+        return Err(Error::NoService(selector.to_string()));
+    }
+    let mut last = None;
+    for path in candidates {
+        match crate::net::unix_connect(&path) {
+            Ok(stream) => return Ok(Connection { stream: stream.into(), description: path.display().to_string() }),
+            Err(error) => {
+                log::info!("{}: {error}; trying the next match", path.display());
+                if error.kind() == io::ErrorKind::InvalidInput {
+                    return Err(Error::io(format!("cannot connect to {}", path.display()), error));
+                }
+                last = Some(format!("{}: {error}", path.display()));
+            }
+        }
+    }
+    Err(Error::NoneAccepted { selector: selector.to_string(), last: last.unwrap_or_default() })
+}

@@ -1,0 +1,529 @@
+//! The service tree on disk: the root, its scopes and protocol directories,
+//! their modes and owners, listing services, and creating and removing
+//! service sockets without ever taking a live one.
+//!
+//! `/tmp` is hostile territory, so:
+//! - a root that is a symlink is refused, and so is a root, scope or
+//!   protocol directory we are about to write into that someone else could
+//!   rearrange under us (owned by another user and not the administrator);
+//! - sockets appear at their public path only once they listen: they are
+//!   bound at a hidden temporary name and `link(2)`ed into place, which fails
+//!   if the name is taken, so two servers never share a name and a socket is
+//!   never seen half-made (refusing connections) by a reaper;
+//! - a socket is removed only while holding an exclusive `flock(2)` on its
+//!   directory and only if it is still the very inode that was judged
+//!   (dead, or ours), so a successor's socket is never removed.
+//!
+//! Limit: programs that bind in place (socat, most servers) are briefly
+//! "refusing" between their `bind` and `listen`; a dead-socket judgment can
+//! only be as exact as the kernel's answer at that moment.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use thiserror::Error;
+
+use crate::name::{self, NameError, Protocol, Scope, ServiceFile, ServicePath};
+use crate::probe::{self, Liveness};
+
+pub const DEFAULT_ROOT: &str = "/tmp/dipus";
+/// Listen backlog of every socket dipus listens on: a burst of clients
+/// must queue, not be refused.
+pub const BACKLOG: i32 = 1024;
+/// Instances tried before giving up on a name.
+const MAX_INSTANCES: u32 = 10_000;
+
+#[derive(Debug, Error)]
+pub enum TreeError {
+    #[error("{0} is a symlink; refusing to use it as the dipus root (set DIPUS_ROOT to a real directory)")]
+    RootSymlink(PathBuf),
+    #[error("{path} is owned by uid {owner}, not by root or you; refusing to use it (remove it, or set DIPUS_ROOT)")]
+    ForeignOwner { path: PathBuf, owner: u32 },
+    #[error("{path} has mode {mode:o}, expected {expected:o}; refusing to use it (fix its mode, or remove it)")]
+    WrongMode { path: PathBuf, mode: u32, expected: u32 },
+    #[error("{0} is not a directory (a symlink or a file is in the way)")]
+    NotDirectory(PathBuf),
+    #[error("cannot create {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot bind a socket at {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("no free instance index for {0} (tried {MAX_INSTANCES})")]
+    NoFreeIndex(String),
+    #[error("cannot read the user database for uid {0}")]
+    NoUser(u32),
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+/// A directory we may write into must be, besides a real directory, owned by
+/// root or by us: its owner could otherwise replace our sockets.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// The mode bits every scope directory gets (umask notwithstanding).
+fn scope_mode(scope: &Scope) -> u32 {
+    match scope {
+        Scope::Local | Scope::Exported => 0o1777,
+        Scope::Imported => 0o755,
+        Scope::User(_) => 0o700,
+    }
+}
+
+/// A service found in the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Service {
+    pub scope: Scope,
+    pub path: ServicePath,
+    pub full: PathBuf,
+}
+
+impl Service {
+    /// The order of DESIGN §2: scope, then protocol, name, host, index.
+    pub fn sort_key(&self) -> (&Scope, (&Protocol, &str, &str, u32)) {
+        (&self.scope, self.path.sort_key())
+    }
+}
+
+pub fn sort_services(services: &mut [Service]) {
+    services.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+}
+
+#[derive(Debug, Clone)]
+pub struct Tree {
+    root: PathBuf,
+}
+
+impl Tree {
+    /// The tree named by `DIPUS_ROOT`, default `/tmp/dipus`. Refuses a
+    /// symlinked root at once, whatever the applet means to do.
+    pub fn from_env() -> Result<Tree, TreeError> {
+        let root = std::env::var_os("DIPUS_ROOT")
+            .filter(|root| !root.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        Tree::at(root)
+    }
+
+    pub fn at(root: PathBuf) -> Result<Tree, TreeError> {
+        if let Ok(meta) = fs::symlink_metadata(&root) {
+            if meta.file_type().is_symlink() {
+                return Err(TreeError::RootSymlink(root));
+            }
+        }
+        Ok(Tree { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn scope_dir(&self, scope: &Scope) -> PathBuf {
+        self.root.join(scope.dir_name())
+    }
+
+    /// The scope of the user running this process (for ssh imports).
+    pub fn own_scope() -> Result<Scope, TreeError> {
+        let uid = nix::unistd::geteuid();
+        let user = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|user| user.name)
+            .filter(|user| name::valid_user_name(user))
+            .unwrap_or_else(|| format!("uid{}", uid.as_raw()));
+        Ok(Scope::User(user))
+    }
+
+    /// Creates the root (1777, like /tmp) if needed and checks it.
+    pub fn ensure_root(&self) -> Result<(), TreeError> {
+        make_dir(&self.root, 0o1777)?;
+        check_dir(&self.root, None).map(|_| ())
+    }
+
+    /// Creates a scope directory if needed, checks its owner and mode.
+    pub fn ensure_scope(&self, scope: &Scope) -> Result<PathBuf, TreeError> {
+        self.ensure_root()?;
+        let dir = self.scope_dir(scope);
+        make_dir(&dir, scope_mode(scope))?;
+        let meta = check_dir(&dir, None)?;
+        match scope {
+            Scope::User(_) => {
+                if meta.uid() != nix::unistd::geteuid().as_raw() {
+                    return Err(TreeError::ForeignOwner { path: dir, owner: meta.uid() });
+                }
+                if meta.mode() & 0o7777 != 0o700 {
+                    return Err(TreeError::WrongMode { path: dir, mode: meta.mode() & 0o7777, expected: 0o700 });
+                }
+            }
+            Scope::Local | Scope::Exported => {
+                // Shared like /tmp: anyone may add, nobody may remove others'.
+                if meta.mode() & 0o1002 != 0o1002 {
+                    return Err(TreeError::WrongMode { path: dir, mode: meta.mode() & 0o7777, expected: 0o1777 });
+                }
+            }
+            Scope::Imported => {}
+        }
+        Ok(dir)
+    }
+
+    /// Creates `<scope>/<protocol…>` with each level checked, so that a
+    /// symlink planted in a shared scope cannot redirect our socket.
+    pub fn ensure_protocol_dir(&self, scope: &Scope, protocol: &Protocol) -> Result<PathBuf, TreeError> {
+        let mut dir = self.ensure_scope(scope)?;
+        let mode = scope_mode(scope);
+        for component in protocol.components() {
+            dir.push(component);
+            make_dir(&dir, mode)?;
+            let meta = check_dir(&dir, None)?;
+            if matches!(scope, Scope::Local | Scope::Exported)
+                && meta.mode() & 0o1000 == 0
+                && !trusted_owner(meta.uid())
+            {
+                return Err(TreeError::ForeignOwner { path: dir, owner: meta.uid() });
+            }
+        }
+        Ok(dir)
+    }
+
+    pub fn service_path(&self, scope: &Scope, path: &ServicePath) -> PathBuf {
+        let mut full = self.scope_dir(scope);
+        full.extend(path.protocol.components());
+        full.push(path.file.to_string());
+        full
+    }
+
+    /// The scopes present, in preference order. Other users' private scopes
+    /// are listed only if we can read them (root can).
+    pub fn scopes(&self) -> Vec<Scope> {
+        let mut scopes: Vec<Scope> = match fs::read_dir(&self.root) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|entry| Scope::from_dir_name(entry.file_name().to_str()?))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        scopes.sort();
+        scopes
+    }
+
+    /// Every service socket in the tree, in preference order. Entries that
+    /// are not sockets or whose names do not parse are not services.
+    pub fn list(&self) -> Result<Vec<Service>, TreeError> {
+        let own = Tree::own_scope()?;
+        let mut services = Vec::new();
+        for scope in self.scopes() {
+            let dir = self.scope_dir(&scope);
+            if scope == own {
+                // Our own private scope must really be ours before we trust
+                // (and connect to) what is in it.
+                self.ensure_scope(&scope)?;
+            }
+            collect_services(&scope, &dir, &mut Vec::new(), &mut services);
+        }
+        sort_services(&mut services);
+        Ok(services)
+    }
+
+    /// Reads one service from its full path (used by the watcher).
+    pub fn service_at(&self, full: &Path) -> Option<Service> {
+        let relative = full.strip_prefix(&self.root).ok()?;
+        let mut components = relative.iter().map(OsStr::to_str);
+        let scope = Scope::from_dir_name(components.next()??)?;
+        let rest: Vec<&str> = components.collect::<Option<_>>()?;
+        let path = ServicePath::parse(&rest.join("/")).ok()?;
+        Some(Service { scope, path, full: full.to_path_buf() })
+    }
+}
+
+fn collect_services(scope: &Scope, dir: &Path, protocol: &mut Vec<String>, out: &mut Vec<Service>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Ok(file_type) = entry.file_type() else {
+            continue;
+        };
+        let Some(file_name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if file_type.is_dir() && protocol.len() < name::MAX_PROTOCOL_COMPONENTS {
+            protocol.push(file_name);
+            collect_services(scope, &entry.path(), protocol, out);
+            protocol.pop();
+        } else if is_socket(&file_type) && !protocol.is_empty() {
+            let (Ok(protocol), Ok(file)) =
+                (Protocol::from_components(protocol.clone()), ServiceFile::parse(&file_name))
+            else {
+                continue;
+            };
+            out.push(Service { scope: scope.clone(), path: ServicePath { protocol, file }, full: entry.path() });
+        }
+    }
+}
+
+fn is_socket(file_type: &fs::FileType) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file_type.is_socket()
+}
+
+/// mkdir with an exact mode; an existing directory is left as it is (the
+/// caller checks it).
+fn make_dir(path: &Path, mode: u32) -> Result<(), TreeError> {
+    match fs::DirBuilder::new().mode(mode & 0o777).create(path) {
+        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|source| TreeError::Create { path: path.to_path_buf(), source }),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(TreeError::Create { path: path.to_path_buf(), source }),
+    }
+}
+
+/// A real directory (not a symlink) owned by root or us (or `owner`).
+fn check_dir(path: &Path, owner: Option<u32>) -> Result<fs::Metadata, TreeError> {
+    let meta = fs::symlink_metadata(path).map_err(|source| TreeError::Create { path: path.to_path_buf(), source })?;
+    if !meta.file_type().is_dir() {
+        return Err(TreeError::NotDirectory(path.to_path_buf()));
+    }
+    let owner_ok = match owner {
+        Some(owner) => meta.uid() == owner,
+        None => trusted_owner(meta.uid()),
+    };
+    if !owner_ok {
+        return Err(TreeError::ForeignOwner { path: path.to_path_buf(), owner: meta.uid() });
+    }
+    Ok(meta)
+}
+
+/// Device and inode: the identity of a socket file, to tell ours from a
+/// successor's at the same path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(path: &Path) -> io::Result<FileId> {
+        let meta = fs::symlink_metadata(path)?;
+        Ok(FileId { dev: meta.dev(), ino: meta.ino() })
+    }
+}
+
+/// Holds an exclusive `flock` on a directory while sockets in it are judged
+/// and removed.
+struct DirLock {
+    _dir: OwnedFd,
+}
+
+impl DirLock {
+    fn lock(dir: &Path) -> io::Result<DirLock> {
+        let file = fs::File::open(dir)?;
+        let fd = OwnedFd::from(file);
+        // SAFETY: flock on a descriptor we own; blocks only while another
+        // dipus process judges a socket in the same directory.
+        let result = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DirLock { _dir: fd })
+    }
+}
+
+/// Removes `path` only if it is still the file `id`. Returns whether it did.
+pub fn remove_if_same(path: &Path, id: FileId) -> io::Result<bool> {
+    let Some(dir) = path.parent() else {
+        return Ok(false);
+    };
+    let _lock = DirLock::lock(dir)?;
+    match FileId::of(path) {
+        Ok(current) if current == id => fs::remove_file(path).map(|()| true),
+        Ok(_) => Ok(false),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Removes `path` if it is a socket nobody listens on (connect refused),
+/// judged twice: before taking the directory lock and again under it.
+/// Live sockets, sockets that cannot be judged and non-sockets stay.
+pub fn reap_if_dead(path: &Path) -> io::Result<bool> {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(false);
+    };
+    if !is_socket(&meta.file_type()) || probe::probe(path) != Liveness::Dead {
+        return Ok(false);
+    }
+    let id = FileId { dev: meta.dev(), ino: meta.ino() };
+    let Some(dir) = path.parent() else {
+        return Ok(false);
+    };
+    let _lock = DirLock::lock(dir)?;
+    if FileId::of(path).ok() != Some(id) || probe::probe(path) != Liveness::Dead {
+        return Ok(false);
+    }
+    fs::remove_file(path).map(|()| true)
+}
+
+/// A listening service socket at its public path, removed again when
+/// dropped, but only while it is still ours.
+#[derive(Debug)]
+pub struct ServiceSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    id: FileId,
+    pub service: ServicePath,
+}
+
+/// How a new service socket is made.
+#[derive(Debug, Clone, Default)]
+pub struct SocketOptions {
+    /// Mode bits for the socket file; `None`: what the umask leaves.
+    pub mode: Option<u32>,
+    /// Group for the socket file.
+    pub group: Option<u32>,
+    /// Owner for the socket file (root only).
+    pub owner: Option<u32>,
+}
+
+static TEMP_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl ServiceSocket {
+    /// Binds `<scope>/<protocol>/<name>.<host>..<N>` with the first free N.
+    /// A stale socket (connect refused) at N is replaced; a live one, or one
+    /// that cannot be judged, is left alone and N+1 tried.
+    pub fn bind(
+        tree: &Tree,
+        scope: &Scope,
+        name: &str,
+        host: &str,
+        protocol: &Protocol,
+        options: &SocketOptions,
+    ) -> Result<ServiceSocket, TreeError> {
+        let first = ServicePath { protocol: protocol.clone(), file: ServiceFile::new(name, host, 0)? };
+        // Refuse before creating any directory: the error names the path.
+        name::check_socket_path(&tree.service_path(scope, &first))?;
+        let dir = tree.ensure_protocol_dir(scope, protocol)?;
+        Self::bind_in(tree, scope, &dir, first, options)
+    }
+
+    /// Binds exactly `path` (an import mirroring a remote name), replacing
+    /// a stale socket but never a live one.
+    pub fn bind_exact(
+        tree: &Tree,
+        scope: &Scope,
+        path: &ServicePath,
+        options: &SocketOptions,
+    ) -> Result<ServiceSocket, TreeError> {
+        name::check_socket_path(&tree.service_path(scope, path))?;
+        let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
+        let (listener, temp) = bind_temporary(&dir, options)?;
+        let full = dir.join(path.file.to_string());
+        let result = link_into_place(&temp, &full);
+        let _ = fs::remove_file(&temp);
+        match result {
+            Ok(id) => Ok(ServiceSocket { listener, path: full, id, service: path.clone() }),
+            Err(source) => Err(TreeError::Bind { path: full, source }),
+        }
+    }
+
+    fn bind_in(
+        _tree: &Tree,
+        _scope: &Scope,
+        dir: &Path,
+        first: ServicePath,
+        options: &SocketOptions,
+    ) -> Result<ServiceSocket, TreeError> {
+        let (listener, temp) = bind_temporary(dir, options)?;
+        let mut service = first;
+        let result = loop {
+            if service.file.index >= MAX_INSTANCES {
+                break Err(TreeError::NoFreeIndex(service.to_string()));
+            }
+            let full = dir.join(service.file.to_string());
+            if let Err(error) = name::check_socket_path(&full) {
+                break Err(error.into());
+            }
+            match link_into_place(&temp, &full) {
+                Ok(id) => break Ok(ServiceSocket { listener, path: full, id, service }),
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                    service.file.index += 1;
+                }
+                Err(source) => break Err(TreeError::Bind { path: full, source }),
+            }
+        };
+        let _ = fs::remove_file(&temp);
+        result
+    }
+
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn id(&self) -> FileId {
+        self.id
+    }
+}
+
+impl Drop for ServiceSocket {
+    fn drop(&mut self) {
+        if let Err(error) = remove_if_same(&self.path, self.id) {
+            log::warn!("cannot remove {}: {error}", self.path.display());
+        }
+    }
+}
+
+/// Binds and listens at a hidden name in `dir`, with the final mode and
+/// group already set, so the socket is complete before anyone can see it.
+fn bind_temporary(dir: &Path, options: &SocketOptions) -> Result<(UnixListener, PathBuf), TreeError> {
+    let temp = dir.join(format!(".new-{}-{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
+    name::check_socket_path(&temp)?;
+    let bind_error = |source| TreeError::Bind { path: temp.clone(), source };
+    let _ = fs::remove_file(&temp);
+    let listener = crate::net::unix_listen(&temp, BACKLOG).map_err(bind_error)?;
+    let adjust = || -> io::Result<()> {
+        if let Some(mode) = options.mode {
+            fs::set_permissions(&temp, fs::Permissions::from_mode(mode))?;
+        }
+        if options.group.is_some() || options.owner.is_some() {
+            std::os::unix::fs::lchown(&temp, options.owner, options.group)?;
+        }
+        Ok(())
+    };
+    if let Err(source) = adjust() {
+        let _ = fs::remove_file(&temp);
+        return Err(bind_error(source));
+    }
+    Ok((listener, temp))
+}
+
+/// Links the listening socket at `temp` to `target`. A stale socket at
+/// `target` is removed (under the directory lock, still the same inode) and
+/// the link tried again; a live one gives `AlreadyExists`.
+fn link_into_place(temp: &Path, target: &Path) -> io::Result<FileId> {
+    loop {
+        match fs::hard_link(temp, target) {
+            Ok(()) => return FileId::of(target),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                if !reap_if_dead(target)? {
+                    // Not removed: live, unjudgeable, or someone else was
+                    // faster. Check the last case so we do not skip a
+                    // name that has just become free.
+                    if fs::symlink_metadata(target).is_ok() {
+                        return Err(error);
+                    }
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}

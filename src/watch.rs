@@ -1,0 +1,246 @@
+//! Watching the tree: services appearing and vanishing anywhere under the
+//! root, as `Added`/`Removed` changes. Used by the monitor, `dls -w`, SEP
+//! `WATCH` and the daemons.
+//!
+//! Event-driven by inotify, recursively: every directory gets a watch, and
+//! a directory created later is watched and then scanned, so sockets made in
+//! it before its watch existed are not missed. The watcher keeps the set of
+//! services it has reported, so every change is reported exactly once, and
+//! an inotify queue overflow is repaired by a rescan that reports the
+//! difference. Off Linux the caller can call [`TreeWatcher::rescan`]
+//! periodically instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+
+use crate::tree::{Service, Tree};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Added(Service),
+    Removed(Service),
+}
+
+pub struct TreeWatcher {
+    tree: Tree,
+    inotify: Inotify,
+    directories: HashMap<WatchDescriptor, PathBuf>,
+    /// What has been reported, by full path.
+    known: BTreeMap<PathBuf, Service>,
+    /// Changes found while setting up watches, not yet handed out.
+    pending: Vec<Change>,
+}
+
+fn watch_flags() -> AddWatchFlags {
+    AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_ONLYDIR
+        | AddWatchFlags::IN_DONT_FOLLOW
+}
+
+impl TreeWatcher {
+    /// Watches the whole tree (the root must exist). The services present
+    /// now are in [`current`](Self::current), not reported as changes.
+    pub fn new(tree: &Tree) -> io::Result<TreeWatcher> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(io::Error::from)?;
+        let mut watcher = TreeWatcher {
+            tree: tree.clone(),
+            inotify,
+            directories: HashMap::new(),
+            known: BTreeMap::new(),
+            pending: Vec::new(),
+        };
+        watcher.watch_directory(tree.root().to_path_buf())?;
+        watcher.pending.clear();
+        Ok(watcher)
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.inotify.as_fd().as_raw_fd()
+    }
+
+    /// The services known now, in preference order.
+    pub fn current(&self) -> Vec<Service> {
+        let mut services: Vec<Service> = self.known.values().cloned().collect();
+        crate::tree::sort_services(&mut services);
+        services
+    }
+
+    /// Reads every queued event (nonblocking) and returns the changes.
+    pub fn read_changes(&mut self) -> io::Result<Vec<Change>> {
+        loop {
+            let events = match self.inotify.read_events() {
+                Ok(events) => events,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            for event in events {
+                if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    self.rescan_into_pending();
+                    continue;
+                }
+                let Some(directory) = self.directories.get(&event.wd).cloned() else {
+                    continue;
+                };
+                if event
+                    .mask
+                    .intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_IGNORED)
+                {
+                    self.forget_directory(&directory);
+                    if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                        self.directories.remove(&event.wd);
+                    }
+                    continue;
+                }
+                let Some(name) = event.name.as_deref() else {
+                    continue;
+                };
+                let path = directory.join(name);
+                let is_dir = event.mask.contains(AddWatchFlags::IN_ISDIR);
+                if event.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
+                    if is_dir {
+                        // Watch first, then scan: nothing made in between
+                        // is missed, and `known` dedupes what is seen twice.
+                        let _ = self.watch_directory(path);
+                    } else {
+                        self.consider(&path);
+                    }
+                } else if event.mask.intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM) {
+                    if is_dir {
+                        self.forget_directory(&path);
+                    } else if let Some(service) = self.known.remove(&path) {
+                        self.pending.push(Change::Removed(service));
+                    }
+                }
+            }
+        }
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    /// Blocks until there are changes and returns them (for one-shot
+    /// clients; daemons put [`fd`](Self::fd) in their event loop instead).
+    pub fn wait_changes(&mut self) -> io::Result<Vec<Change>> {
+        loop {
+            let changes = self.read_changes()?;
+            if !changes.is_empty() {
+                return Ok(changes);
+            }
+            let mut fd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd; no timeout.
+            if unsafe { libc::poll(&mut fd, 1, -1) } < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Compares the tree on disk with what was reported and returns the
+    /// difference (for overflows, and for systems without inotify).
+    pub fn rescan(&mut self) -> Vec<Change> {
+        self.rescan_into_pending();
+        std::mem::take(&mut self.pending)
+    }
+
+    fn rescan_into_pending(&mut self) {
+        let on_disk: BTreeMap<PathBuf, Service> =
+            self.tree.list().unwrap_or_default().into_iter().map(|service| (service.full.clone(), service)).collect();
+        let gone: Vec<PathBuf> = self.known.keys().filter(|path| !on_disk.contains_key(*path)).cloned().collect();
+        for path in gone {
+            if let Some(service) = self.known.remove(&path) {
+                self.pending.push(Change::Removed(service));
+            }
+        }
+        for (path, service) in on_disk {
+            if !self.known.contains_key(&path) {
+                self.known.insert(path, service.clone());
+                self.pending.push(Change::Added(service));
+            }
+        }
+        // Directories made while the queue overflowed need watches too.
+        let _ = self.watch_directory(self.tree.root().to_path_buf());
+    }
+
+    /// Adds a watch on `directory` and everything below it, reporting the
+    /// services found there.
+    fn watch_directory(&mut self, directory: PathBuf) -> io::Result<()> {
+        let depth = directory.strip_prefix(self.tree.root()).map(|relative| relative.components().count()).unwrap_or(0);
+        // Scope + protocol components: nothing deeper is a service.
+        if depth > crate::name::MAX_PROTOCOL_COMPONENTS + 1 {
+            return Ok(());
+        }
+        let descriptor = match self.inotify.add_watch(&directory, watch_flags()) {
+            Ok(descriptor) => descriptor,
+            // Gone already, not a directory, or not ours to read.
+            Err(error) => return Err(error.into()),
+        };
+        self.directories.insert(descriptor, directory.clone());
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            return Ok(());
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if file_type.is_dir() {
+                let _ = self.watch_directory(entry.path());
+            } else {
+                self.consider(&entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// A new file: a service if it is a socket with a service's name.
+    fn consider(&mut self, path: &Path) {
+        use std::os::unix::fs::FileTypeExt;
+        if self.known.contains_key(path) || path.file_name().and_then(OsStr::to_str).is_none_or(|n| n.starts_with('.'))
+        {
+            return;
+        }
+        let is_socket = std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket());
+        if !is_socket {
+            return;
+        }
+        if let Some(service) = self.tree.service_at(path) {
+            self.known.insert(path.to_path_buf(), service.clone());
+            self.pending.push(Change::Added(service));
+        }
+    }
+
+    /// A directory went away: everything reported under it is gone.
+    fn forget_directory(&mut self, directory: &Path) {
+        let gone: Vec<PathBuf> = self
+            .known
+            .range(directory.to_path_buf()..)
+            .take_while(|(path, _)| path.starts_with(directory))
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in gone {
+            if let Some(service) = self.known.remove(&path) {
+                self.pending.push(Change::Removed(service));
+            }
+        }
+        let stale: Vec<WatchDescriptor> = self
+            .directories
+            .iter()
+            .filter(|(_, path)| path.starts_with(directory))
+            .map(|(descriptor, _)| *descriptor)
+            .collect();
+        for descriptor in stale {
+            self.directories.remove(&descriptor);
+            let _ = self.inotify.rm_watch(descriptor);
+        }
+    }
+}

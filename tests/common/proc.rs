@@ -1,0 +1,100 @@
+//! Process inspection through /proc and signalling through `kill(1)`, so the
+//! rig needs no libc.
+//!
+//! A pid alone is unsafe to signal later (it may be reused), so processes
+//! remembered for later signalling are [`ProcId`]s: pid plus start time,
+//! re-checked right before the signal.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A process identity that survives pid reuse: pid and kernel start time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// Fields of /proc/<pid>/stat after the command name (which may contain
+/// spaces and parentheses, hence the search for the last ')').
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Process state letter (R, S, D, T, Z...), None when the pid is gone.
+pub fn state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// True while the process exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    matches!(state(pid), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// Identity of a live pid.
+pub fn proc_id(pid: u32) -> Option<ProcId> {
+    let start = stat_fields(pid)?.get(19)?.parse().ok()?;
+    Some(ProcId { pid, start })
+}
+
+/// Every process below `pid` (children, grandchildren...), found by
+/// walking parent links of all processes in /proc.
+pub fn descendants(pid: u32) -> Vec<ProcId> {
+    let mut parents = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(ppid) = stat_fields(p).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+                parents.push((p, ppid));
+            }
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    found[1..].iter().filter_map(|&p| proc_id(p)).collect()
+}
+
+/// Sends `sig` (a name like "TERM" or "KILL") to the pids; false if `kill`
+/// could not be run or reported an error (e.g. a pid already gone).
+pub fn signal(pids: &[u32], sig: &str) -> bool {
+    if pids.is_empty() {
+        return true;
+    }
+    let mut cmd = Command::new("kill");
+    cmd.arg(format!("-{sig}"))
+        .args(pids.iter().map(u32::to_string))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let Ok(mut child) = cmd.spawn() else {
+        return false;
+    };
+    // kill(1) returns at once; the bound only guards against the impossible.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return st.success(),
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// Signals those of `procs` that are still the same processes.
+pub fn signal_same(procs: &[ProcId], sig: &str) {
+    let still: Vec<u32> = procs.iter().filter(|p| proc_id(p.pid) == Some(**p)).map(|p| p.pid).collect();
+    signal(&still, sig);
+}

@@ -297,7 +297,6 @@ mod tests {
             "lame.h..4294967296",
             "la me.h..0",
             "lame.h...0",
-            "lame.h.x..0",
             "lame.h/x..0",
             "lame..h..0",
             "lame.h..0 ",

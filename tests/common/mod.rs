@@ -6,6 +6,8 @@
 //! - [`child`]: `ChildGuard` (processes killed on drop), `LineReader`,
 //!   `run_with_timeout`;
 //! - [`root`]: `TestRoot`, a throw-away `DIPUS_ROOT` per test;
+//! - [`service`]: pipe servers waited for, sockets planted in the tree,
+//!   dcat runs and error assertions;
 //! - [`netns`]: hosts in network namespaces on a private bridge (root only);
 //! - [`sshd`]: a private sshd on 127.0.0.1 plus throw-away users (root only).
 //!
@@ -19,6 +21,7 @@ pub mod child;
 pub mod netns;
 pub mod proc;
 pub mod root;
+pub mod service;
 pub mod sshd;
 
 // Not every test uses every re-export.

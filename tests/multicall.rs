@@ -1,0 +1,130 @@
+//! The multicall binary: an applet is chosen by the name it is run as
+//! (a symlink) or by the first argument; `--help`, `--version`, `--list`
+//! and unknown names.
+
+mod common;
+
+use common::service::assert_error;
+use common::*;
+use std::process::{Command, Output};
+
+fn run(cmd: &mut Command) -> Output {
+    run_with_timeout(cmd, None, DEFAULT_TIMEOUT)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).expect("utf-8 output")
+}
+
+/// Every applet name of this build (subcommands and aliases), from `--list`.
+fn listed_names() -> Vec<String> {
+    let out = run(Command::new(dipus_bin()).arg("--list"));
+    assert!(out.status.success() && out.stderr.is_empty());
+    text(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// The applets of issue 2, as (subcommand, installed name).
+const CORE: &[(&str, &str)] = &[
+    ("cat", "dcat"),
+    ("ls", "dls"),
+    ("local-pipe", "dipus-local-pipe"),
+    ("export-pipe", "dipus-export-pipe"),
+    ("monitor", "dipus-service-monitor"),
+];
+
+#[test]
+fn symlink_name_and_first_argument_run_the_same_applet() {
+    let root = TestRoot::new();
+    // An empty tree lists as a bare header, whichever way dls is reached.
+    let header = "NAME  HOST  INST  PROTOCOL  SCOPE\n";
+    let mut by_link = root.cmd("dls");
+    let mut by_subcommand = root.cmd("dipus");
+    by_subcommand.arg("ls");
+    let mut by_alias_argument = root.cmd("dipus");
+    by_alias_argument.arg("dls");
+    let mut by_subcommand_link = root.cmd("ls");
+    for cmd in [&mut by_link, &mut by_subcommand, &mut by_alias_argument, &mut by_subcommand_link] {
+        let out = run(cmd);
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(text(&out.stdout), header, "{cmd:?}");
+        assert!(out.stderr.is_empty(), "{cmd:?}");
+    }
+}
+
+#[test]
+fn dipus_cat_and_dcat_pipe_through_the_same_service() {
+    let root = TestRoot::new();
+    common::service::serve(&root, "tr a-z A-Z", "upper/text/plain", "local/text/plain/upper.testhost..0");
+    let mut via_subcommand = root.cmd("dipus");
+    via_subcommand.args(["cat", "upper"]);
+    let mut via_link = root.cmd("dcat");
+    via_link.arg("upper");
+    for cmd in [&mut via_subcommand, &mut via_link] {
+        let out = run_with_timeout(cmd, Some(b"shout\n"), DEFAULT_TIMEOUT);
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(text(&out.stdout), "SHOUT\n");
+    }
+}
+
+#[test]
+fn help_lists_every_applet_with_a_summary() {
+    let out = run(Command::new(dipus_bin()).arg("--help"));
+    assert!(out.status.success() && out.stderr.is_empty());
+    let help = text(&out.stdout);
+    assert!(help.starts_with(&format!("dipus {} ", env!("CARGO_PKG_VERSION"))), "{help}");
+    // One line per applet: its names, then a summary.
+    let applet_lines: Vec<&str> = help.lines().filter(|l| l.starts_with("  ")).collect();
+    let names = listed_names();
+    for (subcommand, installed) in CORE {
+        assert!(names.contains(&subcommand.to_string()) && names.contains(&installed.to_string()), "{names:?}");
+    }
+    for name in &names {
+        let line = applet_lines
+            .iter()
+            .find(|l| l.split(|c: char| c == ',' || c.is_whitespace()).any(|word| word == name))
+            .unwrap_or_else(|| panic!("--help does not list {name}:\n{help}"));
+        // The summary follows the names after a run of spaces.
+        let (names_part, summary) = line.trim_start().split_once("  ").expect("names, then a summary");
+        assert!(names_part.split(", ").any(|n| n == name), "{line:?}");
+        assert!(summary.trim().len() > 10, "no summary for {name}: {line:?}");
+    }
+    let out = run(Command::new(dipus_bin()).arg("-h"));
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), help));
+}
+
+#[test]
+fn version() {
+    let out = run(Command::new(dipus_bin()).arg("--version"));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout), format!("dipus {}\n", env!("CARGO_PKG_VERSION")));
+    assert!(out.stderr.is_empty());
+}
+
+#[test]
+fn unknown_applet_is_a_usage_error_listing_the_known_names() {
+    let out = run(Command::new(dipus_bin()).args(["frobnicate", "x"]));
+    let mut needles = vec!["frobnicate"];
+    needles.extend(CORE.iter().flat_map(|(a, b)| [*a, *b]));
+    assert_error(&out, 64, "dipus", &needles);
+    // Through a symlink whose name is no applet, the first argument decides.
+    let out = run(Command::new(applet_bin("frobnicate")).args(["nosuch"]));
+    assert_error(&out, 64, "dipus", &["nosuch", "dcat", "dls"]);
+    // No applet at all: usage, and the usage status.
+    let out = run(&mut Command::new(dipus_bin()));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stdout).contains("Usage:") || text(&out.stderr).contains("Usage:"));
+}
+
+#[test]
+fn every_applet_answers_help_with_status_0() {
+    for name in listed_names() {
+        let by_link = run(Command::new(applet_bin(&name)).arg("--help"));
+        let by_argument = run(Command::new(dipus_bin()).args([&name, "--help"]));
+        for (how, out) in [("link", &by_link), ("argument", &by_argument)] {
+            assert_eq!(out.status.code(), Some(0), "{name} --help by {how}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.stderr.is_empty(), "{name} --help by {how}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(text(&out.stdout).starts_with("Usage: "), "{name} --help by {how}: {}", text(&out.stdout));
+        }
+        assert_eq!(by_link.stdout, by_argument.stdout, "{name}: the help depends on how it was called");
+    }
+}

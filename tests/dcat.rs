@@ -1,0 +1,367 @@
+//! dcat: FILEs or stdin through a service and the reply to stdout, with
+//! half-close, bulk data, failover past dead sockets, exit statuses and
+//! every kind of stdin and stdout.
+
+mod common;
+
+use common::service::{assert_error, assert_success, dcat, listen_at, serve, stale_at};
+use common::*;
+use std::fs::File;
+use std::io::{BufWriter, ErrorKind, Read, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Bulk transfers get longer than single commands (debug builds, 2 cores).
+const BULK_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn sorter(root: &TestRoot) {
+    serve(root, "LC_ALL=C sort", "sorter/text/plain", "local/text/plain/sorter.testhost..0");
+}
+
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).expect("utf-8 output")
+}
+
+#[test]
+fn sort_service_answers_after_the_half_close() {
+    let root = TestRoot::new();
+    sorter(&root);
+    // sort answers only once it has seen EOF: dcat must shut down its
+    // write side and still read the reply.
+    let out = dcat(&root, &["sorter"], Some(b"pear\napple\nfig\n"));
+    assert_success(&out, "dcat sorter");
+    assert_eq!(text(&out.stdout), "apple\nfig\npear\n");
+    assert!(out.stderr.is_empty());
+}
+
+/// xorshift64: deterministic bytes without a crate.
+struct Random(u64);
+
+impl Random {
+    fn fill(&mut self, buffer: &mut [u8]) {
+        for chunk in buffer.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// FNV-1a over 64-bit little-endian words (the tail zero-padded), plus the
+/// length: fast enough in a debug build, and any lost, doubled or
+/// reordered word changes it.
+struct Digest {
+    hash: u64,
+    length: u64,
+    pending: Vec<u8>,
+}
+
+impl Digest {
+    fn new() -> Digest {
+        Digest { hash: 0xcbf2_9ce4_8422_2325, length: 0, pending: Vec::with_capacity(8) }
+    }
+
+    fn word(&mut self, word: u64) {
+        self.hash = (self.hash ^ word).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        self.length += bytes.len() as u64;
+        if !self.pending.is_empty() {
+            let take = (8 - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < 8 {
+                return;
+            }
+            let word = u64::from_le_bytes(self.pending[..].try_into().unwrap());
+            self.word(word);
+            self.pending.clear();
+        }
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.word(u64::from_le_bytes(word.try_into().unwrap()));
+        }
+        self.pending.extend_from_slice(words.remainder());
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        if !self.pending.is_empty() {
+            let mut word = [0u8; 8];
+            word[..self.pending.len()].copy_from_slice(&self.pending);
+            self.word(u64::from_le_bytes(word));
+        }
+        (self.length, self.hash)
+    }
+}
+
+/// Writes `size` random bytes to `path`; returns their digest.
+fn random_file(path: &Path, size: usize, seed: u64) -> (u64, u64) {
+    let mut random = Random(seed);
+    let mut digest = Digest::new();
+    let mut out = BufWriter::new(File::create(path).expect("create input"));
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buffer.len());
+        random.fill(&mut buffer[..n]);
+        digest.update(&buffer[..n]);
+        out.write_all(&buffer[..n]).expect("write input");
+        left -= n;
+    }
+    out.flush().expect("flush input");
+    digest.finish()
+}
+
+fn digest_of(mut reader: impl Read) -> (u64, u64) {
+    let mut digest = Digest::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        match reader.read(&mut buffer) {
+            Ok(0) => return digest.finish(),
+            Ok(n) => digest.update(&buffer[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+#[test]
+fn digest_sees_chunk_boundaries_as_one_stream() {
+    let data: Vec<u8> = (0..100u8).collect();
+    let mut whole = Digest::new();
+    whole.update(&data);
+    let mut pieces = Digest::new();
+    for piece in [&data[..3], &data[3..4], &data[4..50], &data[50..]] {
+        pieces.update(piece);
+    }
+    assert_eq!(whole.finish(), pieces.finish());
+}
+
+const BIG: usize = 256 << 20;
+
+#[test]
+fn big_random_data_comes_back_identical() {
+    let root = TestRoot::new();
+    serve(&root, "cat", "echo/application/octet-stream", "local/application/octet-stream/echo.testhost..0");
+    let input = root.path().join("input");
+    let expected = random_file(&input, BIG, 0x9e37_79b9_7f4a_7c15);
+    assert_eq!(expected.0, BIG as u64);
+
+    // From a FILE, to a regular file.
+    let output = root.path().join("output");
+    let mut child = ChildGuard::spawn(
+        root.cmd("dcat")
+            .args(["echo", input.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(File::create(&output).unwrap())
+            .stderr(Stdio::inherit()),
+    );
+    let status = child.wait_timeout(BULK_TIMEOUT).expect("dcat FILE finishes");
+    assert!(status.success(), "dcat FILE: {status}");
+    assert_eq!(digest_of(File::open(&output).unwrap()), expected, "through a FILE");
+    std::fs::remove_file(&output).unwrap();
+
+    // From a stdin pipe, to a stdout pipe.
+    let mut child = ChildGuard::spawn(
+        root.cmd("dcat").arg("echo").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()),
+    );
+    let mut stdin = child.0.stdin.take().unwrap();
+    let mut source = File::open(&input).unwrap();
+    let writer = std::thread::spawn(move || std::io::copy(&mut source, &mut stdin).map(|_| ()));
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(digest_of(stdout)));
+    // On timeout the guard kills dcat, which ends the reader thread.
+    let got = rx.recv_timeout(BULK_TIMEOUT).expect("dcat through pipes finishes in time");
+    writer.join().unwrap().expect("stdin fully written");
+    let status = child.wait_timeout(DEFAULT_TIMEOUT).expect("dcat exits after its stdout ends");
+    assert!(status.success(), "dcat stdin: {status}");
+    assert_eq!(got, expected, "through stdin");
+}
+
+#[test]
+fn files_and_stdin_are_sent_in_order() {
+    let root = TestRoot::new();
+    serve(&root, "cat", "echo/text/plain", "local/text/plain/echo.testhost..0");
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    std::fs::write(&a, "first\n").unwrap();
+    std::fs::write(&b, "third\n").unwrap();
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let out = dcat(&root, &["echo", a, "-", b, a], Some(b"second\n"));
+    assert_success(&out, "dcat echo a - b a");
+    assert_eq!(text(&out.stdout), "first\nsecond\nthird\nfirst\n");
+}
+
+#[test]
+fn a_dead_socket_ordered_first_is_skipped_for_a_live_one() {
+    let root = TestRoot::new();
+    // Host "zhost" sorts after "testhost": the stale socket comes first.
+    let (_, live) = serve_live_on(&root, "zhost");
+    let stale = stale_at(&root, "local/x/svc.testhost..0");
+    let out = run_with_timeout(root.cmd("dcat").args(["-v", "svc"]), None, DEFAULT_TIMEOUT);
+    assert_success(&out, "dcat -v svc");
+    assert_eq!(text(&out.stdout), "live\n");
+    assert_eq!(text(&out.stderr), format!("dcat: connected to {}\n", live.display()));
+    // The stale socket alone: nothing accepts.
+    let out = dcat(&root, &[stale.to_str().unwrap()], None);
+    assert_error(&out, 69, "dcat", &[stale.to_str().unwrap()]);
+}
+
+fn serve_live_on(root: &TestRoot, host: &str) -> (u32, std::path::PathBuf) {
+    common::service::serve_with(
+        root,
+        root.cmd("dipus-local-pipe").env("DIPUS_HOSTNAME", host).args(["echo live", "svc/x"]),
+        &format!("local/x/svc.{host}..0"),
+    )
+}
+
+#[test]
+fn no_such_service_is_69() {
+    let root = TestRoot::new();
+    sorter(&root);
+    assert_error(&dcat(&root, &["nosuch"], None), 69, "dcat", &["nosuch"]);
+    assert_error(&dcat(&root, &["sorter.otherhost"], None), 69, "dcat", &["sorter.otherhost"]);
+    assert_error(&dcat(&root, &["text/html"], None), 69, "dcat", &["text/html"]);
+    // In a tree that does not exist yet, too.
+    let empty = TestRoot::new();
+    assert_error(&dcat(&empty, &["sorter"], None), 69, "dcat", &["sorter"]);
+}
+
+#[test]
+fn an_unreadable_file_fails_with_74_before_anything_is_sent() {
+    let root = TestRoot::new();
+    let (listener, _) = listen_at(&root, "local/t/sink.testhost..0");
+    listener.set_nonblocking(true).unwrap();
+    let good = root.path().join("good");
+    std::fs::write(&good, "data\n").unwrap();
+    let missing = root.path().join("missing");
+    let mut unreadable = vec![missing.clone()];
+    if !have_root() {
+        // Root reads anything, whatever its mode.
+        let locked = root.path().join("locked");
+        std::fs::write(&locked, "secret\n").unwrap();
+        std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0)).unwrap();
+        unreadable.push(locked);
+    }
+    for bad in &unreadable {
+        let bad = bad.to_str().unwrap();
+        let out = dcat(&root, &["sink", good.to_str().unwrap(), bad], Some(b"stdin\n"));
+        assert_error(&out, 74, "dcat", &[bad]);
+        // A connection, even one closed at once, would be waiting here.
+        match listener.accept() {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            other => panic!("dcat connected although {bad} cannot be read: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_bad_selector_is_a_usage_error() {
+    let root = TestRoot::new();
+    for bad in ["a b", "x/../y", "bad..name", "ftp://host/x", "x//y"] {
+        assert_error(&dcat(&root, &[bad], None), 64, "dcat", &[bad]);
+    }
+    // No SERVICE at all.
+    let out = dcat(&root, &[], None);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    assert!(!root.tree().exists(), "a usage error created the tree");
+}
+
+#[test]
+fn a_closed_stdout_ends_dcat_quietly() {
+    let root = TestRoot::new();
+    serve(&root, "yes 2>/dev/null", "yes/text/plain", "local/text/plain/yes.testhost..0");
+    // `dcat yes | head -c1`: one byte read, then the reader goes away while
+    // the service keeps writing.
+    let mut child = ChildGuard::spawn(
+        root.cmd("dcat").arg("yes").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let mut stdout = child.0.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    stdout.read_exact(&mut byte).expect("one byte of the reply");
+    assert_eq!(&byte, b"y");
+    drop(stdout);
+    let status = child.wait_timeout(Duration::from_secs(5)).expect("dcat exits once its stdout is closed");
+    let mut stderr = String::new();
+    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!((status.code(), stderr.as_str()), (Some(0), ""));
+}
+
+#[test]
+fn a_service_that_answers_without_reading() {
+    let root = TestRoot::new();
+    serve(&root, "echo hi", "hi/text/plain", "local/text/plain/hi.testhost..0");
+    // stdin stays open and silent: the reply alone ends dcat.
+    let mut child = ChildGuard::spawn(
+        root.cmd("dcat").arg("hi").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let stdin = child.0.stdin.take().unwrap();
+    let mut lines = LineReader::new(child.0.stdout.take().unwrap());
+    lines.expect_line("hi", DEFAULT_TIMEOUT);
+    assert_eq!(lines.rest(DEFAULT_TIMEOUT), (vec![], true));
+    let status = child.wait_timeout(DEFAULT_TIMEOUT).expect("dcat exits when the reply ends, stdin still open");
+    let mut stderr = String::new();
+    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!((status.code(), stderr.as_str()), (Some(0), ""));
+    drop(stdin);
+
+    // Plenty of input the service never reads.
+    let input = vec![b'x'; 8 << 20];
+    let out = dcat(&root, &["hi"], Some(&input));
+    assert_success(&out, "dcat hi <8 MiB");
+    assert_eq!((text(&out.stdout), text(&out.stderr)), ("hi\n", ""));
+}
+
+#[test]
+fn a_service_that_reads_everything_before_answering() {
+    let root = TestRoot::new();
+    sorter(&root);
+    // Several MiB: more than every socket and pipe buffer on the way, so
+    // dcat must keep sending while nothing comes back.
+    let mut lines: Vec<String> =
+        (0..300_000u64).map(|i| format!("{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15))).collect();
+    let input = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    lines.sort();
+    let expected = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let out = run_with_timeout(root.cmd("dcat").arg("sorter"), Some(input.as_bytes()), BULK_TIMEOUT);
+    assert_success(&out, "dcat sorter <5 MiB");
+    assert!(text(&out.stdout) == expected, "sorted output differs ({} bytes)", out.stdout.len());
+}
+
+#[test]
+fn stdin_from_dev_null() {
+    let root = TestRoot::new();
+    sorter(&root);
+    serve(&root, "echo hi", "hi/text/plain", "local/text/plain/hi.testhost..0");
+    // run_with_timeout's stdin is /dev/null when none is given.
+    let out = dcat(&root, &["sorter"], None);
+    assert_success(&out, "dcat sorter </dev/null");
+    assert_eq!((text(&out.stdout), text(&out.stderr)), ("", ""));
+    let out = dcat(&root, &["hi"], None);
+    assert_success(&out, "dcat hi </dev/null");
+    assert_eq!((text(&out.stdout), text(&out.stderr)), ("hi\n", ""));
+}
+
+#[test]
+fn stdout_to_a_regular_file_and_to_dev_null() {
+    let root = TestRoot::new();
+    sorter(&root);
+    let input = root.path().join("input");
+    std::fs::write(&input, "b\nc\na\n").unwrap();
+    let output = root.path().join("output");
+    for (stdout, what) in [(Stdio::from(File::create(&output).unwrap()), "a file"), (Stdio::null(), "/dev/null")] {
+        let mut cmd = root.cmd("dcat");
+        cmd.args(["sorter", input.to_str().unwrap()]).stdin(Stdio::null()).stdout(stdout).stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd);
+        let status = child.wait_timeout(DEFAULT_TIMEOUT).unwrap_or_else(|| panic!("dcat >{what} hangs"));
+        let mut stderr = String::new();
+        child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert_eq!((status.code(), stderr.as_str()), (Some(0), ""), "dcat >{what}");
+    }
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), "a\nb\nc\n");
+}

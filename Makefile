@@ -1,0 +1,102 @@
+# dipus — build, test, install. Cargo does the building; this file only
+# names the steps so that `make`, `make test`, `make static`, `make demo`
+# and `make ci` mean the same thing on every machine.
+
+CARGO       ?= cargo
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+BINDIR      ?= $(PREFIX)/bin
+DOCDIR      ?= $(PREFIX)/share/doc/dipus
+
+BIN         := target/release/dipus
+MUSL_TARGET ?= x86_64-unknown-linux-musl
+STATIC_BIN  := target/$(MUSL_TARGET)/release/dipus
+# The static binary must stay under 1 MiB.
+SIZE_LIMIT  := 1048576
+
+# Tests run the real binary, so `cargo test --release`: the 256 MiB data
+# tests take seconds instead of minutes. Two test threads suit a 2-core
+# box; most tests wait on processes with bounded timeouts, and
+# oversubscribing the CPUs only makes those timeouts tighter. Raise it on a
+# bigger machine (`make test TEST_THREADS=8`); pass anything else cargo
+# test takes in TEST_ARGS (`make test TEST_ARGS='--test cat -- --nocapture'`).
+TEST_THREADS ?= 2
+TEST_ARGS    ?=
+
+.PHONY: all test static install uninstall demo clean lint ci
+
+all:
+	$(CARGO) build --release
+
+# Only built when missing, so `make && sudo make install` does not run cargo
+# as root in your tree.
+$(BIN):
+	$(CARGO) build --release
+
+test:
+	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test --release $(TEST_ARGS)
+
+# A fully static, stripped binary (strip = true is in the release profile).
+static:
+	@if command -v rustup >/dev/null 2>&1; then \
+	  rustup target list --installed | grep -qx '$(MUSL_TARGET)' || rustup target add $(MUSL_TARGET); \
+	fi
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(MUSL_TARGET)
+	@size=$$(wc -c < $(STATIC_BIN) | tr -d ' '); \
+	echo "$(STATIC_BIN): $$size bytes (limit: under $(SIZE_LIMIT))"; \
+	if [ "$$size" -ge $(SIZE_LIMIT) ]; then \
+	  echo "static: $(STATIC_BIN) is $$size bytes, not under $(SIZE_LIMIT)" >&2; exit 1; \
+	fi
+	@sh contrib/check-static.sh $(STATIC_BIN)
+
+# Installs the binary and one symlink per installed name. `dipus --list`
+# prints every subcommand name and every alias; the aliases are the names
+# to install (`dcat`, `dls`, `dipus-local-pipe`, `dipusd`, …), the
+# subcommands are used as `dipus NAME`. Rule: a listed name is an alias if
+# it starts with "dipus" or is "d" followed by another listed name
+# (dcat = d + cat). So `daemon` and `discoverer` stay subcommands.
+install: $(BIN)
+	install -d '$(DESTDIR)$(BINDIR)' '$(DESTDIR)$(DOCDIR)'
+	install -m 0755 $(BIN) '$(DESTDIR)$(BINDIR)/dipus'
+	@names=$$($(BIN) --list); \
+	for name in $$names; do \
+	  case $$name in \
+	    dipus) continue ;; \
+	    dipus*) ;; \
+	    d*) echo "$$names" | grep -qx "$${name#d}" || continue ;; \
+	    *) continue ;; \
+	  esac; \
+	  echo "ln -sf dipus $(DESTDIR)$(BINDIR)/$$name"; \
+	  ln -sf dipus '$(DESTDIR)$(BINDIR)/'"$$name" || exit 1; \
+	done
+	install -m 0644 README.md doc/*.md '$(DESTDIR)$(DOCDIR)/'
+
+# Removes the binary, every symlink in BINDIR that points at it, and the docs.
+uninstall:
+	@for link in '$(DESTDIR)$(BINDIR)'/*; do \
+	  if [ -L "$$link" ] && [ "$$(readlink "$$link")" = dipus ]; then \
+	    echo "rm -f $$link"; rm -f "$$link"; \
+	  fi; \
+	done
+	rm -f '$(DESTDIR)$(BINDIR)/dipus'
+	rm -rf '$(DESTDIR)$(DOCDIR)'
+
+demo: all
+	DIPUS=$(BIN) bash contrib/demo.sh
+
+clean:
+	$(CARGO) clean
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# What .ci/run runs once the machine has its packages. One step after the
+# other, even under `make -j`.
+ci:
+	@echo '==> lint'
+	$(MAKE) lint
+	@echo '==> test'
+	$(MAKE) test
+	@echo '==> static'
+	$(MAKE) static

@@ -34,6 +34,8 @@ pub enum Error {
     Open { path: PathBuf, source: io::Error },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Remote(#[from] crate::sep_client::ClientError),
     #[error("{0}")]
     Failed(String),
 }
@@ -47,7 +49,7 @@ impl Error {
         match self {
             Error::Usage(_) | Error::Name(_) | Error::Selector(_) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
-            Error::Open { .. } | Error::Io { .. } => EXIT_IO,
+            Error::Open { .. } | Error::Io { .. } | Error::Remote(_) => EXIT_IO,
             Error::Tree(_) | Error::Failed(_) => EXIT_FAILURE,
         }
     }

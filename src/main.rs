@@ -4,17 +4,22 @@
 //! run as (`dcat`, `dls`, `dipusd`, …) or by its first argument
 //! (`dipus cat …`). See `applets` for the table.
 
+mod allow;
 mod applets;
 mod datagram;
 mod error;
+mod event_loop;
+mod exporter;
 mod name;
 mod net;
 mod probe;
 mod relay;
 mod selector;
+mod sep;
+mod sep_client;
+mod sep_server;
 mod signals;
 mod transport;
-mod sep;
 mod tree;
 mod watch;
 

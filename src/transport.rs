@@ -6,7 +6,9 @@ use std::io;
 use std::os::fd::OwnedFd;
 
 use crate::error::Error;
-use crate::selector::{Selector, Target};
+use crate::selector::{Remote, Selector, Target};
+use crate::sep::Request;
+use crate::sep_client::{ClientError, Server};
 use crate::tree::{Service, Tree};
 
 /// An open connection to a service, ready for the relay.
@@ -19,8 +21,45 @@ pub struct Connection {
 pub fn connect(target: &Target) -> Result<Connection, Error> {
     match &target.remote {
         None => connect_local(&target.selector),
-        Some(remote) => Err(Error::Usage(format!("{remote}: remote services are not supported by this build"))),
+        Some(Remote::Sep { host, port }) => connect_sep(&Server::new(host, *port), &target.selector),
+        Some(remote @ Remote::Ssh { .. }) => {
+            Err(Error::Usage(format!("{remote}: ssh:// is not supported by this build yet")))
+        }
     }
+}
+
+/// The selector as a SEP argument (`None` for everything).
+pub fn selector_argument(selector: &Selector) -> Option<String> {
+    match selector {
+        Selector::All => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// LIST to resolve the selector remotely, then CONNECT to each match in
+/// order until one accepts.
+fn connect_sep(server: &Server, selector: &Selector) -> Result<Connection, Error> {
+    let paths = server.list(selector_argument(selector).as_deref())?;
+    if paths.is_empty() {
+        return Err(Error::NoService(format!("sep://{}/{}", server.authority(), selector)));
+    }
+    let mut last = String::new();
+    for path in paths {
+        match server.request(&Request::Connect(path.clone())) {
+            Ok(stream) => {
+                return Ok(Connection {
+                    stream: stream.into(),
+                    description: format!("sep://{}/{path}", server.authority()),
+                })
+            }
+            Err(error @ ClientError::Refused { .. }) => {
+                log::info!("{error}; trying the next match");
+                last = error.to_string();
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(Error::NoneAccepted { selector: selector.to_string(), last })
 }
 
 /// The local services a selector picks, in preference order.

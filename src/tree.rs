@@ -112,6 +112,12 @@ impl Tree {
     }
 
     pub fn at(root: PathBuf) -> Result<Tree, TreeError> {
+        // Absolute, so paths compare equal whoever computes them, and a
+        // daemon that changes directory keeps its tree.
+        let root = match root.is_absolute() {
+            true => root,
+            false => std::env::current_dir().map(|cwd| cwd.join(&root)).unwrap_or(root),
+        };
         if let Ok(meta) = fs::symlink_metadata(&root) {
             if meta.file_type().is_symlink() {
                 return Err(TreeError::RootSymlink(root));

@@ -19,8 +19,10 @@ use std::os::unix::fs::MetadataExt;
 use argh::FromArgs;
 
 use crate::error::Error;
+use crate::name::ServicePath;
 use crate::probe;
-use crate::selector::{Selector, Target};
+use crate::selector::{Remote, Selector, Target};
+use crate::sep_client::Server;
 use crate::tree::{Service, Tree};
 use crate::watch::{Change, TreeWatcher};
 
@@ -53,12 +55,21 @@ struct Format {
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let args: Args = crate::applets::parse_args(name, args);
     let mut selectors = Vec::new();
+    let mut remotes = Vec::new();
     for text in &args.selectors {
         let target = Target::parse(text)?;
-        if let Some(remote) = target.remote {
-            return Err(Error::Usage(format!("{remote}: remote listing is not supported by this build")));
+        match target.remote {
+            Some(Remote::Sep { host, port }) => remotes.push((Server::new(&host, port), target.selector)),
+            Some(remote) => return Err(Error::Usage(format!("{remote}: ssh:// is not supported by this build yet"))),
+            None => selectors.push(target.selector),
         }
-        selectors.push(target.selector);
+    }
+    let format = Format { one: args.one, full: args.full, long: args.long };
+    if !remotes.is_empty() {
+        if !selectors.is_empty() {
+            return Err(Error::Usage("list either local selectors or remote URIs, not both".into()));
+        }
+        return list_remote(&remotes, &format, args.watch);
     }
     if selectors.is_empty() {
         selectors.push(Selector::All);
@@ -69,13 +80,117 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     if args.watch {
         return watch(&tree, &format, selected);
     }
-    let services: Vec<Service> = tree.list()?.into_iter().filter(|s| selected(s)).collect();
+    let services: Vec<Listed> = tree.list()?.iter().filter(|s| selected(s)).map(Listed::local).collect();
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(render(&services, &format).as_bytes());
     Ok(())
 }
 
-fn render(services: &[Service], format: &Format) -> String {
+/// A service as listed: in the local tree, or on a remote host.
+#[derive(Clone)]
+struct Listed {
+    scope: String,
+    path: ServicePath,
+    /// The full socket path, or the URI.
+    location: String,
+    /// Where to look for mode and owner (`-l`): local services only.
+    local: Option<std::path::PathBuf>,
+}
+
+impl Listed {
+    fn local(service: &Service) -> Listed {
+        Listed {
+            scope: service.scope.to_string(),
+            path: service.path.clone(),
+            location: service.full.display().to_string(),
+            local: Some(service.full.clone()),
+        }
+    }
+
+    fn remote(server: &Server, wire: &str) -> Option<Listed> {
+        Some(Listed {
+            scope: format!("sep://{}", server.authority()),
+            path: ServicePath::parse(wire).ok()?,
+            location: format!("sep://{}/{wire}", server.authority()),
+            local: None,
+        })
+    }
+}
+
+fn list_remote(remotes: &[(Server, Selector)], format: &Format, watch: bool) -> Result<(), Error> {
+    if watch {
+        let [(server, selector)] = remotes else {
+            return Err(Error::Usage("-w follows one remote host at a time".into()));
+        };
+        return watch_remote(server, selector, format);
+    }
+    let mut services = Vec::new();
+    for (server, selector) in remotes {
+        let paths = server.list(crate::transport::selector_argument(selector).as_deref())?;
+        services.extend(paths.iter().filter_map(|wire| Listed::remote(server, wire)));
+    }
+    let _ = std::io::stdout().lock().write_all(render(&services, format).as_bytes());
+    Ok(())
+}
+
+/// `dls -w sep://…`: the WATCH stream, as a redrawn table on a terminal
+/// or as +/- lines with URIs.
+fn watch_remote(server: &Server, selector: &Selector, format: &Format) -> Result<(), Error> {
+    use crate::sep::{Event, Request};
+    let stream = server.request(&Request::Watch(crate::transport::selector_argument(selector)))?;
+    // A silent exporter is gone: three keepalives missed.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(3 * crate::sep::KEEPALIVE_SECS)))
+        .map_err(|e| Error::io("cannot set a timeout", e))?;
+    let terminal = std::io::stdout().is_terminal();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut current: std::collections::BTreeMap<String, Listed> = std::collections::BTreeMap::new();
+    let mut synced = false;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut line = Vec::new();
+        let mut limited = std::io::Read::take(&mut reader, crate::sep::MAX_REQUEST_LINE as u64);
+        match std::io::BufRead::read_until(&mut limited, b'\n', &mut line) {
+            Ok(0) => return Err(Error::Failed(format!("sep://{}: the exporter closed the watch", server.authority()))),
+            Ok(_) => {}
+            Err(error) => return Err(Error::io(format!("sep://{}: watch lost", server.authority()), error)),
+        }
+        let event = Event::parse(&line).map_err(|e| Error::Failed(format!("sep://{}: {e}", server.authority())))?;
+        let text = match event {
+            Event::Keepalive => continue,
+            Event::Synced => {
+                synced = true;
+                "= synced\n".to_string()
+            }
+            Event::Added(wire) => match Listed::remote(server, &wire) {
+                Some(listed) => {
+                    let text = format!("+ {}\n", listed.location);
+                    current.insert(wire, listed);
+                    text
+                }
+                None => continue,
+            },
+            Event::Removed(wire) => match current.remove(&wire) {
+                Some(listed) => format!("- {}\n", listed.location),
+                None => continue,
+            },
+        };
+        let written = if terminal {
+            if !synced {
+                continue;
+            }
+            let services: Vec<Listed> = current.values().cloned().collect();
+            write!(out, "\x1b[H\x1b[2J{}", render(&services, format))
+        } else {
+            out.write_all(text.as_bytes())
+        };
+        if written.and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn render(services: &[Listed], format: &Format) -> String {
     let rows: Vec<Vec<String>> = services.iter().map(|service| row(service, format)).collect();
     if format.one {
         return rows.iter().map(|row| row.join(" ") + "\n").collect();
@@ -94,21 +209,26 @@ fn render(services: &[Service], format: &Format) -> String {
 
 /// The fields of one service: the long fields, then the path (`-f`, `-1`)
 /// or the name columns.
-fn row(service: &Service, format: &Format) -> Vec<String> {
+fn row(service: &Listed, format: &Format) -> Vec<String> {
     let mut fields = Vec::new();
     if format.long {
-        match std::fs::symlink_metadata(&service.full) {
-            Ok(meta) => {
+        let meta = service.local.as_ref().and_then(|path| std::fs::symlink_metadata(path).ok());
+        match meta {
+            Some(meta) => {
                 fields.push(format!("{:04o}", meta.mode() & 0o7777));
                 fields.push(user_name(meta.uid()));
                 fields.push(group_name(meta.gid()));
             }
-            Err(_) => fields.extend(["?", "?", "?"].map(String::from)),
+            None => fields.extend(["-", "-", "-"].map(String::from)),
         }
-        fields.push(probe::probe(&service.full).label().to_string());
+        let state = match &service.local {
+            Some(path) => probe::probe(path).label(),
+            None => "-",
+        };
+        fields.push(state.to_string());
     }
     if format.full {
-        fields.push(service.full.display().to_string());
+        fields.push(service.location.clone());
     } else if format.one {
         fields.push(service.path.to_string());
     } else {
@@ -156,7 +276,7 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
     let mut out = std::io::stdout().lock();
     let terminal = std::io::stdout().is_terminal();
     let redraw = |out: &mut std::io::StdoutLock, watcher: &TreeWatcher| {
-        let services: Vec<Service> = watcher.current().into_iter().filter(|s| selected(s)).collect();
+        let services: Vec<Listed> = watcher.current().iter().filter(|s| selected(s)).map(Listed::local).collect();
         // Home, clear to the end of the screen, table.
         write!(out, "\x1b[H\x1b[2J{}", render(&services, format)).and_then(|()| out.flush()).is_ok()
     };

@@ -7,9 +7,11 @@ use std::path::Path;
 use crate::error::{Error, EXIT_USAGE};
 
 mod cat;
+mod exporter;
 mod ls;
 mod monitor;
 mod pipe;
+mod serve;
 
 /// One applet: its subcommand name, the names it is installed as, a
 /// one-line summary for `dipus --help`, and its entry point, which gets the
@@ -35,6 +37,12 @@ pub const APPLETS: &[Applet] = &[
         main: pipe::export_main,
     },
     Applet {
+        name: "exporter",
+        aliases: &["dipus-exporter"],
+        summary: "offer exported/ to the LAN over TCP (SEP/1)",
+        main: exporter::main,
+    },
+    Applet {
         name: "local-pipe",
         aliases: &["dipus-local-pipe"],
         summary: "serve a stdin/stdout command as a service on this host",
@@ -46,6 +54,12 @@ pub const APPLETS: &[Applet] = &[
         aliases: &["dipus-service-monitor"],
         summary: "print + PATH / - PATH as services appear and vanish",
         main: monitor::main,
+    },
+    Applet {
+        name: "serve",
+        aliases: &[],
+        summary: "answer one SEP/1 request on stdin/stdout (run remotely by ssh://)",
+        main: serve::main,
     },
 ];
 

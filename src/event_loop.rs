@@ -1,0 +1,67 @@
+//! Plumbing the mio-driven modules share: tokens that say which component
+//! and which connection an event is for, and a timer heap, so the exporter,
+//! importers, discovery and services can run in one `mio::Poll` (dipusd) or
+//! each in its own (the single applets).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use mio::Token;
+
+/// The component an event belongs to: the top byte of the token.
+pub const fn token(component: u8, id: usize) -> Token {
+    Token(((component as usize) << 56) | (id & ((1 << 56) - 1)))
+}
+
+pub const fn component(token: Token) -> u8 {
+    (token.0 >> 56) as u8
+}
+
+pub const fn id(token: Token) -> usize {
+    token.0 & ((1 << 56) - 1)
+}
+
+/// Deadlines by key; stale entries (re-armed or cancelled) are the
+/// caller's to recognise when they fire.
+#[derive(Debug, Default)]
+pub struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, usize)>>,
+}
+
+impl Timers {
+    pub fn at(&mut self, when: Instant, key: usize) {
+        self.heap.push(Reverse((when, key)));
+    }
+
+    pub fn after(&mut self, delay: Duration, key: usize) {
+        self.at(Instant::now() + delay, key);
+    }
+
+    /// How long a poll may sleep before the next deadline.
+    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+        self.heap.peek().map(|Reverse((when, _))| when.saturating_duration_since(now))
+    }
+
+    /// Keys whose deadline has passed.
+    pub fn expired(&mut self, now: Instant) -> Vec<usize> {
+        let mut keys = Vec::new();
+        while let Some(Reverse((when, key))) = self.heap.peek().copied() {
+            if when > now {
+                break;
+            }
+            self.heap.pop();
+            keys.push(key);
+        }
+        keys
+    }
+}
+
+/// The smaller of two optional timeouts.
+pub fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}

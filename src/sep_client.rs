@@ -1,0 +1,133 @@
+//! The client side of SEP/1 over TCP: open a request to an exporter and
+//! read its status line without reading past it, LIST, and the WATCH
+//! stream. dcat, dls and the importer use it.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::sep::{self, Request, SepError, StatusLine};
+
+/// How long a client waits for a TCP connection and for a status line.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("cannot connect to {address}: {source}")]
+    Connect { address: String, source: io::Error },
+    #[error("{address}: {source}")]
+    Protocol { address: String, source: SepError },
+    #[error("{address} answered: {}", status.to_line().trim_end())]
+    Refused { address: String, status: StatusLine },
+}
+
+impl ClientError {
+    /// The exporter answered with an error status (as opposed to not
+    /// answering at all).
+    pub fn status(&self) -> Option<&StatusLine> {
+        match self {
+            ClientError::Refused { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+/// Where an exporter is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn new(host: &str, port: Option<u16>) -> Server {
+        Server { host: host.to_string(), port: port.unwrap_or(sep::DEFAULT_PORT) }
+    }
+
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn addresses(&self) -> Result<Vec<SocketAddr>, ClientError> {
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map(Iterator::collect)
+            .map_err(|source| ClientError::Resolve { host: self.host.clone(), source })
+    }
+
+    /// A tuned TCP connection to the exporter (blocking).
+    pub fn connect(&self) -> Result<TcpStream, ClientError> {
+        let mut last = None;
+        for address in self.addresses()? {
+            match TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
+                Ok(stream) => {
+                    let _ = crate::net::tune_tcp(stream.as_raw_fd());
+                    return Ok(stream);
+                }
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(ClientError::Connect {
+            address: self.authority(),
+            source: last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
+        })
+    }
+
+    /// Sends `request` and reads the status line; on 200 the stream is
+    /// positioned just after it.
+    pub fn request(&self, request: &Request) -> Result<TcpStream, ClientError> {
+        let mut stream = self.connect()?;
+        let protocol = |source| ClientError::Protocol { address: self.authority(), source };
+        stream.write_all(request.to_line().as_bytes()).map_err(|e| protocol(SepError::Io(e)))?;
+        let status = read_status(&mut stream).map_err(protocol)?;
+        if !status.status.is_success() {
+            return Err(ClientError::Refused { address: self.authority(), status });
+        }
+        Ok(stream)
+    }
+
+    /// LIST: the wire paths of the services `selector` picks.
+    pub fn list(&self, selector: Option<&str>) -> Result<Vec<String>, ClientError> {
+        let stream = self.request(&Request::List(selector.map(str::to_string)))?;
+        let protocol = |source| ClientError::Protocol { address: self.authority(), source };
+        read_list(stream).map_err(protocol)
+    }
+}
+
+/// Reads a status line with a deadline, byte by byte so nothing after it
+/// is consumed.
+pub fn read_status(stream: &mut TcpStream) -> Result<StatusLine, SepError> {
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(SepError::Io)?;
+    let line = sep::read_line(stream, sep::MAX_REQUEST_LINE)?;
+    stream.set_read_timeout(None).map_err(SepError::Io)?;
+    StatusLine::parse(&line)
+}
+
+/// The lines of a LIST reply, until the server closes.
+pub fn read_list<R: io::Read>(reader: R) -> Result<Vec<String>, SepError> {
+    let mut reader = io::BufReader::new(reader);
+    let mut paths = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        // Bounded: a hostile server cannot make one line eat memory.
+        let mut limited = io::Read::take(&mut reader, sep::MAX_REQUEST_LINE as u64 + 1);
+        match io::BufRead::read_until(&mut limited, b'\n', &mut line) {
+            Ok(0) => return Ok(paths),
+            Ok(_) if line.len() > sep::MAX_REQUEST_LINE => {
+                return Err(SepError::LineTooLong { limit: sep::MAX_REQUEST_LINE, start: String::new() })
+            }
+            Ok(_) => paths.push(sep::parse_list_line(&line)?),
+            Err(error) => return Err(SepError::Io(error)),
+        }
+    }
+}

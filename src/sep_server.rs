@@ -1,0 +1,168 @@
+//! What a SEP request may see and do, shared by the TCP exporter and
+//! `dipus serve --stdio`: the peer's *view* of the tree, the services a
+//! LIST or WATCH selects, and opening the socket a CONNECT names.
+//!
+//! Over TCP the peer is anonymous: the view is `exported/` alone, paths on
+//! the wire are relative to it, and only sockets whose mode lets "other"
+//! connect are listed or opened, since the exporter often runs as root and
+//! must not lend it its permissions. Over SSH the peer is an authenticated
+//! user running `dipus serve --stdio` as themselves: the view is `local/`,
+//! `exported/` and their own scope, paths on the wire start with the scope
+//! directory, and the kernel checks permissions as that user.
+//!
+//! Opening never follows a symlink: every directory on the way is checked
+//! with `lstat`, and after connecting, the address the listener was bound
+//! at (its `getpeername`) must lie in the directory the path names, so a
+//! symlink swapped in at the last moment still cannot lead elsewhere.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::socket::{connect, getpeername, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+use crate::name::{Scope, ServicePath};
+use crate::selector::Selector;
+use crate::sep::{Status, StatusLine};
+use crate::tree::{Service, Tree};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// Anonymous, over TCP: `exported/` only, "other"-connectable only.
+    Exported,
+    /// An authenticated user over SSH: `local/`, `exported/` and this scope.
+    User(Scope),
+}
+
+impl View {
+    fn scopes(&self) -> Vec<Scope> {
+        match self {
+            View::Exported => vec![Scope::Exported],
+            View::User(own) => vec![Scope::Local, Scope::Exported, own.clone()],
+        }
+    }
+
+    /// The path a peer sees for `service`, if it may see it at all.
+    pub fn wire_path(&self, service: &Service) -> Option<String> {
+        if !self.scopes().contains(&service.scope) {
+            return None;
+        }
+        match self {
+            View::Exported => {
+                let meta = std::fs::symlink_metadata(&service.full).ok()?;
+                (meta.mode() & 0o002 != 0).then(|| service.path.to_string())
+            }
+            View::User(_) => Some(format!("{}/{}", service.scope, service.path)),
+        }
+    }
+
+    /// Parses a selector argument of LIST or WATCH.
+    pub fn selector(argument: Option<&str>) -> Result<Selector, StatusLine> {
+        match Selector::parse(argument.unwrap_or("")) {
+            Ok(Selector::Path(_)) => Err(StatusLine::with_detail(Status::BadRequest, "a selector cannot be a path")),
+            Ok(selector) => Ok(selector),
+            Err(error) => Err(StatusLine::with_detail(Status::BadRequest, &error.to_string())),
+        }
+    }
+
+    /// The wire paths of the services `selector` picks, in preference order.
+    pub fn list(&self, tree: &Tree, selector: &Selector) -> Result<Vec<String>, StatusLine> {
+        let services = tree.list().map_err(|error| StatusLine::with_detail(Status::Internal, &error.to_string()))?;
+        Ok(services
+            .iter()
+            .filter(|service| selector.matches(&service.path, &service.full))
+            .filter_map(|service| self.wire_path(service))
+            .collect())
+    }
+
+    /// Splits a wire path into scope and service path, refusing what the
+    /// view does not include.
+    fn parse_wire_path(&self, wire: &str) -> Result<(Scope, ServicePath), StatusLine> {
+        let bad = |why: &str| StatusLine::with_detail(Status::BadRequest, &format!("{why}: {wire}"));
+        crate::sep::check_path(wire)
+            .map_err(|error| StatusLine::with_detail(Status::BadRequest, &error.to_string()))?;
+        let (scope, relative) = match self {
+            View::Exported => (Scope::Exported, wire),
+            View::User(_) => {
+                let (scope, relative) = wire.split_once('/').ok_or_else(|| bad("expected SCOPE/PROTOCOL/FILE"))?;
+                (Scope::from_dir_name(scope).ok_or_else(|| bad("no such scope"))?, relative)
+            }
+        };
+        if !self.scopes().contains(&scope) {
+            return Err(StatusLine::with_detail(Status::Forbidden, &format!("not offered here: {wire}")));
+        }
+        let path = ServicePath::parse(relative).map_err(|error| bad(&error.to_string()))?;
+        Ok((scope, path))
+    }
+
+    /// Connects to the service at `wire` (nonblocking), or says why not.
+    pub fn open(&self, tree: &Tree, wire: &str) -> Result<UnixStream, StatusLine> {
+        let (scope, path) = self.parse_wire_path(wire)?;
+        let not_found = || StatusLine::with_detail(Status::NotFound, wire);
+        let forbidden = |why: &str| StatusLine::with_detail(Status::Forbidden, &format!("{why}: {wire}"));
+        let mut directory = tree.scope_dir(&scope);
+        for component in std::iter::once(None).chain(path.protocol.components().iter().map(Some)) {
+            if let Some(component) = component {
+                directory.push(component);
+            }
+            let meta = std::fs::symlink_metadata(&directory).map_err(|_| not_found())?;
+            if meta.file_type().is_symlink() {
+                return Err(forbidden("symlinks are not followed"));
+            }
+            if !meta.is_dir() {
+                return Err(not_found());
+            }
+        }
+        let full = directory.join(path.file.to_string());
+        let meta = std::fs::symlink_metadata(&full).map_err(|_| not_found())?;
+        if meta.file_type().is_symlink() {
+            return Err(forbidden("symlinks are not followed"));
+        }
+        if !meta.file_type().is_socket() {
+            return Err(not_found());
+        }
+        if *self == View::Exported && meta.mode() & 0o002 == 0 {
+            return Err(forbidden("the socket's mode does not let others connect"));
+        }
+        let stream = connect_nonblocking(&full).map_err(|error| match error.raw_os_error() {
+            Some(libc::ENOENT) => not_found(),
+            Some(libc::EACCES) | Some(libc::EPERM) => forbidden("permission denied"),
+            Some(libc::ECONNREFUSED) => StatusLine::with_detail(Status::Unavailable, &format!("refused: {wire}")),
+            Some(libc::EAGAIN) => StatusLine::with_detail(Status::Unavailable, &format!("busy: {wire}")),
+            _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
+        })?;
+        if !bound_within(&stream, &directory) {
+            return Err(forbidden("the socket is bound elsewhere"));
+        }
+        Ok(stream)
+    }
+}
+
+/// A nonblocking connect: a full backlog must answer "busy", not stall the
+/// exporter's loop.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let address = UnixAddr::new(path).map_err(io::Error::from)?;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
+        .map_err(io::Error::from)?;
+    match connect(fd.as_raw_fd(), &address) {
+        Ok(()) | Err(Errno::EINPROGRESS) => Ok(UnixStream::from(fd)),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// Whether the listener behind `stream` was bound in `directory` (dipus
+/// binds at a hidden name there and links it into place). Unnamed or
+/// abstract listeners are not in any directory.
+fn bound_within(stream: &UnixStream, directory: &Path) -> bool {
+    let Ok(address) = getpeername::<UnixAddr>(stream.as_raw_fd()) else {
+        return false;
+    };
+    let Some(bound) = address.path() else {
+        return false;
+    };
+    let bound: PathBuf = bound.to_path_buf();
+    bound.parent() == Some(directory)
+}

@@ -10,6 +10,7 @@ mod datagram;
 mod error;
 mod event_loop;
 mod exporter;
+mod import;
 mod name;
 mod net;
 mod probe;

@@ -279,12 +279,19 @@ fn is_socket(file_type: &fs::FileType) -> bool {
     file_type.is_socket()
 }
 
-/// mkdir with an exact mode; an existing directory is left as it is (the
-/// caller checks it).
+/// mkdir with an exact mode, atomically: another process never sees the
+/// directory with less than its final mode (Linux's mkdir honours the
+/// sticky bit). An existing directory is left as it is (the caller checks
+/// it).
 fn make_dir(path: &Path, mode: u32) -> Result<(), TreeError> {
-    match fs::DirBuilder::new().mode(mode & 0o777).create(path) {
-        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(|source| TreeError::Create { path: path.to_path_buf(), source }),
+    // SAFETY: umask only swaps the process's mask; dipus creates its tree
+    // before it starts any thread.
+    let saved = unsafe { libc::umask(0) };
+    let result = fs::DirBuilder::new().mode(mode).create(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(saved) };
+    match result {
+        Ok(()) => Ok(()),
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(source) => Err(TreeError::Create { path: path.to_path_buf(), source }),
     }

@@ -8,9 +8,10 @@ use crate::error::{Error, EXIT_USAGE};
 
 mod cat;
 mod exporter;
+mod import;
 mod ls;
 mod monitor;
-mod pipe;
+pub mod pipe;
 mod serve;
 
 /// One applet: its subcommand name, the names it is installed as, a
@@ -41,6 +42,12 @@ pub const APPLETS: &[Applet] = &[
         aliases: &["dipus-exporter"],
         summary: "offer exported/ to the LAN over TCP (SEP/1)",
         main: exporter::main,
+    },
+    Applet {
+        name: "import",
+        aliases: &["dipus-import"],
+        summary: "mirror a remote host's services as local sockets, kept in sync",
+        main: import::main,
     },
     Applet {
         name: "local-pipe",

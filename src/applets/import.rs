@@ -1,0 +1,224 @@
+//! dipus-import — mirror a remote host's services as local sockets.
+//!
+//! Usage: dipus-import [-f] [--pidfile FILE] [--mode MODE] [--group GROUP]
+//!                     [--owner USER] sep://HOST[:PORT][/SELECTOR]
+//!
+//! Creates a proxy socket in `imported/` for every service the exporter
+//! offers (or every one SELECTOR picks), with the same protocol path and
+//! `NAME.HOST..N`, and keeps them in sync: services added or removed there
+//! appear or vanish here within a second. If the exporter goes away (the
+//! connection drops, or 15 s pass without its 5 s keepalive), its proxies
+//! are removed and the session is retried with backoff (0.5 s doubling to
+//! 30 s); they return when it is back.
+//!
+//! `dipus-import` returns once the first sync is done, with the services in
+//! place, and goes on in the background; an exporter that cannot be reached
+//! or refuses is an error (exit 74). `-f` stays in the foreground, logging
+//! to stderr, for init scripts and supervisors. Stopped by SIGTERM or
+//! SIGINT, it removes every socket it created. Proxy sockets are mode 0666
+//! by default (the service is public on the LAN anyway); `--mode`,
+//! `--group` and `--owner` change that. Importing the same host twice is
+//! refused.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::Signal;
+
+use crate::error::Error;
+use crate::event_loop;
+use crate::import::{ImportConfig, Importer, SessionEvent};
+use crate::name::Scope;
+use crate::selector::{Remote, Target};
+use crate::sep_client::Server;
+use crate::signals::SignalPipe;
+use crate::tree::Tree;
+
+#[derive(FromArgs)]
+/// Mirror the services of sep://HOST as local proxy sockets, kept in sync.
+struct Args {
+    /// stay in the foreground
+    #[argh(switch, short = 'f')]
+    foreground: bool,
+    /// write the importer's pid to FILE
+    #[argh(option)]
+    pidfile: Option<String>,
+    /// mode of the proxy sockets, octal (default 0666)
+    #[argh(option)]
+    mode: Option<String>,
+    /// group of the proxy sockets
+    #[argh(option)]
+    group: Option<String>,
+    /// owner of the proxy sockets (root only)
+    #[argh(option)]
+    owner: Option<String>,
+    /// sep://HOST[:PORT][/SELECTOR]
+    #[argh(positional)]
+    uri: String,
+}
+
+/// How long the first sync may take before the import is given up.
+const FIRST_SYNC: Duration = Duration::from_secs(15);
+const COMPONENT: u8 = 2;
+const SIGNALS: Token = event_loop::token(0, 0);
+
+/// Holds `imported/.import-HOST-PORT.lock` locked while the importer runs,
+/// so a second importer of the same host is refused.
+pub struct HostLock {
+    _file: std::fs::File,
+}
+
+impl HostLock {
+    pub fn acquire(directory: &std::path::Path, server: &Server) -> Result<HostLock, Error> {
+        let key: String = server
+            .authority()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .collect();
+        let path = directory.join(format!(".import-{key}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| Error::Open { path: path.clone(), source })?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::Failed(format!(
+                "sep://{} is already being imported (lock {} is held)",
+                server.authority(),
+                path.display()
+            )));
+        }
+        Ok(HostLock { _file: file })
+    }
+}
+
+pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
+    let args: Args = crate::applets::parse_args(name, args);
+    let target = Target::parse(&args.uri)?;
+    let server = match &target.remote {
+        Some(Remote::Sep { host, port }) => Server::new(host, *port),
+        Some(remote) => {
+            return Err(Error::Usage(format!("{remote}: ssh:// imports are not supported by this build yet")))
+        }
+        None => return Err(Error::Usage(format!("{}: expected sep://HOST[:PORT][/SELECTOR]", args.uri))),
+    };
+    let mut options = crate::applets::pipe::socket_options(
+        args.mode.as_deref().or(Some("0666")),
+        args.group.as_deref(),
+        args.owner.as_deref(),
+    )?;
+    if options.mode.is_none() {
+        options.mode = Some(0o666);
+    }
+    let tree = Tree::from_env()?;
+    let scope = Scope::Imported;
+    let directory = tree.ensure_scope(&scope)?;
+    let _lock = HostLock::acquire(&directory, &server)?;
+    let config = ImportConfig {
+        server: server.clone(),
+        selector: crate::transport::selector_argument(&target.selector),
+        scope,
+        options,
+    };
+    crate::net::raise_fd_limit();
+    let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
+        .map_err(|e| Error::io("cannot set up signal handling", e))?;
+    let mut poll = Poll::new().map_err(|e| Error::io("cannot create an event loop", e))?;
+    poll.registry()
+        .register(&mut mio::unix::SourceFd(&signals.fd()), SIGNALS, Interest::READABLE)
+        .map_err(|e| Error::io("cannot create an event loop", e))?;
+    let mut importer = Importer::new(tree, config, COMPONENT);
+    let result = run(&mut poll, &mut importer, &signals, args.foreground, args.pidfile.as_deref());
+    importer.shutdown(poll.registry());
+    result
+}
+
+fn run(
+    poll: &mut Poll,
+    importer: &mut Importer,
+    signals: &SignalPipe,
+    foreground: bool,
+    pidfile: Option<&str>,
+) -> Result<(), Error> {
+    let mut events = Events::with_capacity(1024);
+    let deadline = Instant::now() + FIRST_SYNC;
+    let mut first_sync_done = false;
+    let loop_error = |e: io::Error| Error::io("event loop failed", e);
+    loop {
+        let timeout = importer.timeout();
+        let timeout = if first_sync_done {
+            timeout
+        } else {
+            event_loop::earliest(timeout, Some(deadline.saturating_duration_since(Instant::now())))
+        };
+        match poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(loop_error(error)),
+        }
+        for event in events.iter() {
+            if event.token() == SIGNALS {
+                if !signals.drain().is_empty() {
+                    log::info!("stopping: removing {} imported services", importer.proxy_count());
+                    return Ok(());
+                }
+            } else {
+                importer.handle_event(poll.registry(), event);
+            }
+        }
+        importer.handle_timers(poll.registry());
+        for event in importer.take_events() {
+            match event {
+                SessionEvent::Synced if !first_sync_done => {
+                    first_sync_done = true;
+                    if !foreground {
+                        daemonize()?;
+                    }
+                    if let Some(path) = pidfile {
+                        std::fs::write(path, format!("{}\n", std::process::id()))
+                            .map_err(|source| Error::Open { path: path.into(), source })?;
+                    }
+                }
+                SessionEvent::Lost(message) if !first_sync_done => {
+                    return Err(Error::Failed(format!("cannot import: {message}")));
+                }
+                _ => {}
+            }
+        }
+        if !first_sync_done && Instant::now() >= deadline {
+            return Err(Error::Failed(format!(
+                "sep://{}: no complete sync within {} s",
+                importer.server().authority(),
+                FIRST_SYNC.as_secs()
+            )));
+        }
+    }
+}
+
+/// Goes on in the background: the parent exits at once (without running
+/// any destructor, so the sockets stay), the child leaves the terminal's
+/// session and lets go of its stdio.
+fn daemonize() -> Result<(), Error> {
+    use nix::unistd::{fork, setsid, ForkResult};
+    // SAFETY: single-threaded; the child only continues our own loop.
+    match unsafe { fork() }.map_err(|e| Error::io("cannot go to the background", e.into()))? {
+        // SAFETY: _exit skips destructors on purpose: the child owns the
+        // sockets now.
+        ForkResult::Parent { .. } => unsafe { libc::_exit(0) },
+        ForkResult::Child => {
+            let _ = setsid();
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                for fd in [libc::STDIN_FILENO, libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+                    // SAFETY: dup2 onto our own standard descriptors.
+                    unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -40,6 +40,10 @@ pub enum NameError {
     File(String),
     #[error("invalid service {0:?}: expected NAME/PROTOCOL, e.g. sorter/text/plain")]
     Spec(String),
+    /// A part of a `NAME/PROTOCOL` is bad: the message names the whole
+    /// argument, then the part.
+    #[error("invalid service {spec:?}: {reason}")]
+    SpecPart { spec: String, reason: Box<NameError> },
     #[error("invalid service path {0:?}: expected PROTOCOL/NAME.HOST..N")]
     Path(String),
     #[error("socket path {path} is {length} bytes, more than the {limit} that fit in a UNIX socket address; use a shorter DIPUS_ROOT, protocol or name")]
@@ -169,10 +173,10 @@ pub struct ServiceSpec {
 
 impl ServiceSpec {
     pub fn parse(text: &str) -> Result<ServiceSpec, NameError> {
-        let bad = || NameError::Spec(text.to_string());
-        let (name, protocol) = text.split_once('/').ok_or_else(bad)?;
-        validate_name(name)?;
-        Ok(ServiceSpec { name: name.to_string(), protocol: Protocol::parse(protocol)? })
+        let (name, protocol) = text.split_once('/').ok_or_else(|| NameError::Spec(text.to_string()))?;
+        let in_spec = |reason| NameError::SpecPart { spec: text.to_string(), reason: Box::new(reason) };
+        validate_name(name).map_err(in_spec)?;
+        Ok(ServiceSpec { name: name.to_string(), protocol: Protocol::parse(protocol).map_err(in_spec)? })
     }
 }
 
@@ -333,7 +337,8 @@ mod tests {
         assert_eq!(spec.name, "sorter");
         assert_eq!(spec.protocol.to_string(), "text/plain");
         for bad in ["sorter", "sorter/", "/text", "sor.ter/text", "sorter/../x"] {
-            assert!(ServiceSpec::parse(bad).is_err(), "{bad:?} accepted");
+            let message = ServiceSpec::parse(bad).expect_err(bad).to_string();
+            assert!(message.starts_with(&format!("invalid service {bad:?}: ")), "{message}");
         }
         let path = ServicePath::parse("text/plain/sorter.a..0").unwrap();
         assert_eq!(path.to_string(), "text/plain/sorter.a..0");

@@ -60,8 +60,14 @@ impl FileSelector {
     }
 
     pub fn matches(&self, file: &name::ServiceFile) -> bool {
+        // With an index the selector spells out one file name, so its host
+        // is exact: `lame.encode..1` is not also `lame.encode.lan..1`.
+        let host_matches = |host: &String| match self.index {
+            Some(_) => *host == file.host,
+            None => host_matches(host, &file.host),
+        };
         self.name == file.name
-            && self.host.as_ref().is_none_or(|host| host_matches(host, &file.host))
+            && self.host.as_ref().is_none_or(host_matches)
             && self.index.is_none_or(|index| index == file.index)
     }
 }
@@ -289,6 +295,8 @@ mod tests {
         assert!(!selects("madplay.stereo.lan", "audio/madplay.stereo..0"));
         assert!(selects("lame.encode..1", "a/lame.encode..1"));
         assert!(!selects("lame.encode..1", "a/lame.encode..0"));
+        assert!(!selects("lame.encode..1", "a/lame.encode.lan..1"));
+        assert!(!selects("a/lame.encode..1", "a/lame.encode.lan..1"));
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! dls: the aligned table, `-1`, `-f`, `-l`, selectors, the preference
+//! order of services, and `-w` as +/- lines when stdout is no terminal.
+
+mod common;
+
+use common::service::{
+    assert_success, egid, euid, group_name, listen_at, serve, serve_with, stale_at, stop, user_name,
+};
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::process::Command;
+
+fn dls(root: &TestRoot, args: &[&str]) -> String {
+    let out = run_with_timeout(root.cmd("dls").args(args), None, DEFAULT_TIMEOUT);
+    assert_success(&out, &format!("dls {args:?}"));
+    assert!(out.stderr.is_empty(), "dls {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 listing")
+}
+
+/// `dls -1 -f ARGS…` with the tree's prefix taken off each path.
+fn selected(root: &TestRoot, selectors: &[&str]) -> Vec<String> {
+    let prefix = format!("{}/", root.tree().display());
+    let mut args = vec!["-1", "-f"];
+    args.extend(selectors);
+    dls(root, &args)
+        .lines()
+        .map(|l| l.strip_prefix(&prefix).unwrap_or_else(|| panic!("{l:?} is not in the tree")).to_string())
+        .collect()
+}
+
+/// Live sockets planted at `relative` paths; kept open while the test runs.
+fn plant(root: &TestRoot, relatives: &[&str]) -> Vec<UnixListener> {
+    relatives.iter().map(|r| listen_at(root, r).0).collect()
+}
+
+#[test]
+fn the_table_is_aligned_under_its_header() {
+    let root = TestRoot::new();
+    serve(&root, "cat", "cat/text/plain", "local/text/plain/cat.testhost..0");
+    serve(&root, "sort", "sorter/text/plain", "local/text/plain/sorter.testhost..0");
+    serve_with(
+        &root,
+        root.cmd("dipus-local-pipe").env("DIPUS_HOSTNAME", "b.lan").args(["sort", "sorter/text/plain"]),
+        "local/text/plain/sorter.b.lan..0",
+    );
+    serve_with(
+        &root,
+        root.cmd("dipus-export-pipe").args(["tr a-z A-Z", "up/text/x-upper"]),
+        "exported/text/x-upper/up.testhost..0",
+    );
+    assert_eq!(
+        dls(&root, &[]),
+        "NAME    HOST      INST  PROTOCOL      SCOPE\n\
+         cat     testhost  0     text/plain    local\n\
+         sorter  b.lan     0     text/plain    local\n\
+         sorter  testhost  0     text/plain    local\n\
+         up      testhost  0     text/x-upper  exported\n"
+    );
+    assert_eq!(
+        dls(&root, &["-1"]),
+        "text/plain/cat.testhost..0\n\
+         text/plain/sorter.b.lan..0\n\
+         text/plain/sorter.testhost..0\n\
+         text/x-upper/up.testhost..0\n"
+    );
+    let tree = root.tree().display().to_string();
+    assert_eq!(
+        dls(&root, &["-f"]),
+        format!(
+            "PATH\n\
+             {tree}/local/text/plain/cat.testhost..0\n\
+             {tree}/local/text/plain/sorter.b.lan..0\n\
+             {tree}/local/text/plain/sorter.testhost..0\n\
+             {tree}/exported/text/x-upper/up.testhost..0\n"
+        )
+    );
+    // Nothing selected: the header alone, or nothing at all.
+    assert_eq!(dls(&root, &["nosuch"]), "NAME  HOST  INST  PROTOCOL  SCOPE\n");
+    assert_eq!(dls(&root, &["-1", "nosuch"]), "");
+}
+
+#[test]
+fn a_full_path_from_dls_works_with_socat() {
+    if !require(have_command("socat"), "needs socat") {
+        return;
+    }
+    let root = TestRoot::new();
+    let (_, path) = serve(&root, "sort", "sorter/text/plain", "local/text/plain/sorter.testhost..0");
+    let listed = dls(&root, &["-1", "-f", "sorter"]);
+    assert_eq!(listed, format!("{}\n", path.display()));
+    let address = format!("UNIX-CONNECT:{}", listed.trim_end());
+    let out = run_with_timeout(Command::new("socat").args(["-", &address]), Some(b"b\nc\na\n"), DEFAULT_TIMEOUT);
+    assert_success(&out, "socat");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\nc\n");
+}
+
+/// Columns padded to their widest cell, two spaces apart, the last one
+/// unpadded: the expected form of a table.
+fn table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap()).collect();
+    let mut text = String::new();
+    for row in rows {
+        let last = row.len() - 1;
+        for (c, cell) in row.iter().enumerate() {
+            if c == last {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+            }
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[test]
+fn long_listing_shows_mode_owner_group_and_liveness() {
+    let root = TestRoot::new();
+    serve_with(
+        &root,
+        root.cmd("dipus-local-pipe").args(["--mode", "0640", "cat", "live/text/plain"]),
+        "local/text/plain/live.testhost..0",
+    );
+    let stale = stale_at(&root, "local/text/plain/stale.testhost..0");
+    std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let owner = user_name(euid()).unwrap_or_else(|| euid().to_string());
+    let group = group_name(egid()).unwrap_or_else(|| egid().to_string());
+    let row = |cells: &[&str]| cells.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let expected = table(&[
+        row(&["MODE", "OWNER", "GROUP", "STATE", "NAME", "HOST", "INST", "PROTOCOL", "SCOPE"]),
+        row(&["0640", &owner, &group, "alive", "live", "testhost", "0", "text/plain", "local"]),
+        row(&["0600", &owner, &group, "dead", "stale", "testhost", "0", "text/plain", "local"]),
+    ]);
+    assert_eq!(dls(&root, &["-l"]), expected);
+    let tree = root.tree().display().to_string();
+    assert_eq!(
+        dls(&root, &["-l", "-1", "-f"]),
+        format!(
+            "0640 {owner} {group} alive {tree}/local/text/plain/live.testhost..0\n\
+             0600 {owner} {group} dead {tree}/local/text/plain/stale.testhost..0\n"
+        )
+    );
+}
+
+#[test]
+fn selectors_pick_by_name_host_instance_protocol_and_path() {
+    let root = TestRoot::new();
+    let _sockets = plant(
+        &root,
+        &[
+            "local/text/plain/sorter.testhost..0",
+            "local/text/plain/sorter.testhost..1",
+            "local/text/plain/sorter.testhost.lan..0",
+            "local/text/plain/sorter.testhostx..0",
+            "local/text/plain/cat.testhost..0",
+            "local/text/html/sorter.testhost..0",
+            "local/texts/x.testhost..0",
+            "local/text/plainer/y.testhost..0",
+            "exported/text/plain/sorter.testhost..0",
+        ],
+    );
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["sorter"],
+            &[
+                "local/text/html/sorter.testhost..0",
+                "local/text/plain/sorter.testhost..0",
+                "local/text/plain/sorter.testhost..1",
+                "local/text/plain/sorter.testhost.lan..0",
+                "local/text/plain/sorter.testhostx..0",
+                "exported/text/plain/sorter.testhost..0",
+            ],
+        ),
+        // HOST matches exactly or as a dotted prefix, never as a string prefix.
+        (
+            &["sorter.testhost"],
+            &[
+                "local/text/html/sorter.testhost..0",
+                "local/text/plain/sorter.testhost..0",
+                "local/text/plain/sorter.testhost..1",
+                "local/text/plain/sorter.testhost.lan..0",
+                "exported/text/plain/sorter.testhost..0",
+            ],
+        ),
+        (&["sorter.testhost.lan"], &["local/text/plain/sorter.testhost.lan..0"]),
+        (&["sorter.testhost..1"], &["local/text/plain/sorter.testhost..1"]),
+        // An instance names one file: its host is exact.
+        (
+            &["sorter.testhost..0"],
+            &[
+                "local/text/html/sorter.testhost..0",
+                "local/text/plain/sorter.testhost..0",
+                "exported/text/plain/sorter.testhost..0",
+            ],
+        ),
+        // Protocol prefixes are component-wise: text/plain is not a prefix
+        // of text/plainer.
+        (
+            &["text/plain"],
+            &[
+                "local/text/plain/cat.testhost..0",
+                "local/text/plain/sorter.testhost..0",
+                "local/text/plain/sorter.testhost..1",
+                "local/text/plain/sorter.testhost.lan..0",
+                "local/text/plain/sorter.testhostx..0",
+                "exported/text/plain/sorter.testhost..0",
+            ],
+        ),
+        (&["text/plai"], &[]),
+        (&["text/plainer"], &["local/text/plainer/y.testhost..0"]),
+        (&["text/html"], &["local/text/html/sorter.testhost..0"]),
+        (
+            &["text/plain/sorter.testhost..0"],
+            &["local/text/plain/sorter.testhost..0", "exported/text/plain/sorter.testhost..0"],
+        ),
+        (
+            &["text/plain/sorter"],
+            &[
+                "local/text/plain/sorter.testhost..0",
+                "local/text/plain/sorter.testhost..1",
+                "local/text/plain/sorter.testhost.lan..0",
+                "local/text/plain/sorter.testhostx..0",
+                "exported/text/plain/sorter.testhost..0",
+            ],
+        ),
+        // Several selectors: their union, in preference order.
+        (&["x", "cat"], &["local/text/plain/cat.testhost..0", "local/texts/x.testhost..0"]),
+    ];
+    for (selectors, expected) in cases {
+        assert_eq!(selected(&root, selectors), *expected, "dls -1 -f {selectors:?}");
+    }
+    let path = root.tree().join("exported/text/plain/sorter.testhost..0");
+    assert_eq!(selected(&root, &[path.to_str().unwrap()]), ["exported/text/plain/sorter.testhost..0"]);
+}
+
+#[test]
+fn services_are_ordered_by_scope_protocol_name_host_and_index() {
+    let root = TestRoot::new();
+    let user = user_name(euid()).expect("the test's user has a name");
+    let user_socket = format!("{user}/a/u.h..0");
+    let _sockets = plant(
+        &root,
+        &[
+            "imported/a/i.h..0",
+            &user_socket,
+            "exported/a/x.h..0",
+            "local/z/x.h..0",
+            "local/a/b.h..10",
+            "local/a/b.h..2",
+            "local/a/b/c.h..0",
+            "local/a/a.h..0",
+            "local/a/b.g..5",
+        ],
+    );
+    assert_eq!(
+        selected(&root, &[]),
+        [
+            "local/a/a.h..0",
+            "local/a/b.g..5",
+            "local/a/b.h..2",
+            "local/a/b.h..10",
+            "local/a/b/c.h..0",
+            "local/z/x.h..0",
+            "exported/a/x.h..0",
+            &user_socket,
+            "imported/a/i.h..0",
+        ]
+    );
+    let scopes: Vec<String> =
+        dls(&root, &[]).lines().skip(1).map(|l| l.split_whitespace().last().unwrap().to_string()).collect();
+    let user_scope = user.as_str();
+    assert_eq!(scopes, ["local", "local", "local", "local", "local", "local", "exported", user_scope, "imported"]);
+}
+
+#[test]
+fn watch_prints_present_services_then_changes() {
+    let root = TestRoot::new();
+    let (first, first_path) = serve(&root, "cat", "first/text/plain", "local/text/plain/first.testhost..0");
+    let (_, mut lines) = root.spawn_lines(root.cmd("dls").arg("-w"));
+    lines.expect_line(&format!("+ {}", first_path.display()), DEFAULT_TIMEOUT);
+    lines.expect_line("= synced", DEFAULT_TIMEOUT);
+    let (_, second_path) = serve(&root, "cat", "second/a/b/c", "local/a/b/c/second.testhost..0");
+    lines.expect_line(&format!("+ {}", second_path.display()), DEFAULT_TIMEOUT);
+    stop(&root, first, "TERM");
+    lines.expect_line(&format!("- {}", first_path.display()), DEFAULT_TIMEOUT);
+    assert_eq!(lines.next_line(std::time::Duration::from_millis(200)), None, "nothing else changed");
+}

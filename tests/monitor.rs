@@ -1,0 +1,150 @@
+//! dipus-service-monitor: exact `+ PATH` / `- PATH` lines as services
+//! appear and vanish anywhere in the tree (also in directories made after
+//! it started), `--initial`, selectors, and whole directories removed.
+
+mod common;
+
+use common::service::{serve, serve_with, stale_at, stop};
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long "nothing else" is awaited after the expected lines.
+const QUIET: Duration = Duration::from_millis(300);
+
+fn plus(path: &Path) -> String {
+    format!("+ {}", path.display())
+}
+
+fn minus(path: &Path) -> String {
+    format!("- {}", path.display())
+}
+
+/// Waits until process `pid` watches at least `watches` directories with
+/// inotify (read from /proc): without `--initial` the monitor says nothing
+/// when it is ready, and a service made before its watches exist is
+/// current, not new.
+fn wait_watching(pid: u32, watches: usize) {
+    let count = || -> usize {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+        fds.flatten()
+            .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == Path::new("anon_inode:inotify")))
+            .map(|fd| {
+                let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
+                info.map(|info| info.lines().filter(|l| l.starts_with("inotify wd:")).count()).unwrap_or(0)
+            })
+            .sum()
+    };
+    wait_until(DEFAULT_TIMEOUT, &format!("{pid} watching {watches} directories"), || count() >= watches);
+}
+
+#[test]
+fn services_starting_and_stopping_are_reported() {
+    let root = TestRoot::new();
+    let (before, before_path) = serve(&root, "cat", "before/text/plain", "local/text/plain/before.testhost..0");
+    let (monitor, mut lines) = root.spawn_lines(&mut root.cmd("dipus-service-monitor"));
+    // The root, local/, local/text/, local/text/plain/.
+    wait_watching(monitor, 4);
+
+    let (second, second_path) = serve(&root, "cat", "second/text/plain", "local/text/plain/second.testhost..0");
+    lines.expect_line(&plus(&second_path), DEFAULT_TIMEOUT);
+    // A protocol directory five levels deep, made after the monitor started.
+    let (deep, deep_path) = serve(&root, "cat", "deep/a/b/c/d/e", "local/a/b/c/d/e/deep.testhost..0");
+    lines.expect_line(&plus(&deep_path), DEFAULT_TIMEOUT);
+    // And in a scope that did not exist yet.
+    let (exported, exported_path) =
+        serve_with(&root, root.cmd("dipus-export-pipe").args(["cat", "out/x/y"]), "exported/x/y/out.testhost..0");
+    lines.expect_line(&plus(&exported_path), DEFAULT_TIMEOUT);
+
+    for (pid, path) in [(second, &second_path), (before, &before_path), (deep, &deep_path), (exported, &exported_path)]
+    {
+        assert_eq!(stop(&root, pid, "TERM").code(), Some(0));
+        lines.expect_line(&minus(path), DEFAULT_TIMEOUT);
+    }
+    assert_eq!(lines.next_line(QUIET), None, "nothing else changed");
+}
+
+#[test]
+fn initial_lists_present_services_then_synced() {
+    let root = TestRoot::new();
+    let (_, exported) = serve_with(
+        &root,
+        root.cmd("dipus-export-pipe").args(["cat", "e/text/plain"]),
+        "exported/text/plain/e.testhost..0",
+    );
+    let (_, local) = serve(&root, "cat", "l/text/plain", "local/text/plain/l.testhost..0");
+    // A stale socket is still a socket in the tree.
+    let stale = stale_at(&root, "local/text/plain/s.testhost..0");
+    let (_, mut lines) = root.spawn_lines(root.cmd("dipus-service-monitor").arg("--initial"));
+    for path in [&local, &stale, &exported] {
+        lines.expect_line(&plus(path), DEFAULT_TIMEOUT);
+    }
+    lines.expect_line("= synced", DEFAULT_TIMEOUT);
+    let (_, later) = serve(&root, "cat", "later/text/plain", "local/text/plain/later.testhost..0");
+    lines.expect_line(&plus(&later), DEFAULT_TIMEOUT);
+    std::fs::remove_file(&stale).unwrap();
+    lines.expect_line(&minus(&stale), DEFAULT_TIMEOUT);
+    assert_eq!(lines.next_line(QUIET), None, "nothing else changed");
+}
+
+#[test]
+fn a_selector_filters_what_is_reported() {
+    let root = TestRoot::new();
+    serve(&root, "cat", "other/text/plain", "local/text/plain/other.testhost..0");
+    let (_, first) = serve(&root, "sort", "sorter/text/plain", "local/text/plain/sorter.testhost..0");
+    let (_, mut lines) = root.spawn_lines(root.cmd("dipus-service-monitor").args(["--initial", "sorter"]));
+    lines.expect_line(&plus(&first), DEFAULT_TIMEOUT);
+    lines.expect_line("= synced", DEFAULT_TIMEOUT);
+    // Events arrive in order: once the sorter line is there, the earlier
+    // events of the other service were seen and filtered out.
+    let (other, _) = serve(&root, "cat", "other/text/plain", "local/text/plain/other.testhost..1");
+    let (second, second_path) = serve(&root, "sort", "sorter/text/plain", "local/text/plain/sorter.testhost..1");
+    lines.expect_line(&plus(&second_path), DEFAULT_TIMEOUT);
+    stop(&root, other, "TERM");
+    stop(&root, second, "TERM");
+    lines.expect_line(&minus(&second_path), DEFAULT_TIMEOUT);
+    assert_eq!(lines.next_line(QUIET), None, "nothing else reported");
+}
+
+#[test]
+fn removing_a_protocol_directory_reports_its_services() {
+    let root = TestRoot::new();
+    let deep = stale_at(&root, "local/gone/a/b/stale.testhost..0");
+    let shallow = stale_at(&root, "local/gone/x.testhost..0");
+    let (_, kept) = serve(&root, "cat", "kept/text/plain", "local/text/plain/kept.testhost..0");
+    let (_, mut lines) = root.spawn_lines(root.cmd("dipus-service-monitor").arg("--initial"));
+    for path in [&shallow, &deep, &kept] {
+        lines.expect_line(&plus(path), DEFAULT_TIMEOUT);
+    }
+    lines.expect_line("= synced", DEFAULT_TIMEOUT);
+    std::fs::remove_dir_all(root.tree().join("local/gone")).unwrap();
+    let mut removed = vec![lines.next_line(DEFAULT_TIMEOUT), lines.next_line(DEFAULT_TIMEOUT)];
+    removed.sort();
+    assert_eq!(removed, [Some(minus(&deep)), Some(minus(&shallow))]);
+    assert_eq!(lines.next_line(QUIET), None, "nothing else changed");
+    // The monitor still sees a directory of the same name made again.
+    let (_, again) = serve(&root, "cat", "again/gone", "local/gone/again.testhost..0");
+    lines.expect_line(&plus(&again), DEFAULT_TIMEOUT);
+}
+
+#[test]
+fn sockets_in_directories_made_in_a_burst_are_all_reported() {
+    let root = TestRoot::new();
+    let (monitor, mut lines) = root.spawn_lines(root.cmd("dipus-service-monitor").arg("--initial"));
+    lines.expect_line("= synced", DEFAULT_TIMEOUT);
+    // Directory and socket made back to back, faster than the monitor can
+    // add its watches: the scan after each new watch must find them.
+    let mut expected = Vec::new();
+    let mut sockets = Vec::new();
+    for i in 0..20 {
+        let (listener, path) = common::service::listen_at(&root, &format!("local/burst/{i}/a/b/s.testhost..0"));
+        sockets.push(listener);
+        expected.push(plus(&path));
+    }
+    let mut got: Vec<String> = (0..20).filter_map(|_| lines.next_line(DEFAULT_TIMEOUT)).collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    assert_eq!(lines.next_line(QUIET), None, "each reported once");
+    assert!(root.with_child(monitor, |c| c.is_running()));
+}

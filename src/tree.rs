@@ -18,6 +18,7 @@
 //! "refusing" between their `bind` and `listen`; a dead-socket judgment can
 //! only be as exact as the kernel's answer at that moment.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
@@ -365,11 +366,13 @@ pub fn remove_if_same(path: &Path, id: FileId) -> io::Result<bool> {
 /// Removes `path` if it is a socket nobody listens on (connect refused),
 /// judged twice: before taking the directory lock and again under it.
 /// Live sockets, sockets that cannot be judged and non-sockets stay.
-pub fn reap_if_dead(path: &Path) -> io::Result<bool> {
+/// `listening` (from `probe::listening_inodes`) spares live services a
+/// probing connection.
+pub fn reap_if_dead(path: &Path, listening: Option<&HashSet<u64>>) -> io::Result<bool> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(false);
     };
-    if !is_socket(&meta.file_type()) || probe::probe(path) != Liveness::Dead {
+    if !is_socket(&meta.file_type()) || probe::judge(path, listening) != Liveness::Dead {
         return Ok(false);
     }
     let id = FileId { dev: meta.dev(), ino: meta.ino() };
@@ -421,8 +424,10 @@ impl ServiceSocket {
         let first = ServicePath { protocol: protocol.clone(), file: ServiceFile::new(name, host, 0)? };
         // Refuse before creating any directory: the error names the path.
         name::check_socket_path(&tree.service_path(scope, &first))?;
-        let dir = tree.ensure_protocol_dir(scope, protocol)?;
-        Self::bind_in(tree, scope, &dir, first, options)
+        retry_pruned(|| {
+            let dir = tree.ensure_protocol_dir(scope, protocol)?;
+            Self::bind_in(&dir, first.clone(), options)
+        })
     }
 
     /// Binds exactly `path` (an import mirroring a remote name), replacing
@@ -434,6 +439,15 @@ impl ServiceSocket {
         options: &SocketOptions,
     ) -> Result<ServiceSocket, TreeError> {
         name::check_socket_path(&tree.service_path(scope, path))?;
+        retry_pruned(|| Self::bind_exact_once(tree, scope, path, options))
+    }
+
+    fn bind_exact_once(
+        tree: &Tree,
+        scope: &Scope,
+        path: &ServicePath,
+        options: &SocketOptions,
+    ) -> Result<ServiceSocket, TreeError> {
         let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
         let (listener, temp) = bind_temporary(&dir, options)?;
         let full = dir.join(path.file.to_string());
@@ -445,13 +459,7 @@ impl ServiceSocket {
         }
     }
 
-    fn bind_in(
-        _tree: &Tree,
-        _scope: &Scope,
-        dir: &Path,
-        first: ServicePath,
-        options: &SocketOptions,
-    ) -> Result<ServiceSocket, TreeError> {
+    fn bind_in(dir: &Path, first: ServicePath, options: &SocketOptions) -> Result<ServiceSocket, TreeError> {
         let (listener, temp) = bind_temporary(dir, options)?;
         let mut service = first;
         let result = loop {
@@ -495,6 +503,20 @@ impl Drop for ServiceSocket {
     }
 }
 
+/// Runs `bind` again if the reaper pruned the protocol directory between
+/// its creation and the bind (it removes directories that are empty).
+fn retry_pruned(mut bind: impl FnMut() -> Result<ServiceSocket, TreeError>) -> Result<ServiceSocket, TreeError> {
+    let mut attempts = 0;
+    loop {
+        match bind() {
+            Err(TreeError::Bind { source, .. }) if source.kind() == io::ErrorKind::NotFound && attempts < 3 => {
+                attempts += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Binds and listens at a hidden name in `dir`, with the final mode and
 /// group already set, so the socket is complete before anyone can see it.
 fn bind_temporary(dir: &Path, options: &SocketOptions) -> Result<(UnixListener, PathBuf), TreeError> {
@@ -527,7 +549,7 @@ fn link_into_place(temp: &Path, target: &Path) -> io::Result<FileId> {
         match fs::hard_link(temp, target) {
             Ok(()) => return FileId::of(target),
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                if !reap_if_dead(target)? {
+                if !reap_if_dead(target, probe::listening_inodes().as_ref())? {
                     // Not removed: live, unjudgeable, or someone else was
                     // faster. Check the last case so we do not skip a
                     // name that has just become free.

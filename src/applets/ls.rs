@@ -191,7 +191,10 @@ fn watch_remote(server: &Server, selector: &Selector, format: &Format) -> Result
 }
 
 fn render(services: &[Listed], format: &Format) -> String {
-    let rows: Vec<Vec<String>> = services.iter().map(|service| row(service, format)).collect();
+    // Asked once: whether each socket has a listener, without connecting
+    // (a connection would start a child of an inetd-style service).
+    let listening = if format.long { probe::listening_inodes() } else { None };
+    let rows: Vec<Vec<String>> = services.iter().map(|service| row(service, format, listening.as_ref())).collect();
     if format.one {
         return rows.iter().map(|row| row.join(" ") + "\n").collect();
     }
@@ -209,7 +212,7 @@ fn render(services: &[Listed], format: &Format) -> String {
 
 /// The fields of one service: the long fields, then the path (`-f`, `-1`)
 /// or the name columns.
-fn row(service: &Listed, format: &Format) -> Vec<String> {
+fn row(service: &Listed, format: &Format, listening: Option<&std::collections::HashSet<u64>>) -> Vec<String> {
     let mut fields = Vec::new();
     if format.long {
         let meta = service.local.as_ref().and_then(|path| std::fs::symlink_metadata(path).ok());
@@ -222,7 +225,7 @@ fn row(service: &Listed, format: &Format) -> Vec<String> {
             None => fields.extend(["-", "-", "-"].map(String::from)),
         }
         let state = match &service.local {
-            Some(path) => probe::probe(path).label(),
+            Some(path) => probe::judge(path, listening).label(),
             None => "-",
         };
         fields.push(state.to_string());

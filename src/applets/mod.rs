@@ -7,8 +7,10 @@ use std::path::Path;
 use crate::error::{Error, EXIT_USAGE};
 
 mod cat;
-mod exporter;
-mod import;
+mod daemon;
+mod discoverer;
+pub mod exporter;
+pub mod import;
 mod ls;
 mod monitor;
 pub mod pipe;
@@ -30,6 +32,18 @@ pub const APPLETS: &[Applet] = &[
         aliases: &["dcat"],
         summary: "pipe FILEs (or stdin) through a service and its reply to stdout",
         main: cat::main,
+    },
+    Applet {
+        name: "daemon",
+        aliases: &["dipusd"],
+        summary: "exporter, discovery, importers, reaper and default services in one process",
+        main: daemon::main,
+    },
+    Applet {
+        name: "discoverer",
+        aliases: &["dipus-discoverer"],
+        summary: "find exporters on the LAN by UDP broadcast",
+        main: discoverer::main,
     },
     Applet {
         name: "export-pipe",

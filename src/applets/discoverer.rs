@@ -1,0 +1,87 @@
+//! dipus-discoverer — find exporters on the LAN.
+//!
+//! Usage: dipus-discoverer [-t SECONDS] [-w]
+//!
+//! Broadcasts a QUERY and listens for announcements (UDP port 7347, or
+//! `DIPUS_DISCOVERY_PORT`). Prints `HOST ADDR PORT` for every exporter
+//! heard of within `-t` seconds (default 2), sorted by host, and exits.
+//! With `-w` it keeps listening and prints `+ HOST ADDR PORT` when an
+//! exporter appears and `- HOST` when it says bye or its announcements
+//! expire.
+
+use std::io::{self, Write};
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::discovery::{Discovery, PeerEvent};
+use crate::error::Error;
+
+#[derive(FromArgs)]
+/// Find exporters on the LAN and print HOST ADDR PORT.
+struct Args {
+    /// seconds to listen (default 2)
+    #[argh(option, short = 't', default = "2.0")]
+    time: f64,
+    /// keep listening, printing + and - lines
+    #[argh(switch, short = 'w')]
+    watch: bool,
+}
+
+pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
+    let args: Args = crate::applets::parse_args(name, args);
+    if !(args.time.is_finite() && args.time > 0.0 && args.time < 86400.0) {
+        return Err(Error::Usage(format!("-t {}: expected seconds, more than 0", args.time)));
+    }
+    let host = crate::applets::host_name()?;
+    let mut discovery = Discovery::new(&host, None, Discovery::default_port())
+        .map_err(|e| Error::io("cannot listen for exporters", e))?;
+    let mut poll = Poll::new().map_err(|e| Error::io("cannot create an event loop", e))?;
+    for (index, fd) in discovery.fds().iter().enumerate() {
+        poll.registry()
+            .register(&mut mio::unix::SourceFd(fd), Token(index), Interest::READABLE)
+            .map_err(|e| Error::io("cannot create an event loop", e))?;
+    }
+    discovery.query();
+    let deadline = (!args.watch).then(|| Instant::now() + Duration::from_secs_f64(args.time));
+    let mut events = Events::with_capacity(16);
+    let mut out = io::stdout().lock();
+    loop {
+        let now = Instant::now();
+        if deadline.is_some_and(|deadline| now >= deadline) {
+            break;
+        }
+        let timeout =
+            crate::event_loop::earliest(discovery.timeout(), deadline.map(|d| d.saturating_duration_since(now)));
+        match poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(Error::io("event loop failed", error)),
+        }
+        if !events.is_empty() {
+            discovery.handle_readable();
+        }
+        discovery.handle_timers();
+        if args.watch {
+            for event in discovery.take_events() {
+                let line = match event {
+                    PeerEvent::Joined(peer) => format!("+ {} {} {}", peer.host, peer.address, peer.port),
+                    PeerEvent::Left { host, .. } => format!("- {host}"),
+                };
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    for peer in discovery.peers() {
+        if writeln!(out, "{} {} {}", peer.host, peer.address, peer.port).is_err() {
+            break;
+        }
+    }
+    if discovery.drops.total() > 0 {
+        log::info!("dropped datagrams: {:?}", discovery.drops.by_reason);
+    }
+    Ok(())
+}

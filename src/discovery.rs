@@ -1,0 +1,353 @@
+//! LAN discovery by UDP broadcast (DESIGN §5): the advertiser tells the LAN
+//! "host H exports on port P for T seconds", the discoverer keeps the table
+//! of exporters heard of and reports joins and leaves.
+//!
+//! Sockets: one bound to the discovery port (7347) with SO_REUSEADDR, so
+//! that dipusd and a `dipus-discoverer` on the same host both hear the
+//! broadcasts; it sends ANNOUNCE and BYE to every IPv4 broadcast address of
+//! the host's interfaces (never 255.255.255.255) and answers QUERY by
+//! unicast. QUERY goes out from a second socket on an ephemeral port, so
+//! the answers come back to whoever asked and not to another process
+//! sharing port 7347.
+//!
+//! Announcements go out at start, 1 s and 2 s later (a returning host is
+//! seen at once even if the first datagram is lost), then every ttl/3 with
+//! ±10 % jitter. Nothing in a datagram is trusted: the wire module
+//! validates it, malformed ones are dropped and counted by reason, each
+//! source is rate-limited, and the address used is the datagram's source,
+//! never one it claims.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{setsockopt, sockopt};
+
+use crate::datagram::{Datagram, RateLimiter, DISCOVERY_PORT, MAX_DATAGRAM};
+
+/// An exporter heard of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub host: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub expires: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    Joined(Peer),
+    Left { host: String, why: &'static str },
+}
+
+/// What this host announces.
+#[derive(Debug, Clone)]
+pub struct Announcement {
+    pub host: String,
+    pub port: u16,
+    pub ttl: u32,
+}
+
+/// The IPv4 broadcast addresses of the interfaces that have one.
+pub fn broadcast_addresses() -> Vec<Ipv4Addr> {
+    let mut addresses: Vec<Ipv4Addr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|interface| !interface.is_loopback())
+        .filter_map(|interface| match interface.addr {
+            if_addrs::IfAddr::V4(v4) => v4.broadcast,
+            if_addrs::IfAddr::V6(_) => None,
+        })
+        .filter(|address| !address.is_broadcast())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+/// This host's own addresses (to recognise our own datagrams).
+fn own_addresses() -> Vec<IpAddr> {
+    if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|interface| interface.ip()).collect()
+}
+
+fn udp_socket(port: u16) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
+        .map_err(io::Error::from)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(io::Error::from)?;
+    setsockopt(&fd, sockopt::Broadcast, &true).map_err(io::Error::from)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))).map_err(io::Error::from)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// A small xorshift for announce jitter: spreading hosts' timers is all it
+/// is for, so no entropy source is needed.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Jitter {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ (u64::from(std::process::id()) << 32);
+        Jitter(seed | 1)
+    }
+
+    /// `base` ± 10 %.
+    fn spread(&mut self, base: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let permille = 900 + (self.0 % 201);
+        base * permille as u32 / 1000
+    }
+}
+
+/// Counters of dropped datagrams, by reason.
+#[derive(Debug, Default, Clone)]
+pub struct Drops {
+    pub by_reason: BTreeMap<&'static str, u64>,
+}
+
+impl Drops {
+    fn count(&mut self, reason: &'static str) {
+        *self.by_reason.entry(reason).or_insert(0) += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_reason.values().sum()
+    }
+}
+
+pub struct Discovery {
+    /// Bound to the discovery port: broadcasts in, ANNOUNCE/BYE out.
+    shared: UdpSocket,
+    /// Ephemeral: QUERY out, their answers in.
+    private: UdpSocket,
+    discovery_port: u16,
+    announcement: Option<Announcement>,
+    /// Our own host name, whose datagrams are ours (even without an
+    /// announcement, a discoverer must not list itself).
+    own_host: String,
+    peers: HashMap<String, Peer>,
+    next_announce: Option<Instant>,
+    /// Announcements still due at 1 s and 2 s after start.
+    probes_left: u32,
+    jitter: Jitter,
+    limiter: RateLimiter,
+    pub drops: Drops,
+    events: Vec<PeerEvent>,
+}
+
+impl Discovery {
+    /// `announcement`: what to advertise (None: only discover).
+    pub fn new(own_host: &str, announcement: Option<Announcement>, discovery_port: u16) -> io::Result<Discovery> {
+        let shared = udp_socket(discovery_port)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP port {discovery_port}: {e}")))?;
+        let private = udp_socket(0)?;
+        let announcing = announcement.is_some();
+        Ok(Discovery {
+            shared,
+            private,
+            discovery_port,
+            announcement,
+            own_host: own_host.to_string(),
+            peers: HashMap::new(),
+            next_announce: announcing.then(Instant::now),
+            probes_left: if announcing { 2 } else { 0 },
+            jitter: Jitter::new(),
+            // Generous for a LAN (an honest host sends one per ttl/3), tight
+            // for a flood.
+            limiter: RateLimiter::new(20, 40, 1024),
+            drops: Drops::default(),
+            events: Vec::new(),
+        })
+    }
+
+    pub fn default_port() -> u16 {
+        std::env::var("DIPUS_DISCOVERY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(DISCOVERY_PORT)
+    }
+
+    pub fn fds(&self) -> [i32; 2] {
+        [self.shared.as_raw_fd(), self.private.as_raw_fd()]
+    }
+
+    pub fn peers(&self) -> Vec<Peer> {
+        let mut peers: Vec<Peer> = self.peers.values().cloned().collect();
+        peers.sort_by(|a, b| a.host.cmp(&b.host));
+        peers
+    }
+
+    pub fn take_events(&mut self) -> Vec<PeerEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn broadcast(&self, datagram: &Datagram) {
+        let bytes = datagram.to_bytes();
+        for address in broadcast_addresses() {
+            let target = SocketAddr::V4(SocketAddrV4::new(address, self.discovery_port));
+            if let Err(error) = self.shared.send_to(&bytes, target) {
+                log::debug!("cannot send to {target}: {error}");
+            }
+        }
+    }
+
+    /// Asks every exporter on the LAN to announce itself to us.
+    pub fn query(&self) {
+        let bytes = Datagram::Query.to_bytes();
+        for address in broadcast_addresses() {
+            let target = SocketAddr::V4(SocketAddrV4::new(address, self.discovery_port));
+            if let Err(error) = self.private.send_to(&bytes, target) {
+                log::debug!("cannot send to {target}: {error}");
+            }
+        }
+    }
+
+    fn announce_datagram(&self) -> Option<Datagram> {
+        self.announcement.as_ref().map(|a| Datagram::Announce { host: a.host.clone(), port: a.port, ttl: a.ttl })
+    }
+
+    /// Announces now (start, interfaces changed) and restarts the schedule.
+    pub fn announce(&mut self) {
+        if let Some(datagram) = self.announce_datagram() {
+            self.broadcast(&datagram);
+            self.schedule_announce();
+        }
+    }
+
+    fn schedule_announce(&mut self) {
+        let Some(announcement) = &self.announcement else {
+            return;
+        };
+        let delay = if self.probes_left > 0 {
+            self.probes_left -= 1;
+            Duration::from_secs(1)
+        } else {
+            self.jitter.spread(Duration::from_secs(u64::from(announcement.ttl)) / 3)
+        };
+        self.next_announce = Some(Instant::now() + delay);
+    }
+
+    /// Interfaces changed: announce on the new ones at once, with probes.
+    pub fn interfaces_changed(&mut self) {
+        if self.announcement.is_some() {
+            self.probes_left = 2;
+            self.announce();
+        }
+    }
+
+    /// Says goodbye (clean shutdown).
+    pub fn bye(&mut self) {
+        if let Some(announcement) = &self.announcement {
+            self.broadcast(&Datagram::Bye { host: announcement.host.clone() });
+        }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let expiry = self.peers.values().map(|peer| peer.expires).min();
+        [self.next_announce, expiry].into_iter().flatten().min().map(|when| when.saturating_duration_since(now))
+    }
+
+    pub fn handle_timers(&mut self) {
+        let now = Instant::now();
+        if self.next_announce.is_some_and(|when| now >= when) {
+            self.announce();
+        }
+        let expired: Vec<String> =
+            self.peers.values().filter(|peer| peer.expires <= now).map(|peer| peer.host.clone()).collect();
+        for host in expired {
+            self.peers.remove(&host);
+            log::info!("{host}: announcements expired");
+            self.events.push(PeerEvent::Left { host, why: "expired" });
+        }
+    }
+
+    /// Reads every queued datagram on both sockets.
+    pub fn handle_readable(&mut self) {
+        let own = own_addresses();
+        let mut buffer = [0u8; MAX_DATAGRAM + 1];
+        for socket in 0..2 {
+            loop {
+                let received =
+                    if socket == 0 { self.shared.recv_from(&mut buffer) } else { self.private.recv_from(&mut buffer) };
+                let (length, source) = match received {
+                    Ok(received) => received,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(error) => {
+                        log::debug!("discovery socket: {error}");
+                        break;
+                    }
+                };
+                self.datagram(&buffer[..length], source, &own);
+            }
+        }
+    }
+
+    fn datagram(&mut self, bytes: &[u8], source: SocketAddr, own: &[IpAddr]) {
+        if !self.limiter.allow(source.ip(), Instant::now()) {
+            self.drops.count("rate-limited");
+            return;
+        }
+        let datagram = match Datagram::parse(bytes) {
+            Ok(datagram) => datagram,
+            Err(error) => {
+                log::debug!("{source}: dropped: {error}");
+                self.drops.count(error.reason());
+                return;
+            }
+        };
+        match datagram {
+            Datagram::Query => {
+                if let Some(answer) = self.announce_datagram() {
+                    if let Err(error) = self.shared.send_to(&answer.to_bytes(), source) {
+                        log::debug!("cannot answer {source}: {error}");
+                    }
+                }
+            }
+            Datagram::Announce { host, port, ttl } => {
+                if host == self.own_host {
+                    if !own.contains(&source.ip()) {
+                        log::warn!("{source} announces our own host name {host}; ignored");
+                        self.drops.count("own-name");
+                    }
+                    return;
+                }
+                let peer = Peer {
+                    host: host.clone(),
+                    address: source.ip(),
+                    port,
+                    expires: Instant::now() + Duration::from_secs(ttl.into()),
+                };
+                match self.peers.get_mut(&host) {
+                    Some(known) if known.address == peer.address && known.port == peer.port => {
+                        known.expires = peer.expires
+                    }
+                    Some(known) => {
+                        log::info!("{host}: moved from {}:{} to {source}", known.address, known.port);
+                        *known = peer.clone();
+                        self.events.push(PeerEvent::Left { host: host.clone(), why: "moved" });
+                        self.events.push(PeerEvent::Joined(peer));
+                    }
+                    None => {
+                        log::info!("{host}: exporter at {}:{port}", source.ip());
+                        self.peers.insert(host, peer.clone());
+                        self.events.push(PeerEvent::Joined(peer));
+                    }
+                }
+            }
+            Datagram::Bye { host } => {
+                // Only the address that announced the host may take it away.
+                if self.peers.get(&host).is_some_and(|peer| peer.address == source.ip()) {
+                    self.peers.remove(&host);
+                    log::info!("{host}: said bye");
+                    self.events.push(PeerEvent::Left { host, why: "bye" });
+                }
+            }
+        }
+    }
+}

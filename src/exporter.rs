@@ -114,9 +114,20 @@ fn flush(tcp: &mut TcpStream, out: &[u8], written: &mut usize, progress: &mut In
     Ok(true)
 }
 
-/// Tells a peer no, best effort, on a connection we are about to drop.
+/// Tells a peer no, best effort, on a connection we are about to drop. The
+/// request it has sent so far is read away first (up to a bound): closing
+/// with unread input sends a reset instead of a FIN, and a reset can
+/// destroy the status line before the peer has read it.
 fn refuse(stream: &mut std::net::TcpStream, status: StatusLine) {
     let _ = stream.write(status.to_line().as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; sep::MAX_REQUEST_LINE];
+    for _ in 0..4 {
+        // Nonblocking: stops at what has arrived.
+        if !matches!(stream.read(&mut sink), Ok(count) if count > 0) {
+            break;
+        }
+    }
 }
 
 impl Exporter {

@@ -36,6 +36,8 @@ pub enum Error {
     Io { what: String, source: io::Error },
     #[error(transparent)]
     Remote(#[from] crate::sep_client::ClientError),
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
     #[error("{0}")]
     Failed(String),
 }
@@ -49,7 +51,7 @@ impl Error {
         match self {
             Error::Usage(_) | Error::Name(_) | Error::Selector(_) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
-            Error::Open { .. } | Error::Io { .. } | Error::Remote(_) => EXIT_IO,
+            Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
             Error::Tree(_) | Error::Failed(_) => EXIT_FAILURE,
         }
     }

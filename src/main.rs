@@ -24,6 +24,7 @@ mod sep_client;
 mod sep_server;
 mod services;
 mod signals;
+mod ssh;
 mod transport;
 mod tree;
 mod watch;

@@ -90,6 +90,9 @@ struct Endpoint {
     always_ready: bool,
     readable: bool,
     writable: bool,
+    /// Given to the relay (see [`Relay::adopt`]): a pipe sink is closed
+    /// at EOF, since closing is the only way to end a pipe.
+    owned: Option<OwnedFd>,
 }
 
 impl Endpoint {
@@ -109,6 +112,7 @@ impl Endpoint {
             // Blocking descriptors wait for the poller's word first.
             readable: !one_shot,
             writable: !one_shot,
+            owned: None,
         }
     }
 
@@ -314,7 +318,7 @@ impl Relay {
     pub fn interests(&self) -> Vec<Interest> {
         let mut interests: Vec<Interest> = Vec::with_capacity(self.endpoints.len());
         for (index, endpoint) in self.endpoints.iter().enumerate() {
-            if endpoint.always_ready {
+            if endpoint.always_ready || endpoint.fd < 0 {
                 continue;
             }
             let mut interest = Interest { fd: endpoint.fd, read: false, write: false };
@@ -336,6 +340,17 @@ impl Relay {
                 endpoint.readable |= readable;
                 endpoint.writable |= writable;
             }
+        }
+    }
+
+    /// Hands `fd` (one of the relay's descriptors) to the relay: if it is
+    /// a pipe that a direction writes into, the relay closes it when that
+    /// direction ends, which is how the reader learns of the EOF (ssh's
+    /// stdin, for one). Otherwise it is closed when the relay is dropped.
+    pub fn adopt(&mut self, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        if let Some(endpoint) = self.endpoints.iter_mut().find(|endpoint| endpoint.fd == raw) {
+            endpoint.owned = Some(fd);
         }
     }
 
@@ -551,11 +566,15 @@ impl Direction {
         }
     }
 
-    fn close(&mut self, endpoints: &[Endpoint]) {
-        let sink = &endpoints[self.sink];
+    fn close(&mut self, endpoints: &mut [Endpoint]) {
+        let sink = &mut endpoints[self.sink];
         if sink.kind == Kind::Socket {
             // SAFETY: shutdown on a descriptor the caller keeps open.
             unsafe { libc::shutdown(sink.fd, libc::SHUT_WR) };
+        } else if let Some(fd) = sink.owned.take() {
+            // Its number may be reused at once: forget it.
+            drop(fd);
+            sink.fd = -1;
         }
         self.state = State::Closed;
         self.release_pipe();
@@ -564,7 +583,7 @@ impl Direction {
 
     /// The sink is gone: stop, and stop reading what can no longer go
     /// anywhere.
-    fn break_off(&mut self, endpoints: &[Endpoint], error: &io::Error) {
+    fn break_off(&mut self, endpoints: &mut [Endpoint], error: &io::Error) {
         self.broken = Some(error.kind());
         if let Some(source) = self.source() {
             if endpoints[source].kind == Kind::Socket {

@@ -131,3 +131,58 @@ pub fn read_list<R: io::Read>(reader: R) -> Result<Vec<String>, SepError> {
         }
     }
 }
+
+/// Lines from a blocking stream (a TCP socket or ssh's stdout pipe), each
+/// within a deadline of silence: a WATCH peer that says nothing for three
+/// keepalives is gone.
+pub struct LineStream {
+    fd: std::os::fd::RawFd,
+    buffer: Vec<u8>,
+}
+
+impl LineStream {
+    /// The caller keeps `fd` open while the stream is used.
+    pub fn new(fd: std::os::fd::RawFd) -> LineStream {
+        LineStream { fd, buffer: Vec::new() }
+    }
+
+    /// The next line (with its `\n`), `Ok(None)` at EOF, `TimedOut` after
+    /// `silence` without a byte.
+    pub fn next_line(&mut self, silence: Duration) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                return Ok(Some(self.buffer.drain(..=end).collect()));
+            }
+            if self.buffer.len() > sep::MAX_REQUEST_LINE {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+            }
+            let mut poll = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut poll, 1, silence.as_millis().min(i32::MAX as u128) as libc::c_int) };
+            if ready < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            if ready == 0 {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer went silent"));
+            }
+            let mut chunk = [0u8; 4096];
+            // SAFETY: reading into a local buffer from a descriptor the
+            // caller keeps open.
+            let count = unsafe { libc::read(self.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+            match count {
+                0 => return Ok(None),
+                count if count > 0 => self.buffer.extend_from_slice(&chunk[..count as usize]),
+                _ => {
+                    let error = io::Error::last_os_error();
+                    if error.kind() != io::ErrorKind::Interrupted {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+}

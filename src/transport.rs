@@ -9,21 +9,30 @@ use crate::error::Error;
 use crate::selector::{Remote, Selector, Target};
 use crate::sep::Request;
 use crate::sep_client::{ClientError, Server};
+use crate::ssh::{SshChannel, SshError, SshTarget};
 use crate::tree::{Service, Tree};
 
 /// An open connection to a service, ready for the relay.
 pub struct Connection {
-    pub stream: OwnedFd,
+    pub stream: Stream,
     /// What was connected to, for messages.
     pub description: String,
+}
+
+pub enum Stream {
+    /// A UNIX or TCP socket: both directions on one descriptor.
+    Socket(OwnedFd),
+    /// An ssh process: its stdin and stdout pipes.
+    Ssh(SshChannel),
 }
 
 pub fn connect(target: &Target) -> Result<Connection, Error> {
     match &target.remote {
         None => connect_local(&target.selector),
         Some(Remote::Sep { host, port }) => connect_sep(&Server::new(host, *port), &target.selector),
-        Some(remote @ Remote::Ssh { .. }) => {
-            Err(Error::Usage(format!("{remote}: ssh:// is not supported by this build yet")))
+        Some(Remote::Ssh { user, host, port }) => {
+            let ssh = SshTarget { user: user.clone(), host: host.clone(), port: *port };
+            connect_ssh(&ssh, &target.selector)
         }
     }
 }
@@ -48,11 +57,34 @@ fn connect_sep(server: &Server, selector: &Selector) -> Result<Connection, Error
         match server.request(&Request::Connect(path.clone())) {
             Ok(stream) => {
                 return Ok(Connection {
-                    stream: stream.into(),
+                    stream: Stream::Socket(stream.into()),
                     description: format!("sep://{}/{path}", server.authority()),
                 })
             }
             Err(error @ ClientError::Refused { .. }) => {
+                log::info!("{error}; trying the next match");
+                last = error.to_string();
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(Error::NoneAccepted { selector: selector.to_string(), last })
+}
+
+/// LIST over ssh, then CONNECT to each match in order until one accepts.
+fn connect_ssh(ssh: &SshTarget, selector: &Selector) -> Result<Connection, Error> {
+    let tree = Tree::from_env()?;
+    let paths = ssh.list(&tree, selector_argument(selector).as_deref())?;
+    if paths.is_empty() {
+        return Err(Error::NoService(format!("{}/{}", ssh.uri(), selector)));
+    }
+    let mut last = String::new();
+    for path in paths {
+        match ssh.request(&tree, &Request::Connect(path.clone())) {
+            Ok(channel) => {
+                return Ok(Connection { stream: Stream::Ssh(channel), description: format!("{}/{path}", ssh.uri()) })
+            }
+            Err(error @ SshError::Refused { .. }) => {
                 log::info!("{error}; trying the next match");
                 last = error.to_string();
             }
@@ -87,7 +119,12 @@ fn connect_local(selector: &Selector) -> Result<Connection, Error> {
     let mut last = None;
     for path in candidates {
         match crate::net::unix_connect(&path) {
-            Ok(stream) => return Ok(Connection { stream: stream.into(), description: path.display().to_string() }),
+            Ok(stream) => {
+                return Ok(Connection {
+                    stream: Stream::Socket(stream.into()),
+                    description: path.display().to_string(),
+                })
+            }
             Err(error) => {
                 log::info!("{}: {error}; trying the next match", path.display());
                 if error.kind() == io::ErrorKind::InvalidInput {

@@ -21,7 +21,7 @@ use argh::FromArgs;
 use crate::error::Error;
 use crate::relay::{self, Relay, Way};
 use crate::selector::Target;
-use crate::transport;
+use crate::transport::{self, Stream};
 
 #[derive(FromArgs)]
 /// Pipe FILEs (or stdin) through SERVICE and copy its reply to stdout.
@@ -58,12 +58,30 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     if args.verbose {
         eprintln!("{name}: connected to {}", connection.description);
     }
-    pipe_through(UnixStream::from(connection.stream), &inputs)
+    match connection.stream {
+        Stream::Socket(socket) => {
+            let socket = UnixStream::from(socket);
+            socket.set_nonblocking(true).map_err(|e| Error::io("cannot set up the connection", e))?;
+            let fd = socket.as_raw_fd();
+            pipe_through(Relay::new(&sources(&inputs), fd, fd, libc::STDOUT_FILENO))
+        }
+        Stream::Ssh(mut channel) => {
+            let input = channel.input.take().expect("a fresh channel has its input");
+            let mut relay =
+                Relay::new(&sources(&inputs), input.as_raw_fd(), channel.output.as_raw_fd(), libc::STDOUT_FILENO);
+            // The relay closes ssh's stdin at the end of our input: that is
+            // how the remote service sees EOF.
+            relay.adopt(input);
+            let result = pipe_through(relay);
+            channel.finish();
+            result
+        }
+    }
 }
 
-fn pipe_through(stream: UnixStream, inputs: &[Input]) -> Result<(), Error> {
-    stream.set_nonblocking(true).map_err(|e| Error::io("cannot set up the connection", e))?;
-    let sources: Vec<RawFd> = if inputs.is_empty() {
+/// The descriptors to send, in order.
+fn sources(inputs: &[Input]) -> Vec<RawFd> {
+    if inputs.is_empty() {
         vec![libc::STDIN_FILENO]
     } else {
         inputs
@@ -73,9 +91,10 @@ fn pipe_through(stream: UnixStream, inputs: &[Input]) -> Result<(), Error> {
                 Input::File(file) => file.as_raw_fd(),
             })
             .collect()
-    };
-    let socket = stream.as_raw_fd();
-    let mut relay = Relay::new(&sources, socket, socket, libc::STDOUT_FILENO);
+    }
+}
+
+fn pipe_through(mut relay: Relay) -> Result<(), Error> {
     // The reply decides when we are done: a service may answer before it
     // has read everything, or without reading at all.
     relay::run_until(&mut relay, |relay| relay.way_done(Way::Backward)).map_err(|e| Error::io("relay failed", e))?;

@@ -23,6 +23,7 @@ use crate::name::ServicePath;
 use crate::probe;
 use crate::selector::{Remote, Selector, Target};
 use crate::sep_client::Server;
+use crate::ssh::SshTarget;
 use crate::tree::{Service, Tree};
 use crate::watch::{Change, TreeWatcher};
 
@@ -59,8 +60,12 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     for text in &args.selectors {
         let target = Target::parse(text)?;
         match target.remote {
-            Some(Remote::Sep { host, port }) => remotes.push((Server::new(&host, port), target.selector)),
-            Some(remote) => return Err(Error::Usage(format!("{remote}: ssh:// is not supported by this build yet"))),
+            Some(Remote::Sep { host, port }) => {
+                remotes.push((RemoteHost::Sep(Server::new(&host, port)), target.selector))
+            }
+            Some(Remote::Ssh { user, host, port }) => {
+                remotes.push((RemoteHost::Ssh(SshTarget { user, host, port }), target.selector))
+            }
             None => selectors.push(target.selector),
         }
     }
@@ -107,27 +112,56 @@ impl Listed {
         }
     }
 
-    fn remote(server: &Server, wire: &str) -> Option<Listed> {
+    fn remote(host: &RemoteHost, wire: &str) -> Option<Listed> {
+        let (scope, relative) = match host {
+            RemoteHost::Sep(server) => (format!("sep://{}", server.authority()), wire),
+            RemoteHost::Ssh(ssh) => {
+                let (scope, relative) = wire.split_once('/')?;
+                (format!("{}/{scope}", ssh.uri()), relative)
+            }
+        };
         Some(Listed {
-            scope: format!("sep://{}", server.authority()),
-            path: ServicePath::parse(wire).ok()?,
-            location: format!("sep://{}/{wire}", server.authority()),
+            scope,
+            path: ServicePath::parse(relative).ok()?,
+            location: format!("{}/{wire}", host.uri()),
             local: None,
         })
     }
 }
 
-fn list_remote(remotes: &[(Server, Selector)], format: &Format, watch: bool) -> Result<(), Error> {
+/// A host listed over SEP or over ssh.
+enum RemoteHost {
+    Sep(Server),
+    Ssh(SshTarget),
+}
+
+impl RemoteHost {
+    fn uri(&self) -> String {
+        match self {
+            RemoteHost::Sep(server) => format!("sep://{}", server.authority()),
+            RemoteHost::Ssh(ssh) => ssh.uri(),
+        }
+    }
+
+    fn list(&self, selector: &Selector) -> Result<Vec<String>, Error> {
+        let argument = crate::transport::selector_argument(selector);
+        Ok(match self {
+            RemoteHost::Sep(server) => server.list(argument.as_deref())?,
+            RemoteHost::Ssh(ssh) => ssh.list(&Tree::from_env()?, argument.as_deref())?,
+        })
+    }
+}
+
+fn list_remote(remotes: &[(RemoteHost, Selector)], format: &Format, watch: bool) -> Result<(), Error> {
     if watch {
-        let [(server, selector)] = remotes else {
+        let [(host, selector)] = remotes else {
             return Err(Error::Usage("-w follows one remote host at a time".into()));
         };
-        return watch_remote(server, selector, format);
+        return watch_remote(host, selector, format);
     }
     let mut services = Vec::new();
-    for (server, selector) in remotes {
-        let paths = server.list(crate::transport::selector_argument(selector).as_deref())?;
-        services.extend(paths.iter().filter_map(|wire| Listed::remote(server, wire)));
+    for (host, selector) in remotes {
+        services.extend(host.list(selector)?.iter().filter_map(|wire| Listed::remote(host, wire)));
     }
     let _ = std::io::stdout().lock().write_all(render(&services, format).as_bytes());
     Ok(())
@@ -135,34 +169,42 @@ fn list_remote(remotes: &[(Server, Selector)], format: &Format, watch: bool) -> 
 
 /// `dls -w sep://…`: the WATCH stream, as a redrawn table on a terminal
 /// or as +/- lines with URIs.
-fn watch_remote(server: &Server, selector: &Selector, format: &Format) -> Result<(), Error> {
+fn watch_remote(host: &RemoteHost, selector: &Selector, format: &Format) -> Result<(), Error> {
     use crate::sep::{Event, Request};
-    let stream = server.request(&Request::Watch(crate::transport::selector_argument(selector)))?;
+    let request = Request::Watch(crate::transport::selector_argument(selector));
+    // Either kind of stream ends up as one descriptor to read lines from;
+    // the connection (or ssh process) lives as long as `_keep`.
+    let (fd, _keep): (std::os::fd::RawFd, Box<dyn std::any::Any>) = match host {
+        RemoteHost::Sep(server) => {
+            let stream = server.request(&request)?;
+            (std::os::fd::AsRawFd::as_raw_fd(&stream), Box::new(stream))
+        }
+        RemoteHost::Ssh(ssh) => {
+            let channel = ssh.request(&Tree::from_env()?, &request)?;
+            (std::os::fd::AsRawFd::as_raw_fd(&channel.output), Box::new(channel))
+        }
+    };
+    let mut lines = crate::sep_client::LineStream::new(fd);
     // A silent exporter is gone: three keepalives missed.
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(3 * crate::sep::KEEPALIVE_SECS)))
-        .map_err(|e| Error::io("cannot set a timeout", e))?;
+    let silence = std::time::Duration::from_secs(3 * crate::sep::KEEPALIVE_SECS);
     let terminal = std::io::stdout().is_terminal();
-    let mut reader = std::io::BufReader::new(stream);
     let mut current: std::collections::BTreeMap<String, Listed> = std::collections::BTreeMap::new();
     let mut synced = false;
     let mut out = std::io::stdout().lock();
     loop {
-        let mut line = Vec::new();
-        let mut limited = std::io::Read::take(&mut reader, crate::sep::MAX_REQUEST_LINE as u64);
-        match std::io::BufRead::read_until(&mut limited, b'\n', &mut line) {
-            Ok(0) => return Err(Error::Failed(format!("sep://{}: the exporter closed the watch", server.authority()))),
-            Ok(_) => {}
-            Err(error) => return Err(Error::io(format!("sep://{}: watch lost", server.authority()), error)),
-        }
-        let event = Event::parse(&line).map_err(|e| Error::Failed(format!("sep://{}: {e}", server.authority())))?;
+        let line = match lines.next_line(silence) {
+            Ok(Some(line)) => line,
+            Ok(None) => return Err(Error::Failed(format!("{}: the watch was closed", host.uri()))),
+            Err(error) => return Err(Error::io(format!("{}: watch lost", host.uri()), error)),
+        };
+        let event = Event::parse(&line).map_err(|e| Error::Failed(format!("{}: {e}", host.uri())))?;
         let text = match event {
             Event::Keepalive => continue,
             Event::Synced => {
                 synced = true;
                 "= synced\n".to_string()
             }
-            Event::Added(wire) => match Listed::remote(server, &wire) {
+            Event::Added(wire) => match Listed::remote(host, &wire) {
                 Some(listed) => {
                     let text = format!("+ {}\n", listed.location);
                     current.insert(wire, listed);

@@ -270,6 +270,9 @@ impl Importer {
     fn read_session(&mut self, registry: &Registry) -> Result<(), String> {
         let authority = self.config.server.authority();
         let mut lines = Vec::new();
+        // How the stream ended, if it did: reported after the lines that
+        // came before the end, so a refusal's status line is not lost.
+        let mut ended = None;
         {
             let Session::Watching { tcp, input, last_heard, .. } = &mut self.session else {
                 return Ok(());
@@ -277,14 +280,20 @@ impl Importer {
             let mut buffer = [0u8; 16 * 1024];
             loop {
                 match tcp.read(&mut buffer) {
-                    Ok(0) => return Err(format!("{authority}: the exporter closed the session")),
+                    Ok(0) => {
+                        ended = Some(format!("{authority}: the exporter closed the session"));
+                        break;
+                    }
                     Ok(count) => {
                         *last_heard = Instant::now();
                         input.extend_from_slice(&buffer[..count]);
                     }
                     Err(error) if would_block(&error) => break,
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                    Err(error) => return Err(format!("{authority}: {error}")),
+                    Err(error) => {
+                        ended = Some(format!("{authority}: {error}"));
+                        break;
+                    }
                 }
             }
             let mut start = 0;
@@ -300,7 +309,7 @@ impl Importer {
         for line in lines {
             self.apply_line(registry, &line)?;
         }
-        Ok(())
+        ended.map_or(Ok(()), Err)
     }
 
     fn apply_line(&mut self, registry: &Registry, line: &[u8]) -> Result<(), String> {

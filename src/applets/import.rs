@@ -185,17 +185,15 @@ fn run(
                     }
                 }
                 SessionEvent::Lost(message) if !first_sync_done => {
-                    return Err(Error::Failed(format!("cannot import: {message}")));
+                    return Err(Error::io("cannot import", io::Error::other(message)));
                 }
                 _ => {}
             }
         }
         if !first_sync_done && Instant::now() >= deadline {
-            return Err(Error::Failed(format!(
-                "sep://{}: no complete sync within {} s",
-                importer.server().authority(),
-                FIRST_SYNC.as_secs()
-            )));
+            let message =
+                format!("sep://{}: no complete sync within {} s", importer.server().authority(), FIRST_SYNC.as_secs());
+            return Err(Error::io("cannot import", io::Error::new(io::ErrorKind::TimedOut, message)));
         }
     }
 }

@@ -176,12 +176,12 @@ fn run(
             match event {
                 SessionEvent::Synced if !first_sync_done => {
                     first_sync_done = true;
-                    if !foreground {
-                        daemonize()?;
-                    }
-                    if let Some(path) = pidfile {
-                        std::fs::write(path, format!("{}\n", std::process::id()))
-                            .map_err(|source| Error::Open { path: path.into(), source })?;
+                    if foreground {
+                        if let Some(path) = pidfile {
+                            write_pidfile(path, std::process::id())?;
+                        }
+                    } else {
+                        daemonize(pidfile)?;
                     }
                 }
                 SessionEvent::Lost(message) if !first_sync_done => {
@@ -198,16 +198,31 @@ fn run(
     }
 }
 
-/// Goes on in the background: the parent exits at once (without running
-/// any destructor, so the sockets stay), the child leaves the terminal's
-/// session and lets go of its stdio.
-fn daemonize() -> Result<(), Error> {
+fn write_pidfile(path: &str, pid: u32) -> Result<(), Error> {
+    std::fs::write(path, format!("{pid}\n")).map_err(|source| Error::Open { path: path.into(), source })
+}
+
+/// Goes on in the background: the parent writes the child's pid to the
+/// pidfile, so that it is there when the command returns, and exits at
+/// once (without running any destructor, so the sockets stay); the child
+/// leaves the terminal's session and lets go of its stdio.
+fn daemonize(pidfile: Option<&str>) -> Result<(), Error> {
     use nix::unistd::{fork, setsid, ForkResult};
     // SAFETY: single-threaded; the child only continues our own loop.
     match unsafe { fork() }.map_err(|e| Error::io("cannot go to the background", e.into()))? {
-        // SAFETY: _exit skips destructors on purpose: the child owns the
-        // sockets now.
-        ForkResult::Parent { .. } => unsafe { libc::_exit(0) },
+        ForkResult::Parent { child } => {
+            if let Some(path) = pidfile {
+                if let Err(error) = write_pidfile(path, child.as_raw() as u32) {
+                    // No importer without its pidfile: the parent stops
+                    // it, and removes the sockets on its way out.
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    return Err(error);
+                }
+            }
+            // SAFETY: _exit skips destructors on purpose: the child owns
+            // the sockets now.
+            unsafe { libc::_exit(0) }
+        }
         ForkResult::Child => {
             let _ = setsid();
             if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {

@@ -1,0 +1,393 @@
+//! dipus-import on loopback: two trees, one exporting on a free port, one
+//! importing. When the import command returns, what it mirrors is there;
+//! in the foreground it stops on SIGTERM and takes exactly its proxies
+//! along; a second import of the same exporter, an unreachable or refusing
+//! exporter fail with a message; `--mode` and a selector shape what is
+//! made. Also `dipus serve --stdio`, the same protocol on stdin/stdout.
+
+mod common;
+
+use common::proc::{self, ProcId};
+use common::service::{assert_error, assert_success, dcat, listen_at, stop, wait_for_socket};
+use common::*;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The exporting host: a tree for `hosta` with an exported sorter.
+fn exporting_root() -> TestRoot {
+    let root = TestRoot::new().with_host("hosta");
+    export(&root, "LC_ALL=C sort", "sorter/text/plain");
+    root
+}
+
+/// Starts `dipus-export-pipe --mode 0666 COMMAND NAME/PROTO` and waits for
+/// its socket; returns the server's pid.
+fn export(root: &TestRoot, command: &str, spec: &str) -> u32 {
+    let (name, protocol) = spec.split_once('/').unwrap();
+    let pid = root.spawn(root.cmd("dipus-export-pipe").args(["--mode", "0666", command, spec]));
+    wait_for_socket(root, pid, &root.tree().join(format!("exported/{protocol}/{name}.{}..0", root.host)));
+    pid
+}
+
+/// Whether something answers a PING on `port` with a status line.
+fn answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
+    let mut reply = String::new();
+    stream.write_all(b"SEP/1 PING\n").is_ok()
+        && stream.read_to_string(&mut reply).is_ok()
+        && reply.starts_with("SEP/1 ")
+}
+
+/// Starts `dipus-exporter --port P --bind 127.0.0.1 ARGS…` for `root` on a
+/// free port and waits until it answers; returns the port.
+fn start_exporter(root: &TestRoot, args: &[&str]) -> u16 {
+    for _ in 0..5 {
+        let port = free_port();
+        let pid = root
+            .spawn(root.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(args));
+        let mut up = false;
+        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
+            let running = root.with_child(pid, |c| c.is_running());
+            up = running && answers(port);
+            up || !running
+        });
+        if up {
+            return port;
+        }
+    }
+    panic!("the exporter did not start on any of 5 free ports");
+}
+
+/// An importer gone to the background, known by its pidfile: SIGTERM on
+/// drop, SIGKILL if it lingers.
+struct Background {
+    id: ProcId,
+}
+
+impl Background {
+    /// The importer named in `pidfile`, which must exist already.
+    fn from_pidfile(pidfile: &Path) -> Background {
+        let present = pidfile.exists();
+        if !present {
+            // Found late or not, the importer must not outlive the test.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !pidfile.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let text = std::fs::read_to_string(pidfile)
+            .unwrap_or_else(|e| panic!("{} missing after the import returned: {e}", pidfile.display()));
+        let pid: u32 =
+            text.strip_suffix('\n').and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("pidfile {text:?}"));
+        let id = proc::proc_id(pid).unwrap_or_else(|| panic!("the importer {pid} is not running"));
+        let background = Background { id };
+        assert!(present, "{} missing when the import returned", pidfile.display());
+        background
+    }
+
+    fn is_alive(&self) -> bool {
+        proc::proc_id(self.id.pid) == Some(self.id) && proc::is_alive(self.id.pid)
+    }
+
+    /// SIGTERM; true if it is gone within `timeout`.
+    fn terminate(&self, timeout: Duration) -> bool {
+        proc::signal_same(&[self.id], "TERM");
+        let deadline = Instant::now() + timeout;
+        while self.is_alive() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if !self.terminate(Duration::from_secs(2)) {
+            proc::signal_same(&[self.id], "KILL");
+        }
+    }
+}
+
+/// Runs `dipus-import ARGS…` as a shell script would: done the moment the
+/// command exits, whatever it left running in the background (its output
+/// goes to files, so nothing waits for a pipe the background child holds).
+fn import_cmd(root: &TestRoot, args: &[&str]) -> Output {
+    let (stdout, stderr) = (root.path().join("import.out"), root.path().join("import.err"));
+    let mut child = root
+        .cmd("dipus-import")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .expect("spawn dipus-import");
+    let pid = child.id();
+    // A blocking wait (no polling delay) on a thread, bounded here.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait()));
+    let status = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(status) => status.expect("wait for dipus-import"),
+        Err(_) => {
+            // Not reaped yet (the thread still waits), so the pid is its own.
+            proc::signal(&[pid], "KILL");
+            panic!("dipus-import {args:?} did not return within 20 s");
+        }
+    };
+    Output { status, stdout: std::fs::read(&stdout).unwrap(), stderr: std::fs::read(&stderr).unwrap() }
+}
+
+/// `dipus-import --pidfile … URI`, asserted to succeed quietly; returns
+/// the importer now running in the background.
+fn import(root: &TestRoot, extra: &[&str], uri: &str) -> Background {
+    let pidfile = root.path().join(format!("import-{}.pid", next_id()));
+    let out = import_cmd(root, &[&["--pidfile", pidfile.to_str().unwrap()], extra, &[uri]].concat());
+    assert_success(&out, &format!("dipus-import {uri}"));
+    assert_eq!((out.stdout.as_slice(), String::from_utf8_lossy(&out.stderr).as_ref()), (&b""[..], ""));
+    Background::from_pidfile(&pidfile)
+}
+
+/// The sockets under `dir`, as sorted paths relative to it.
+fn sockets(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let file_type = entry.file_type().unwrap();
+            if file_type.is_dir() {
+                walk(base, &entry.path(), found);
+            } else if file_type.is_socket() {
+                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, dir, &mut found);
+    found.sort();
+    found
+}
+
+fn imported(root: &TestRoot) -> Vec<String> {
+    sockets(&root.tree().join("imported"))
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).mode() & 0o7777
+}
+
+/// What `selector` answers to unsorted fruit on `root` (a sorter).
+fn assert_sorts(root: &TestRoot, selector: &str) {
+    let out = dcat(root, &[selector], Some(b"pear\napple\nfig\n"));
+    assert_success(&out, &format!("dcat {selector}"));
+    assert_eq!(
+        (String::from_utf8_lossy(&out.stdout).as_ref(), String::from_utf8_lossy(&out.stderr).as_ref()),
+        ("apple\nfig\npear\n", ""),
+        "dcat {selector}"
+    );
+}
+
+fn uri(port: u16) -> String {
+    format!("sep://127.0.0.1:{port}")
+}
+
+#[test]
+fn the_proxies_are_in_place_when_the_import_returns() {
+    let a = exporting_root();
+    export(&a, "cat", "echo/text/plain");
+    let port = start_exporter(&a, &[]);
+    let b = TestRoot::new().with_host("hostb");
+    let _importer = import(&b, &[], &uri(port));
+    // No waiting: the command returned after the first sync.
+    assert_eq!(imported(&b), ["text/plain/echo.hosta..0", "text/plain/sorter.hosta..0"]);
+    assert_eq!(mode(&b.tree().join("imported/text/plain/sorter.hosta..0")), 0o666);
+    assert_sorts(&b, "sorter.hosta");
+}
+
+#[test]
+fn a_foreground_import_removes_exactly_its_proxies_on_sigterm() {
+    let a = exporting_root();
+    export(&a, "cat", "echo/text/plain");
+    let port = start_exporter(&a, &[]);
+    let b = TestRoot::new().with_host("hostb");
+    // Someone else's sockets, in imported/ and in local/.
+    let (_other, _) = listen_at(&b, "imported/text/plain/other.hostc..0");
+    let (_mine, _) = listen_at(&b, "local/text/plain/mine.hostb..0");
+    let pidfile = b.path().join("import.pid");
+    let mut importer = ChildGuard::spawn(
+        b.cmd("dipus-import")
+            .args(["-f", "--pidfile", pidfile.to_str().unwrap(), &uri(port)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    // In the foreground, the pidfile is written once the first sync is done.
+    wait_until(DEFAULT_TIMEOUT, "the pidfile", || pidfile.exists());
+    assert_eq!(std::fs::read_to_string(&pidfile).unwrap(), format!("{}\n", importer.pid()));
+    assert_eq!(imported(&b), ["text/plain/echo.hosta..0", "text/plain/other.hostc..0", "text/plain/sorter.hosta..0"]);
+    assert_sorts(&b, "sorter.hosta");
+
+    let status = importer.terminate(DEFAULT_TIMEOUT).expect("the importer exits on SIGTERM");
+    let mut output = (String::new(), String::new());
+    importer.0.stdout.take().unwrap().read_to_string(&mut output.0).unwrap();
+    importer.0.stderr.take().unwrap().read_to_string(&mut output.1).unwrap();
+    assert_eq!((status.code(), output.0.as_str(), output.1.as_str()), (Some(0), "", ""));
+    assert_eq!(imported(&b), ["text/plain/other.hostc..0"]);
+    assert_eq!(sockets(&b.tree().join("local")), ["text/plain/mine.hostb..0"]);
+    // The exporter's own services are of course untouched.
+    assert_eq!(sockets(&a.tree().join("exported")), ["text/plain/echo.hosta..0", "text/plain/sorter.hosta..0"]);
+}
+
+#[test]
+fn importing_the_same_exporter_twice_is_refused() {
+    let a = exporting_root();
+    let port = start_exporter(&a, &[]);
+    let b = TestRoot::new().with_host("hostb");
+    let first = import(&b, &[], &uri(port));
+    let lock = b.tree().join(format!("imported/.import-127.0.0.1_{port}.lock"));
+    for extra in [&[][..], &["-f"][..]] {
+        let out = import_cmd(&b, &[extra, &[&uri(port)]].concat());
+        let stderr = assert_error(&out, 1, "dipus-import", &[]);
+        assert_eq!(
+            stderr,
+            format!(
+                "dipus-import: sep://127.0.0.1:{port} is already being imported (lock {} is held)\n",
+                lock.display()
+            )
+        );
+    }
+    // The first import goes on unharmed.
+    assert!(first.is_alive());
+    assert_eq!(imported(&b), ["text/plain/sorter.hosta..0"]);
+    assert_sorts(&b, "sorter.hosta");
+}
+
+#[test]
+fn an_unreachable_exporter_fails_at_once_naming_it() {
+    let b = TestRoot::new().with_host("hostb");
+    // Nothing listens there (a free port a moment ago).
+    let port = free_port();
+    let started = Instant::now();
+    let out = import_cmd(&b, &[&uri(port)]);
+    let elapsed = started.elapsed();
+    let stderr = assert_error(&out, 74, "dipus-import", &[]);
+    assert_eq!(
+        stderr,
+        format!("dipus-import: cannot import: cannot connect to 127.0.0.1:{port}: Connection refused (os error 111)\n")
+    );
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert_eq!(imported(&b), Vec::<String>::new());
+}
+
+#[test]
+fn an_exporter_that_refuses_fails_the_import() {
+    let a = exporting_root();
+    let port = start_exporter(&a, &["--allow", "10.0.0.0/8"]);
+    let b = TestRoot::new().with_host("hostb");
+    let out = import_cmd(&b, &[&uri(port)]);
+    let stderr = assert_error(&out, 74, "dipus-import", &[]);
+    assert_eq!(
+        stderr,
+        format!("dipus-import: cannot import: 127.0.0.1:{port} answered: SEP/1 403 forbidden: address not allowed\n")
+    );
+    assert_eq!(imported(&b), Vec::<String>::new());
+}
+
+#[test]
+fn proxies_take_the_mode_asked_for() {
+    let a = exporting_root();
+    let port = start_exporter(&a, &[]);
+    let b = TestRoot::new().with_host("hostb");
+    let _importer = import(&b, &["--mode", "0600"], &uri(port));
+    assert_eq!(mode(&b.tree().join("imported/text/plain/sorter.hosta..0")), 0o600);
+    assert_sorts(&b, "sorter.hosta");
+}
+
+#[test]
+fn a_selector_imports_only_the_services_it_matches() {
+    let a = exporting_root();
+    export(&a, "LC_ALL=C sort", "sorter/application/x-lines");
+    export(&a, "cat", "echo/text/plain");
+    let port = start_exporter(&a, &[]);
+    let b = TestRoot::new().with_host("hostb");
+    let _importer = import(&b, &[], &format!("{}/sorter", uri(port)));
+    assert_eq!(imported(&b), ["application/x-lines/sorter.hosta..0", "text/plain/sorter.hosta..0"]);
+
+    // Kept in sync through the same filter: a new echo is not mirrored,
+    // a new sorter is. Changes arrive in order, so once the sorter is
+    // here, the echo would be too.
+    let echo = a.spawn(a.cmd("dipus-export-pipe").args(["--mode", "0666", "cat", "echo/application/x-lines"]));
+    wait_for_socket(&a, echo, &a.tree().join("exported/application/x-lines/echo.hosta..0"));
+    let sorter = a.spawn(a.cmd("dipus-export-pipe").args(["--mode", "0666", "LC_ALL=C sort", "sorter/text/plain"]));
+    wait_for_socket(&a, sorter, &a.tree().join("exported/text/plain/sorter.hosta..1"));
+    let second = b.tree().join("imported/text/plain/sorter.hosta..1");
+    wait_until(Duration::from_millis(1500), "the second sorter is imported", || {
+        std::fs::symlink_metadata(&second).is_ok()
+    });
+    assert_eq!(
+        imported(&b),
+        ["application/x-lines/sorter.hosta..0", "text/plain/sorter.hosta..0", "text/plain/sorter.hosta..1"]
+    );
+    assert_sorts(&b, "sorter.hosta..1");
+    stop(&a, sorter, "TERM");
+    wait_until(Duration::from_millis(1500), "the second sorter is gone", || {
+        std::fs::symlink_metadata(&second).is_err()
+    });
+}
+
+/// `dipus serve --stdio` with `input` on stdin; returns stdout.
+fn serve_stdio(root: &TestRoot, input: &[u8]) -> String {
+    let out = run_with_timeout(root.cmd("dipus").args(["serve", "--stdio"]), Some(input), DEFAULT_TIMEOUT);
+    assert_success(&out, &format!("dipus serve --stdio <{:?}", String::from_utf8_lossy(input)));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+#[test]
+fn serve_stdio_answers_list_connect_and_ping() {
+    let root = exporting_root();
+    let local =
+        root.spawn(root.cmd("dipus-local-pipe").args(["--mode", "0600", "LC_ALL=C sort -r", "rsorter/text/plain"]));
+    wait_for_socket(&root, local, &root.tree().join("local/text/plain/rsorter.hosta..0"));
+    // Over stdio the user's own permissions apply, not the "other" rule.
+    let private = root.spawn(root.cmd("dipus-export-pipe").args(["--mode", "0600", "cat", "private/text/plain"]));
+    wait_for_socket(&root, private, &root.tree().join("exported/text/plain/private.hosta..0"));
+
+    assert_eq!(serve_stdio(&root, b"SEP/1 PING\n"), "SEP/1 200 OK\n");
+    assert_eq!(
+        serve_stdio(&root, b"SEP/1 LIST\n"),
+        "SEP/1 200 OK\nlocal/text/plain/rsorter.hosta..0\nexported/text/plain/private.hosta..0\n\
+         exported/text/plain/sorter.hosta..0\n"
+    );
+    assert_eq!(serve_stdio(&root, b"SEP/1 LIST rsorter\n"), "SEP/1 200 OK\nlocal/text/plain/rsorter.hosta..0\n");
+    // The payload follows the request line; the end of stdin is the
+    // half-close the sorter waits for.
+    assert_eq!(
+        serve_stdio(&root, b"SEP/1 CONNECT exported/text/plain/sorter.hosta..0\npear\napple\nfig\n"),
+        "SEP/1 200 OK\napple\nfig\npear\n"
+    );
+    assert_eq!(
+        serve_stdio(&root, b"SEP/1 CONNECT local/text/plain/rsorter.hosta..0\npear\napple\nfig\n"),
+        "SEP/1 200 OK\npear\nfig\napple\n"
+    );
+    assert_eq!(
+        serve_stdio(&root, b"SEP/1 CONNECT local/text/plain/nothing.hosta..0\n"),
+        "SEP/1 404 no such service: local/text/plain/nothing.hosta..0\n"
+    );
+    assert_eq!(
+        serve_stdio(&root, b"SEP/1 CONNECT exported/../local/text/plain/rsorter.hosta..0\n"),
+        "SEP/1 400 bad request: invalid service path \"exported/../local/text/plain/rsorter.hosta..0\": it has a \
+         \"..\" component, which would leave the served directory\n"
+    );
+}

@@ -38,6 +38,8 @@ pub enum Error {
     Remote(#[from] crate::sep_client::ClientError),
     #[error(transparent)]
     Ssh(#[from] crate::ssh::SshError),
+    #[error(transparent)]
+    Import(#[from] crate::import::ImportError),
     #[error("{0}")]
     Failed(String),
 }
@@ -52,7 +54,7 @@ impl Error {
             Error::Usage(_) | Error::Name(_) | Error::Selector(_) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
             Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
-            Error::Tree(_) | Error::Failed(_) => EXIT_FAILURE,
+            Error::Tree(_) | Error::Failed(_) | Error::Import(_) => EXIT_FAILURE,
         }
     }
 }

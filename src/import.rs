@@ -13,11 +13,17 @@
 //! and the session is retried with capped exponential backoff; the proxies
 //! come back with the next sync. Connections already relayed are not cut:
 //! each has its own TCP connection and fails or finishes on its own.
+//!
+//! Over ssh (`ssh://`) the session and every connection are ssh processes
+//! on one shared ssh connection (see `ssh`), the proxies live in the user's
+//! private scope, and only the remote `local/` and `exported/` scopes are
+//! mirrored; the bytes are spliced between the client's socket and ssh's
+//! pipes by the same relay.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpStream, UnixStream};
@@ -28,6 +34,7 @@ use crate::name::{Scope, ServicePath};
 use crate::relay::Relay;
 use crate::sep::{self, Event, Request, StatusLine};
 use crate::sep_client::Server;
+use crate::ssh::{SshChannel, SshTarget};
 use crate::tree::{ServiceSocket, SocketOptions, Tree};
 
 /// No byte from the exporter for this long: three keepalives missed.
@@ -41,10 +48,38 @@ const SESSION: usize = 0;
 const TIMER_SESSION: usize = usize::MAX;
 const PROXY_BASE: usize = 1;
 const LINK_BASE: usize = 1 << 40;
+/// Tokens per link: the remote's read side, the client, the remote's
+/// write side (ssh's stdin).
+const LINK_STRIDE: usize = 4;
+
+/// How the exporter is reached.
+#[derive(Debug, Clone)]
+pub enum Dialer {
+    Sep(Server),
+    Ssh(SshTarget),
+}
+
+impl Dialer {
+    pub fn uri(&self) -> String {
+        match self {
+            Dialer::Sep(server) => format!("sep://{}", server.authority()),
+            Dialer::Ssh(ssh) => ssh.uri(),
+        }
+    }
+
+    /// The local path (relative to the import scope) for a remote one, if
+    /// it is imported at all.
+    fn local_path<'a>(&self, wire: &'a str) -> Option<&'a str> {
+        match self {
+            Dialer::Sep(_) => Some(wire),
+            Dialer::Ssh(_) => crate::ssh::importable(wire),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ImportConfig {
-    pub server: Server,
+    pub dialer: Dialer,
     /// Which services to mirror (a selector, sent with WATCH).
     pub selector: Option<String>,
     pub scope: Scope,
@@ -57,7 +92,63 @@ enum Session {
     /// TCP connect in progress.
     Connecting { tcp: TcpStream, address: SocketAddr, since: Instant },
     /// WATCH sent; reading the status line and events.
-    Watching { tcp: TcpStream, address: SocketAddr, input: Vec<u8>, status_read: bool, last_heard: Instant },
+    Watching { stream: Remote, input: Vec<u8>, status_read: bool, last_heard: Instant },
+}
+
+/// The far end of a session or a connection: a TCP socket to the exporter
+/// (`address` is where further connections go), or an ssh process.
+enum Remote {
+    Tcp { tcp: TcpStream, address: SocketAddr },
+    Ssh(SshChannel),
+}
+
+impl Remote {
+    /// The descriptor replies are read from.
+    fn read_fd(&self) -> RawFd {
+        match self {
+            Remote::Tcp { tcp, .. } => tcp.as_raw_fd(),
+            Remote::Ssh(channel) => channel.output.as_raw_fd(),
+        }
+    }
+
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Remote::Tcp { tcp, .. } => tcp.read(buffer),
+            Remote::Ssh(channel) => {
+                // SAFETY: reading into our buffer from our own pipe.
+                let count = unsafe { libc::read(channel.output.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+                if count < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(count as usize)
+                }
+            }
+        }
+    }
+
+    fn deregister(&mut self, registry: &Registry) {
+        match self {
+            Remote::Tcp { tcp, .. } => {
+                let _ = registry.deregister(tcp);
+            }
+            Remote::Ssh(channel) => {
+                let _ = registry.deregister(&mut mio::unix::SourceFd(&channel.output.as_raw_fd()));
+                if let Some(input) = &channel.input {
+                    let _ = registry.deregister(&mut mio::unix::SourceFd(&input.as_raw_fd()));
+                }
+            }
+        }
+    }
+}
+
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: flag changes on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
 }
 
 /// Where a proxied connection is.
@@ -69,15 +160,55 @@ enum LinkState {
 
 struct Link {
     client: UnixStream,
-    tcp: TcpStream,
+    remote: Remote,
     path: String,
     state: LinkState,
+    /// Over ssh: the status line as it arrives, a byte at a time (a pipe
+    /// cannot be peeked, and what follows it belongs to the relay).
+    status: Vec<u8>,
     since: Instant,
 }
 
 struct Proxy {
     socket: ServiceSocket,
     id: usize,
+}
+
+/// Holds `.import-HOST-PORT.lock` in the import scope locked while the
+/// importer runs, so a second importer of the same host is refused.
+pub struct HostLock {
+    _file: std::fs::File,
+}
+
+impl HostLock {
+    pub fn acquire(directory: &std::path::Path, dialer: &Dialer) -> Result<HostLock, ImportError> {
+        let uri = dialer.uri();
+        let key: String = uri
+            .trim_start_matches("sep://")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .collect();
+        let path = directory.join(format!(".import-{key}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| ImportError::Lock { path: path.clone(), source })?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ImportError::AlreadyImported { uri, lock: path });
+        }
+        Ok(HostLock { _file: file })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{uri} is already being imported (lock {} is held)", lock.display())]
+    AlreadyImported { uri: String, lock: std::path::PathBuf },
+    #[error("cannot open the import lock {}: {source}", path.display())]
+    Lock { path: std::path::PathBuf, source: io::Error },
 }
 
 /// What happened to the session, for the caller (the applet waits for the
@@ -138,8 +269,8 @@ impl Importer {
         event_loop::token(self.component, id)
     }
 
-    pub fn server(&self) -> &Server {
-        &self.config.server
+    pub fn uri(&self) -> String {
+        self.config.dialer.uri()
     }
 
     pub fn is_synced(&self) -> bool {
@@ -184,7 +315,7 @@ impl Importer {
                     !matches!(link.state, LinkState::Relaying(_)) && now.duration_since(link.since) >= CONNECT_TIMEOUT
                 });
                 if stuck {
-                    log::info!("{}: CONNECT timed out", self.config.server.authority());
+                    log::info!("{}: CONNECT timed out", self.uri());
                     self.close_link(registry, key);
                 }
             }
@@ -197,8 +328,8 @@ impl Importer {
         if id == SESSION {
             self.session_ready(registry);
         } else if id >= LINK_BASE {
-            let link = LINK_BASE + (id - LINK_BASE) / 2 * 2;
-            let side = (id - LINK_BASE) % 2;
+            let link = LINK_BASE + (id - LINK_BASE) / LINK_STRIDE * LINK_STRIDE;
+            let side = (id - LINK_BASE) % LINK_STRIDE;
             self.link_ready(registry, link, side, readable, writable);
         } else if let Some(path) = self.proxy_paths.get(&id).cloned() {
             self.accept(registry, &path);
@@ -206,7 +337,33 @@ impl Importer {
     }
 
     fn connect_session(&mut self, registry: &Registry) {
-        let server = self.config.server.clone();
+        let server = match &self.config.dialer {
+            Dialer::Sep(server) => server.clone(),
+            Dialer::Ssh(ssh) => {
+                let request = Request::Watch(self.config.selector.clone());
+                match ssh.open(&self.tree, &request) {
+                    Ok(channel) => {
+                        let fd = channel.output.as_raw_fd();
+                        set_nonblocking(fd);
+                        let token = self.token(SESSION);
+                        if let Err(error) = registry.register(&mut mio::unix::SourceFd(&fd), token, Interest::READABLE)
+                        {
+                            return self.session_failed(registry, error.to_string());
+                        }
+                        self.session = Session::Watching {
+                            stream: Remote::Ssh(channel),
+                            input: Vec::new(),
+                            status_read: false,
+                            last_heard: Instant::now(),
+                        };
+                        // The first answer includes ssh's handshake.
+                        self.timers.after(SILENCE, TIMER_SESSION);
+                    }
+                    Err(error) => self.session_failed(registry, error.to_string()),
+                }
+                return;
+            }
+        };
         let address = match server.addresses() {
             Ok(addresses) if !addresses.is_empty() => addresses[0],
             Ok(_) => return self.session_failed(registry, format!("{}: no address", server.authority())),
@@ -231,7 +388,7 @@ impl Importer {
             match tcp.take_error() {
                 Ok(None) => {}
                 Ok(Some(error)) | Err(error) => {
-                    let message = format!("cannot connect to {}: {error}", self.config.server.authority());
+                    let message = format!("cannot connect to {}: {error}", self.uri());
                     return self.session_failed(registry, message);
                 }
             }
@@ -239,14 +396,14 @@ impl Importer {
                 if error.kind() == io::ErrorKind::NotConnected {
                     return; // still connecting
                 }
-                let message = format!("cannot connect to {}: {error}", self.config.server.authority());
+                let message = format!("cannot connect to {}: {error}", self.uri());
                 return self.session_failed(registry, message);
             }
             let _ = crate::net::tune_tcp(tcp.as_raw_fd());
             let request = Request::Watch(self.config.selector.clone()).to_line();
             // A fresh socket's send buffer takes one short line whole.
             if let Err(error) = tcp.write_all(request.as_bytes()) {
-                let message = format!("{}: {error}", self.config.server.authority());
+                let message = format!("{}: {error}", self.uri());
                 return self.session_failed(registry, message);
             }
             let address = *address;
@@ -255,8 +412,12 @@ impl Importer {
             else {
                 unreachable!()
             };
-            self.session =
-                Session::Watching { tcp, address, input: Vec::new(), status_read: false, last_heard: Instant::now() };
+            self.session = Session::Watching {
+                stream: Remote::Tcp { tcp, address },
+                input: Vec::new(),
+                status_read: false,
+                last_heard: Instant::now(),
+            };
             self.timers.after(SILENCE, TIMER_SESSION);
         }
         if matches!(self.session, Session::Watching { .. }) {
@@ -268,18 +429,18 @@ impl Importer {
 
     /// Reads and applies everything the exporter sent.
     fn read_session(&mut self, registry: &Registry) -> Result<(), String> {
-        let authority = self.config.server.authority();
+        let authority = self.uri();
         let mut lines = Vec::new();
         // How the stream ended, if it did: reported after the lines that
         // came before the end, so a refusal's status line is not lost.
         let mut ended = None;
         {
-            let Session::Watching { tcp, input, last_heard, .. } = &mut self.session else {
+            let Session::Watching { stream, input, last_heard, .. } = &mut self.session else {
                 return Ok(());
             };
             let mut buffer = [0u8; 16 * 1024];
             loop {
-                match tcp.read(&mut buffer) {
+                match stream.read(&mut buffer) {
                     Ok(0) => {
                         ended = Some(format!("{authority}: the exporter closed the session"));
                         break;
@@ -313,7 +474,7 @@ impl Importer {
     }
 
     fn apply_line(&mut self, registry: &Registry, line: &[u8]) -> Result<(), String> {
-        let authority = self.config.server.authority();
+        let authority = self.uri();
         let Session::Watching { status_read, .. } = &mut self.session else {
             return Ok(());
         };
@@ -345,8 +506,11 @@ impl Importer {
         if self.proxies.contains_key(wire) {
             return;
         }
-        let Ok(path) = ServicePath::parse(wire) else {
-            log::warn!("{}: ignoring invalid service path {wire:?}", self.config.server.authority());
+        let Some(local) = self.config.dialer.local_path(wire) else {
+            return;
+        };
+        let Ok(path) = ServicePath::parse(local) else {
+            log::warn!("{}: ignoring invalid service path {wire:?}", self.uri());
             return;
         };
         let socket = match ServiceSocket::bind_exact(&self.tree, &self.config.scope, &path, &self.config.options) {
@@ -389,12 +553,11 @@ impl Importer {
     fn check_session(&mut self, registry: &Registry, now: Instant) {
         match &self.session {
             Session::Connecting { since, .. } if now.duration_since(*since) >= CONNECT_TIMEOUT => {
-                let message = format!("{}: connection timed out", self.config.server.authority());
+                let message = format!("{}: connection timed out", self.uri());
                 self.session_failed(registry, message);
             }
             Session::Watching { last_heard, .. } if now.duration_since(*last_heard) >= SILENCE => {
-                let message =
-                    format!("{}: silent for {} s, session lost", self.config.server.authority(), SILENCE.as_secs());
+                let message = format!("{}: silent for {} s, session lost", self.uri(), SILENCE.as_secs());
                 self.session_failed(registry, message);
             }
             Session::Watching { last_heard, .. } => self.timers.at(*last_heard + SILENCE, TIMER_SESSION),
@@ -407,9 +570,10 @@ impl Importer {
     fn session_failed(&mut self, registry: &Registry, message: String) {
         let previous = std::mem::replace(&mut self.session, Session::Idle { retry_at: Instant::now() + self.backoff });
         match previous {
-            Session::Connecting { mut tcp, .. } | Session::Watching { mut tcp, .. } => {
+            Session::Connecting { mut tcp, .. } => {
                 let _ = registry.deregister(&mut tcp);
             }
+            Session::Watching { mut stream, .. } => stream.deregister(registry),
             Session::Idle { .. } => {}
         }
         if self.synced || !self.proxies.is_empty() {
@@ -426,7 +590,8 @@ impl Importer {
     /// Takes every pending client of a proxy and starts its CONNECT.
     fn accept(&mut self, registry: &Registry, wire: &str) {
         let address = match &self.session {
-            Session::Watching { address, .. } => *address,
+            Session::Watching { stream: Remote::Tcp { address, .. }, .. } => Some(*address),
+            Session::Watching { stream: Remote::Ssh(_), .. } => None,
             _ => return,
         };
         loop {
@@ -444,26 +609,53 @@ impl Importer {
                     return;
                 }
             };
-            let tcp = match TcpStream::connect(address) {
-                Ok(tcp) => tcp,
-                Err(error) => {
-                    log::warn!("cannot reach {address}: {error}");
-                    continue;
-                }
-            };
             if client.set_nonblocking(true).is_err() {
                 continue;
             }
-            let id = LINK_BASE + self.next_link * 2;
+            let id = LINK_BASE + self.next_link * LINK_STRIDE;
             self.next_link += 1;
+            let (remote, state) = match (address, &self.config.dialer) {
+                (Some(address), _) => match TcpStream::connect(address) {
+                    Ok(tcp) => (Remote::Tcp { tcp, address }, LinkState::Connecting),
+                    Err(error) => {
+                        log::warn!("cannot reach {address}: {error}");
+                        continue;
+                    }
+                },
+                (None, Dialer::Ssh(ssh)) => match ssh.open(&self.tree, &Request::Connect(wire.to_string())) {
+                    Ok(channel) => {
+                        set_nonblocking(channel.output.as_raw_fd());
+                        if let Some(input) = &channel.input {
+                            set_nonblocking(input.as_raw_fd());
+                        }
+                        (Remote::Ssh(channel), LinkState::ReadingStatus)
+                    }
+                    Err(error) => {
+                        log::warn!("{error}");
+                        continue;
+                    }
+                },
+                (None, Dialer::Sep(_)) => return,
+            };
             let mut link = Link {
                 client: UnixStream::from_std(client),
-                tcp,
+                remote,
                 path: wire.to_string(),
-                state: LinkState::Connecting,
+                state,
+                status: Vec::new(),
                 since: Instant::now(),
             };
-            if registry.register(&mut link.tcp, self.token(id), Interest::READABLE | Interest::WRITABLE).is_err() {
+            let registered = match &mut link.remote {
+                Remote::Tcp { tcp, .. } => {
+                    registry.register(tcp, self.token(id), Interest::READABLE | Interest::WRITABLE)
+                }
+                Remote::Ssh(channel) => registry.register(
+                    &mut mio::unix::SourceFd(&channel.output.as_raw_fd()),
+                    self.token(id),
+                    Interest::READABLE,
+                ),
+            };
+            if registered.is_err() {
                 continue;
             }
             self.links.insert(id, link);
@@ -473,20 +665,20 @@ impl Importer {
 
     fn close_link(&mut self, registry: &Registry, id: usize) {
         if let Some(mut link) = self.links.remove(&id) {
-            let _ = registry.deregister(&mut link.tcp);
             if let LinkState::Relaying(relay) = link.state {
                 drop(relay);
                 let _ = registry.deregister(&mut link.client);
             }
+            link.remote.deregister(registry);
         }
     }
 
     fn link_ready(&mut self, registry: &Registry, id: usize, side: usize, readable: bool, writable: bool) {
-        let token = self.token(id + 1);
+        let tokens = [self.token(id), self.token(id + 1), self.token(id + 2)];
         let Some(link) = self.links.get_mut(&id) else {
             return;
         };
-        let result = advance_link(link, registry, token, side, readable, writable);
+        let result = advance_link(link, registry, tokens, side, readable, writable);
         match result {
             Ok(true) => {}
             Ok(false) => self.close_link(registry, id),
@@ -507,11 +699,12 @@ impl Importer {
     }
 }
 
-/// One step of a proxied connection; false when it is over.
+/// One step of a proxied connection; false when it is over. `tokens`:
+/// the remote's read side, the client, the remote's write side.
 fn advance_link(
     link: &mut Link,
     registry: &Registry,
-    client_token: Token,
+    tokens: [Token; 3],
     side: usize,
     readable: bool,
     writable: bool,
@@ -519,47 +712,115 @@ fn advance_link(
     loop {
         match &mut link.state {
             LinkState::Connecting => {
-                if let Some(error) = link.tcp.take_error()? {
+                let Remote::Tcp { tcp, .. } = &mut link.remote else {
+                    return Ok(false);
+                };
+                if let Some(error) = tcp.take_error()? {
                     return Err(error);
                 }
-                match link.tcp.peer_addr() {
+                match tcp.peer_addr() {
                     Ok(_) => {}
                     Err(error) if error.kind() == io::ErrorKind::NotConnected => return Ok(true),
                     Err(error) => return Err(error),
                 }
-                let _ = crate::net::tune_tcp(link.tcp.as_raw_fd());
-                link.tcp.write_all(Request::Connect(link.path.clone()).to_line().as_bytes())?;
+                let _ = crate::net::tune_tcp(tcp.as_raw_fd());
+                tcp.write_all(Request::Connect(link.path.clone()).to_line().as_bytes())?;
                 link.state = LinkState::ReadingStatus;
             }
             LinkState::ReadingStatus => {
-                // Peek, so the service's first bytes after the status
-                // line stay in the socket for the relay.
-                let mut peeked = [0u8; sep::MAX_REQUEST_LINE];
-                let available = match link.tcp.peek(&mut peeked) {
-                    Ok(0) => return Ok(false),
-                    Ok(count) => count,
-                    Err(error) if would_block(&error) => return Ok(true),
-                    Err(error) => return Err(error),
+                let Some(line) = read_status_line(link)? else {
+                    return Ok(true);
                 };
-                let Some(end) = peeked[..available].iter().position(|&b| b == b'\n') else {
-                    return if available >= sep::MAX_REQUEST_LINE { Ok(false) } else { Ok(true) };
-                };
-                let mut line = vec![0u8; end + 1];
-                link.tcp.read_exact(&mut line)?;
                 let status = StatusLine::parse(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 if !status.status.is_success() {
                     log::info!("CONNECT {}: {}", link.path, status.to_line().trim_end());
                     return Ok(false);
                 }
-                registry.register(&mut link.client, client_token, Interest::READABLE | Interest::WRITABLE)?;
-                link.state = LinkState::Relaying(Relay::between(link.client.as_raw_fd(), link.tcp.as_raw_fd()));
+                registry.register(&mut link.client, tokens[1], Interest::READABLE | Interest::WRITABLE)?;
+                let client = link.client.as_raw_fd();
+                let relay = match &mut link.remote {
+                    Remote::Tcp { tcp, .. } => Relay::between(client, tcp.as_raw_fd()),
+                    Remote::Ssh(channel) => {
+                        let input = channel.input.take().ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
+                        registry.register(
+                            &mut mio::unix::SourceFd(&input.as_raw_fd()),
+                            tokens[2],
+                            Interest::WRITABLE,
+                        )?;
+                        let mut relay = Relay::new(&[client], input.as_raw_fd(), channel.output.as_raw_fd(), client);
+                        // Closing ssh's stdin is how the remote side sees EOF.
+                        relay.adopt(input);
+                        relay
+                    }
+                };
+                link.state = LinkState::Relaying(relay);
             }
             LinkState::Relaying(relay) => {
-                let fd = if side == 0 { link.tcp.as_raw_fd() } else { link.client.as_raw_fd() };
-                relay.set_ready(fd, readable, writable);
+                let fd = match side {
+                    1 => Some(link.client.as_raw_fd()),
+                    0 => Some(link.remote.read_fd()),
+                    // ssh's stdin: the relay knows it by its number.
+                    _ => None,
+                };
+                match fd {
+                    Some(fd) => relay.set_ready(fd, readable, writable),
+                    None => relay.set_ready_all_writers(writable),
+                }
                 relay.pump()?;
                 return Ok(!relay.is_done());
             }
         }
+    }
+}
+
+/// The status line of a CONNECT, if it has all arrived, without taking a
+/// byte after it: peeked from a socket, read a byte at a time from a pipe.
+fn read_status_line(link: &mut Link) -> io::Result<Option<Vec<u8>>> {
+    match &mut link.remote {
+        Remote::Tcp { tcp, .. } => {
+            let mut peeked = [0u8; sep::MAX_REQUEST_LINE];
+            let available = match tcp.peek(&mut peeked) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(count) => count,
+                Err(error) if would_block(&error) => return Ok(None),
+                Err(error) => return Err(error),
+            };
+            let Some(end) = peeked[..available].iter().position(|&b| b == b'\n') else {
+                return if available >= sep::MAX_REQUEST_LINE {
+                    Err(io::Error::new(io::ErrorKind::InvalidData, "status line too long"))
+                } else {
+                    Ok(None)
+                };
+            };
+            let mut line = vec![0u8; end + 1];
+            tcp.read_exact(&mut line)?;
+            Ok(Some(line))
+        }
+        Remote::Ssh(channel) => loop {
+            let mut byte = 0u8;
+            // SAFETY: one byte into a local from our own pipe.
+            let count = unsafe { libc::read(channel.output.as_raw_fd(), (&mut byte as *mut u8).cast(), 1) };
+            match count {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                1 => {
+                    link.status.push(byte);
+                    if byte == b'\n' {
+                        return Ok(Some(std::mem::take(&mut link.status)));
+                    }
+                    if link.status.len() >= sep::MAX_REQUEST_LINE {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "status line too long"));
+                    }
+                }
+                _ => {
+                    let error = io::Error::last_os_error();
+                    if would_block(&error) {
+                        return Ok(None);
+                    }
+                    if error.kind() != io::ErrorKind::Interrupted {
+                        return Err(error);
+                    }
+                }
+            }
+        },
     }
 }

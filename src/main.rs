@@ -12,6 +12,7 @@ mod error;
 mod event_loop;
 mod exporter;
 mod import;
+mod import_set;
 mod name;
 mod net;
 mod netlink;

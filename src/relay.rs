@@ -343,6 +343,15 @@ impl Relay {
         }
     }
 
+    /// Writable readiness for every sink (for a driver that cannot tell
+    /// which descriptor an event was for).
+    pub fn set_ready_all_writers(&mut self, writable: bool) {
+        for direction in &self.directions {
+            let sink = direction.sink;
+            self.endpoints[sink].writable |= writable;
+        }
+    }
+
     /// Hands `fd` (one of the relay's descriptors) to the relay: if it is
     /// a pipe that a direction writes into, the relay closes it when that
     /// direction ends, which is how the reader learns of the EOF (ssh's

@@ -19,7 +19,6 @@
 //! or SIGINT: BYE, then every socket dipusd created is removed and it exits
 //! 0. It stays in the foreground and logs to stderr (`RUST_LOG`).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -30,13 +29,13 @@ use mio::{Events, Interest, Poll, Registry};
 use nix::sys::signal::Signal;
 
 use crate::allow::AllowList;
-use crate::applets::import::HostLock;
 use crate::applets::pipe::{reap_children, socket_options, PipeServer};
 use crate::discovery::{Announcement, Discovery, PeerEvent};
 use crate::error::Error;
 use crate::event_loop::{self, earliest};
 use crate::exporter::{Exporter, ExporterConfig};
-use crate::import::{ImportConfig, Importer};
+use crate::import::Dialer;
+use crate::import_set::ImportSet;
 use crate::name::Scope;
 use crate::netlink::InterfaceEvents;
 use crate::reaper::Reaper;
@@ -104,11 +103,6 @@ const FIRST_IMPORTER: u8 = 16;
 /// How often interfaces are re-read where netlink is missing.
 const INTERFACE_POLL: Duration = Duration::from_secs(30);
 
-struct Import {
-    importer: Importer,
-    _lock: HostLock,
-}
-
 struct Daemon {
     tree: Tree,
     host: String,
@@ -121,10 +115,7 @@ struct Daemon {
     services_optional: bool,
     services: Vec<(ServiceLine, PipeServer)>,
     /// Imports by key: the discovered host name, or the configured URI.
-    imports: HashMap<String, Import>,
-    free_components: Vec<u8>,
-    component_of: HashMap<u8, String>,
-    import_options: SocketOptions,
+    imports: ImportSet,
 }
 
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
@@ -184,6 +175,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     };
     let reaper = Reaper::new(tree.clone(), REAPER).map_err(|e| Error::io("cannot start the reaper", e))?;
     let interfaces = InterfaceEvents::open().map_err(|e| log::info!("no interface events ({e}); polling")).ok();
+    let imports = ImportSet::new(tree.clone(), Scope::Imported, import_options, FIRST_IMPORTER);
     let mut daemon = Daemon {
         tree,
         host,
@@ -195,10 +187,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         services_path,
         services_optional,
         services: Vec::new(),
-        imports: HashMap::new(),
-        free_components: (FIRST_IMPORTER..=u8::MAX).rev().collect(),
-        component_of: HashMap::new(),
-        import_options,
+        imports,
     };
     let mut poll = Poll::new().map_err(|e| Error::io("cannot create an event loop", e))?;
     daemon.register(poll.registry(), &signals).map_err(|e| Error::io("cannot create an event loop", e))?;
@@ -254,9 +243,7 @@ impl Daemon {
         if let Some(discovery) = &self.discovery {
             timeout = earliest(timeout, discovery.timeout());
         }
-        for import in self.imports.values() {
-            timeout = earliest(timeout, import.importer.timeout());
-        }
+        timeout = earliest(timeout, self.imports.timeout());
         if self.interfaces.is_none() {
             timeout = earliest(timeout, Some(self.next_interface_poll.saturating_duration_since(Instant::now())));
         }
@@ -306,13 +293,7 @@ impl Daemon {
                             self.interfaces_changed();
                         }
                     }
-                    component => {
-                        if let Some(key) = self.component_of.get(&component) {
-                            if let Some(import) = self.imports.get_mut(key) {
-                                import.importer.handle_event(registry, event);
-                            }
-                        }
-                    }
+                    _ => self.imports.handle_event(registry, event),
                 }
             }
             self.handle_timers(registry);
@@ -322,12 +303,7 @@ impl Daemon {
     fn handle_timers(&mut self, registry: &Registry) {
         self.exporter.handle_timers(registry);
         self.reaper.handle_timers(registry);
-        for import in self.imports.values_mut() {
-            import.importer.handle_timers(registry);
-            for event in import.importer.take_events() {
-                log::debug!("{}: {event:?}", import.importer.server().authority());
-            }
-        }
+        self.imports.handle_timers(registry);
         if self.interfaces.is_none() && Instant::now() >= self.next_interface_poll {
             self.next_interface_poll = Instant::now() + INTERFACE_POLL;
             self.interfaces_changed();
@@ -364,38 +340,11 @@ impl Daemon {
     }
 
     fn start_import(&mut self, registry: &Registry, key: String, server: Server) {
-        if self.imports.contains_key(&key) {
-            return;
-        }
-        let Some(component) = self.free_components.pop() else {
-            log::warn!("{key}: too many imports at once; not importing");
-            return;
-        };
-        let lock = match HostLock::acquire(&self.tree.scope_dir(&Scope::Imported), &server) {
-            Ok(lock) => lock,
-            Err(error) => {
-                log::warn!("{key}: {error}");
-                self.free_components.push(component);
-                return;
-            }
-        };
-        let config =
-            ImportConfig { server, selector: None, scope: Scope::Imported, options: self.import_options.clone() };
-        let mut importer = Importer::new(self.tree.clone(), config, component);
-        importer.handle_timers(registry);
-        self.component_of.insert(component, key.clone());
-        self.imports.insert(key, Import { importer, _lock: lock });
+        self.imports.start(registry, key, Dialer::Sep(server));
     }
 
     fn stop_import(&mut self, registry: &Registry, key: &str) {
-        if let Some(mut import) = self.imports.remove(key) {
-            import.importer.shutdown(registry);
-            let component = self.component_of.iter().find(|(_, k)| k.as_str() == key).map(|(c, _)| *c);
-            if let Some(component) = component {
-                self.component_of.remove(&component);
-                self.free_components.push(component);
-            }
-        }
+        self.imports.stop(registry, key);
     }
 
     /// Starts the services in `lines` that are not running, stops the ones
@@ -470,10 +419,7 @@ impl Daemon {
         if let Some(discovery) = &mut self.discovery {
             discovery.bye();
         }
-        let keys: Vec<String> = self.imports.keys().cloned().collect();
-        for key in keys {
-            self.stop_import(registry, &key);
-        }
+        self.imports.stop_all(registry);
         self.services.clear();
     }
 }

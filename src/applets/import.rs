@@ -2,6 +2,7 @@
 //!
 //! Usage: dipus-import [-f] [--pidfile FILE] [--mode MODE] [--group GROUP]
 //!                     [--owner USER] sep://HOST[:PORT][/SELECTOR]
+//!        dipus-import [-f] … ssh://[USER@]HOST[:PORT][/SELECTOR]
 //!
 //! Creates a proxy socket in `imported/` for every service the exporter
 //! offers (or every one SELECTOR picks), with the same protocol path and
@@ -30,11 +31,12 @@ use nix::sys::signal::Signal;
 
 use crate::error::Error;
 use crate::event_loop;
-use crate::import::{ImportConfig, Importer, SessionEvent};
+use crate::import::{Dialer, HostLock, ImportConfig, Importer, SessionEvent};
 use crate::name::Scope;
 use crate::selector::{Remote, Target};
 use crate::sep_client::Server;
 use crate::signals::SignalPipe;
+use crate::ssh::SshTarget;
 use crate::tree::Tree;
 
 #[derive(FromArgs)]
@@ -65,66 +67,28 @@ const FIRST_SYNC: Duration = Duration::from_secs(15);
 const COMPONENT: u8 = 2;
 const SIGNALS: Token = event_loop::token(0, 0);
 
-/// Holds `imported/.import-HOST-PORT.lock` locked while the importer runs,
-/// so a second importer of the same host is refused.
-pub struct HostLock {
-    _file: std::fs::File,
-}
-
-impl HostLock {
-    pub fn acquire(directory: &std::path::Path, server: &Server) -> Result<HostLock, Error> {
-        let key: String = server
-            .authority()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
-            .collect();
-        let path = directory.join(format!(".import-{key}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| Error::Open { path: path.clone(), source })?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Error::Failed(format!(
-                "sep://{} is already being imported (lock {} is held)",
-                server.authority(),
-                path.display()
-            )));
-        }
-        Ok(HostLock { _file: file })
-    }
-}
-
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let args: Args = crate::applets::parse_args(name, args);
     let target = Target::parse(&args.uri)?;
-    let server = match &target.remote {
-        Some(Remote::Sep { host, port }) => Server::new(host, *port),
-        Some(remote) => {
-            return Err(Error::Usage(format!("{remote}: ssh:// imports are not supported by this build yet")))
+    // LAN imports are public anyway (0666, in imported/); ssh imports are
+    // the user's own (0600, in the user's 0700 scope).
+    let (dialer, scope, default_mode) = match &target.remote {
+        Some(Remote::Sep { host, port }) => (Dialer::Sep(Server::new(host, *port)), Scope::Imported, "0666"),
+        Some(Remote::Ssh { user, host, port }) => {
+            (Dialer::Ssh(SshTarget { user: user.clone(), host: host.clone(), port: *port }), Tree::own_scope()?, "0600")
         }
-        None => return Err(Error::Usage(format!("{}: expected sep://HOST[:PORT][/SELECTOR]", args.uri))),
+        None => return Err(Error::Usage(format!("{}: expected sep://HOST[:PORT][/SELECTOR] or ssh://…", args.uri))),
     };
-    let mut options = crate::applets::pipe::socket_options(
-        args.mode.as_deref().or(Some("0666")),
+    let options = crate::applets::pipe::socket_options(
+        Some(args.mode.as_deref().unwrap_or(default_mode)),
         args.group.as_deref(),
         args.owner.as_deref(),
     )?;
-    if options.mode.is_none() {
-        options.mode = Some(0o666);
-    }
     let tree = Tree::from_env()?;
-    let scope = Scope::Imported;
     let directory = tree.ensure_scope(&scope)?;
-    let _lock = HostLock::acquire(&directory, &server)?;
-    let config = ImportConfig {
-        server: server.clone(),
-        selector: crate::transport::selector_argument(&target.selector),
-        scope,
-        options,
-    };
+    let _lock = HostLock::acquire(&directory, &dialer)?;
+    let config =
+        ImportConfig { dialer, selector: crate::transport::selector_argument(&target.selector), scope, options };
     crate::net::raise_fd_limit();
     let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
         .map_err(|e| Error::io("cannot set up signal handling", e))?;
@@ -191,8 +155,7 @@ fn run(
             }
         }
         if !first_sync_done && Instant::now() >= deadline {
-            let message =
-                format!("sep://{}: no complete sync within {} s", importer.server().authority(), FIRST_SYNC.as_secs());
+            let message = format!("{}: no complete sync within {} s", importer.uri(), FIRST_SYNC.as_secs());
             return Err(Error::io("cannot import", io::Error::new(io::ErrorKind::TimedOut, message)));
         }
     }

@@ -15,6 +15,7 @@ mod ls;
 mod monitor;
 pub mod pipe;
 mod serve;
+mod ssh_importer;
 
 /// One applet: its subcommand name, the names it is installed as, a
 /// one-line summary for `dipus --help`, and its entry point, which gets the
@@ -81,6 +82,12 @@ pub const APPLETS: &[Applet] = &[
         aliases: &[],
         summary: "answer one SEP/1 request on stdin/stdout (run remotely by ssh://)",
         main: serve::main,
+    },
+    Applet {
+        name: "ssh-importer",
+        aliases: &["dipus-ssh-importer"],
+        summary: "import over ssh from given or discovered hosts into your own scope",
+        main: ssh_importer::main,
     },
 ];
 

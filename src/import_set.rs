@@ -1,0 +1,109 @@
+//! Many importers in one event loop, as dipusd and dipus-ssh-importer run
+//! them: each is started under a key (a host name or URI), gets a token
+//! component of its own and the per-host lock, and is stopped (its proxies
+//! removed) by key.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mio::Registry;
+
+use crate::event_loop::{self, earliest};
+use crate::import::{Dialer, HostLock, ImportConfig, Importer};
+use crate::name::Scope;
+use crate::tree::{SocketOptions, Tree};
+
+struct Import {
+    importer: Importer,
+    component: u8,
+    _lock: HostLock,
+}
+
+pub struct ImportSet {
+    tree: Tree,
+    scope: Scope,
+    options: SocketOptions,
+    imports: HashMap<String, Import>,
+    free_components: Vec<u8>,
+    key_of: HashMap<u8, String>,
+}
+
+impl ImportSet {
+    /// Importers take the token components from `first` to 255.
+    pub fn new(tree: Tree, scope: Scope, options: SocketOptions, first: u8) -> ImportSet {
+        ImportSet {
+            tree,
+            scope,
+            options,
+            imports: HashMap::new(),
+            free_components: (first..=u8::MAX).rev().collect(),
+            key_of: HashMap::new(),
+        }
+    }
+
+    pub fn owns(&self, component: u8) -> bool {
+        self.key_of.contains_key(&component)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.imports.contains_key(key)
+    }
+
+    pub fn start(&mut self, registry: &Registry, key: String, dialer: Dialer) {
+        if self.imports.contains_key(&key) {
+            return;
+        }
+        let Some(component) = self.free_components.pop() else {
+            log::warn!("{key}: too many imports at once; not importing");
+            return;
+        };
+        let lock = match HostLock::acquire(&self.tree.scope_dir(&self.scope), &dialer) {
+            Ok(lock) => lock,
+            Err(error) => {
+                log::warn!("{key}: {error}");
+                self.free_components.push(component);
+                return;
+            }
+        };
+        let config = ImportConfig { dialer, selector: None, scope: self.scope.clone(), options: self.options.clone() };
+        let mut importer = Importer::new(self.tree.clone(), config, component);
+        importer.handle_timers(registry);
+        self.key_of.insert(component, key.clone());
+        self.imports.insert(key, Import { importer, component, _lock: lock });
+    }
+
+    pub fn stop(&mut self, registry: &Registry, key: &str) {
+        if let Some(mut import) = self.imports.remove(key) {
+            import.importer.shutdown(registry);
+            self.key_of.remove(&import.component);
+            self.free_components.push(import.component);
+        }
+    }
+
+    pub fn stop_all(&mut self, registry: &Registry) {
+        let keys: Vec<String> = self.imports.keys().cloned().collect();
+        for key in keys {
+            self.stop(registry, &key);
+        }
+    }
+
+    pub fn handle_event(&mut self, registry: &Registry, event: &mio::event::Event) {
+        let component = event_loop::component(event.token());
+        if let Some(import) = self.key_of.get(&component).and_then(|key| self.imports.get_mut(key)) {
+            import.importer.handle_event(registry, event);
+        }
+    }
+
+    pub fn handle_timers(&mut self, registry: &Registry) {
+        for import in self.imports.values_mut() {
+            import.importer.handle_timers(registry);
+            for event in import.importer.take_events() {
+                log::debug!("{}: {event:?}", import.importer.uri());
+            }
+        }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.imports.values().fold(None, |timeout, import| earliest(timeout, import.importer.timeout()))
+    }
+}

@@ -51,7 +51,9 @@ impl Error {
 
     pub fn exit_status(&self) -> i32 {
         match self {
-            Error::Usage(_) | Error::Name(_) | Error::Selector(_) => EXIT_USAGE,
+            // A name that cannot be (too long for sun_path, bad characters)
+            // is the caller's to fix, wherever it was found.
+            Error::Usage(_) | Error::Name(_) | Error::Selector(_) | Error::Tree(TreeError::Name(_)) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
             Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
             Error::Tree(_) | Error::Failed(_) | Error::Import(_) => EXIT_FAILURE,

@@ -31,6 +31,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::event_loop::{self, Timers};
 use crate::name::{Scope, ServicePath};
+use crate::net::DescriptorReserve;
 use crate::relay::Relay;
 use crate::sep::{self, Event, Request, StatusLine};
 use crate::sep_client::Server;
@@ -233,6 +234,7 @@ pub struct Importer {
     next_link: usize,
     timers: Timers,
     events: Vec<SessionEvent>,
+    reserve: DescriptorReserve,
 }
 
 fn would_block(error: &io::Error) -> bool {
@@ -262,6 +264,7 @@ impl Importer {
             next_link: 0,
             timers: Timers::default(),
             events: Vec::new(),
+            reserve: DescriptorReserve::new(),
         }
     }
 
@@ -602,9 +605,18 @@ impl Importer {
                 Ok((client, _)) => client,
                 Err(error) if would_block(&error) => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) if DescriptorReserve::is_exhaustion(&error) => {
+                    // Out of descriptors: refuse the client cleanly (it
+                    // sees EOF) and go on serving the links we have.
+                    let listener = proxy.socket.listener();
+                    let refused = self.reserve.refuse_one(|| listener.accept().is_ok());
+                    log::warn!("out of descriptors: refusing a client of {}", proxy.socket.path().display());
+                    if !refused {
+                        return;
+                    }
+                    continue;
+                }
                 Err(error) => {
-                    // Out of descriptors and the like: the client waits in
-                    // the backlog until a link closes.
                     log::warn!("cannot accept on {}: {error}", proxy.socket.path().display());
                     return;
                 }

@@ -53,6 +53,11 @@ pub fn tcp_listen(address: SocketAddr, backlog: i32) -> io::Result<std::net::Tcp
 pub const KEEPALIVE_IDLE_SECS: u32 = 10;
 pub const KEEPALIVE_INTERVAL_SECS: u32 = 5;
 pub const KEEPALIVE_PROBES: u32 = 3;
+/// Data unacknowledged for this long ends the connection: a peer that
+/// vanished while we were sending (a WATCH stream's keepalives, a relay) is
+/// noticed even though our writes still fit in the send buffer. Longer
+/// than any blip we ride out.
+pub const USER_TIMEOUT_MS: u32 = 20_000;
 
 /// Every TCP leg: no Nagle delay (small request/response traffic would
 /// wait for delayed ACKs), and keepalive so a vanished peer is noticed.
@@ -67,6 +72,7 @@ pub fn tune_tcp(fd: RawFd) -> io::Result<()> {
         setsockopt(&fd, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS).map_err(to_io)?;
         setsockopt(&fd, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS).map_err(to_io)?;
         setsockopt(&fd, sockopt::TcpKeepCount, &KEEPALIVE_PROBES).map_err(to_io)?;
+        setsockopt(&fd, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS).map_err(to_io)?;
     }
     Ok(())
 }
@@ -90,4 +96,41 @@ pub fn raise_fd_limit() {
 pub unsafe fn owned(fd: RawFd) -> OwnedFd {
     // SAFETY: guaranteed by the caller.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// One descriptor kept in reserve so that, when a process runs out of
+/// descriptors, a waiting client can still be accepted and closed at once
+/// (refused cleanly) instead of staying in the backlog while the accept
+/// loop spins on EMFILE.
+pub struct DescriptorReserve {
+    spare: Option<std::fs::File>,
+}
+
+impl Default for DescriptorReserve {
+    fn default() -> Self {
+        DescriptorReserve::new()
+    }
+}
+
+impl DescriptorReserve {
+    pub fn new() -> DescriptorReserve {
+        DescriptorReserve { spare: std::fs::File::open("/dev/null").ok() }
+    }
+
+    /// Whether `error` means we are out of descriptors.
+    pub fn is_exhaustion(error: &io::Error) -> bool {
+        matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    }
+
+    /// Frees the reserve, runs `accept_and_refuse` (which accepts one
+    /// connection and drops it, maybe after a word), and takes the reserve
+    /// back. Returns what it returned, or false without a reserve.
+    pub fn refuse_one(&mut self, accept_and_refuse: impl FnOnce() -> bool) -> bool {
+        if self.spare.take().is_none() {
+            return false;
+        }
+        let refused = accept_and_refuse();
+        self.spare = std::fs::File::open("/dev/null").ok();
+        refused
+    }
 }

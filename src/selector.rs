@@ -6,7 +6,7 @@
 //! | NAME | `lame` |
 //! | NAME.HOST (HOST exact or a dotted prefix) | `madplay.stereo` |
 //! | one instance | `lame.encode..1` |
-//! | protocol prefix (component-wise) | `audio/x-wav/to/audio/mpeg` |
+//! | protocol prefix (component-wise) | `audio/x-wav/to/audio/mpeg`, `http/` |
 //! | protocol + file | `audio/mpeg/to/audio/out/madplay.stereo..0` |
 //! | absolute path | `/tmp/dipus/local/x/y.h..0` |
 //! | URI | `sep://HOST[:PORT][/SELECTOR]`, `ssh://[USER@]HOST[:PORT][/SELECTOR]` |
@@ -102,6 +102,12 @@ impl Selector {
                 return Err(bad());
             }
             return Ok(Selector::Path(path.to_path_buf()));
+        }
+        if let Some(protocol) = text.strip_suffix('/') {
+            // `http/`: the protocol `http` and everything under it, for
+            // one-component protocols a bare word would read as a NAME.
+            let protocol = Protocol::parse(protocol).map_err(|_| bad())?;
+            return Ok(Selector::Protocol { components: protocol.components().to_vec(), file: None });
         }
         if !text.contains('/') {
             return FileSelector::parse(text).map(Selector::File).ok_or_else(bad);
@@ -307,6 +313,9 @@ mod tests {
         assert!(!selects("audio/mpeg/madplay.stereo..0", "audio/mpeg/madplay.stereo..1"));
         assert!(selects("text/plain/sorter", "text/plain/sorter.a..0"));
         assert!(selects("text/plain/sorter", "text/plain/sorter/x/y.a..0"));
+        assert!(selects("http/", "http/web.a..0"));
+        assert!(selects("http/", "http/v2/web.a..0"));
+        assert!(!selects("http/", "https/web.a..0"));
         assert!(!selects("text/plain/sorter", "text/sorter.a..0"));
     }
 
@@ -321,7 +330,7 @@ mod tests {
 
     #[test]
     fn bad_selectors() {
-        for bad in ["a b", "..", "a/../b", "lame..1", "/tmp/../etc", "x.y..z", "a//b", "a.b/"] {
+        for bad in ["a b", "..", "a/../b", "lame..1", "/tmp/../etc", "x.y..z", "a//b", "../", "a b/"] {
             assert!(Selector::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -109,6 +109,9 @@ pub fn resolve_local(tree: &Tree, selector: &Selector) -> Result<Vec<Service>, E
 /// falls over to the next.
 fn connect_local(selector: &Selector) -> Result<Connection, Error> {
     let tree = Tree::from_env()?;
+    if let Selector::Path(path) = selector {
+        crate::name::check_socket_path(path)?;
+    }
     let candidates: Vec<std::path::PathBuf> = match selector {
         Selector::Path(path) if tree.service_at(path).is_none() => vec![path.clone()],
         _ => resolve_local(&tree, selector)?.into_iter().map(|service| service.full).collect(),

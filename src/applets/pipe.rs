@@ -108,6 +108,7 @@ fn serve(name: &str, args: &[&str], scope: Scope) -> Result<(), Error> {
     let options = socket_options(args.mode.as_deref(), args.group.as_deref(), None)?;
     let host = crate::applets::host_name()?;
     let tree = Tree::from_env()?;
+    crate::net::raise_fd_limit();
     let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD])
         .map_err(|e| Error::io("cannot set up signal handling", e))?;
     let mut server = PipeServer::new(&tree, scope, &spec, &host, &options, args.command, args.concurrency)?;

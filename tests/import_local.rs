@@ -284,7 +284,7 @@ fn an_unreachable_exporter_fails_at_once_naming_it() {
     let stderr = assert_error(&out, 74, "dipus-import", &[]);
     assert_eq!(
         stderr,
-        format!("dipus-import: cannot import: cannot connect to 127.0.0.1:{port}: Connection refused (os error 111)\n")
+        format!("dipus-import: cannot import: cannot connect to sep://127.0.0.1:{port}: Connection refused (os error 111)\n")
     );
     assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
     assert_eq!(imported(&b), Vec::<String>::new());
@@ -299,7 +299,9 @@ fn an_exporter_that_refuses_fails_the_import() {
     let stderr = assert_error(&out, 74, "dipus-import", &[]);
     assert_eq!(
         stderr,
-        format!("dipus-import: cannot import: 127.0.0.1:{port} answered: SEP/1 403 forbidden: address not allowed\n")
+        format!(
+            "dipus-import: cannot import: sep://127.0.0.1:{port} answered: SEP/1 403 forbidden: address not allowed\n"
+        )
     );
     assert_eq!(imported(&b), Vec::<String>::new());
 }

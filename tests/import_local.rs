@@ -393,3 +393,35 @@ fn serve_stdio_answers_list_connect_and_ping() {
          \"..\" component, which would leave the served directory\n"
     );
 }
+
+#[test]
+fn an_exporter_flooding_one_endless_line_is_given_up_without_hoarding_it() {
+    // A fake exporter: a WATCH accepted, then bytes without a newline,
+    // as fast as the importer takes them, for at most 10 s.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let flood = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the importer connects");
+        let mut request = [0u8; 64];
+        let _ = stream.read(&mut request);
+        let mut written = 0usize;
+        let chunk = vec![b'x'; 1 << 20];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if stream.write_all(b"SEP/1 200 OK\n").is_ok() {
+            while Instant::now() < deadline {
+                match stream.write(&chunk) {
+                    Ok(n) => written += n,
+                    Err(_) => break,
+                }
+            }
+        }
+        written
+    });
+    let b = TestRoot::new().with_host("hostb");
+    let out = import_cmd(&b, &["-f", &uri(port)]);
+    let written = flood.join().unwrap();
+    let stderr = assert_error(&out, 74, "dipus-import", &[]);
+    assert_eq!(stderr, format!("dipus-import: cannot import: sep://127.0.0.1:{port}: a line longer than 4096 bytes\n"));
+    // What the sockets' buffers hold, not all the flood could send.
+    assert!(written < 64 << 20, "the importer took {} MiB of one line", written >> 20);
+}

@@ -397,10 +397,12 @@ impl RateLimiter {
     }
 
     /// How many sources are currently remembered.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.buckets.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
@@ -613,7 +615,7 @@ mod tests {
     #[test]
     fn error_messages_quote_short_escaped_excerpts() {
         let mut bytes = b"XX".to_vec();
-        bytes.extend(std::iter::repeat(b'"').take(400));
+        bytes.extend(std::iter::repeat_n(b'"', 400));
         let message = Datagram::parse(&bytes).unwrap_err().to_string();
         assert!(message.contains("\\\""), "{message}");
         assert!(message.contains("..."), "{message}");
@@ -867,7 +869,7 @@ mod tests {
             }
         }
         if random.below(30) == 0 {
-            bytes.extend(std::iter::repeat(b'z').take(random.below(2 * MAX_DATAGRAM)));
+            bytes.extend(std::iter::repeat_n(b'z', random.below(2 * MAX_DATAGRAM)));
         }
         bytes
     }

@@ -113,6 +113,12 @@ pub struct Drops {
 }
 
 impl Drops {
+    /// Every reason counted from zero, so a report lists them all.
+    fn new() -> Drops {
+        let reasons = crate::datagram::DatagramError::REASONS.iter().copied().chain(["rate-limited", "own-name"]);
+        Drops { by_reason: reasons.map(|reason| (reason, 0)).collect() }
+    }
+
     fn count(&mut self, reason: &'static str) {
         *self.by_reason.entry(reason).or_insert(0) += 1;
     }
@@ -145,6 +151,11 @@ pub struct Discovery {
 impl Discovery {
     /// `announcement`: what to advertise (None: only discover).
     pub fn new(own_host: &str, announcement: Option<Announcement>, discovery_port: u16) -> io::Result<Discovery> {
+        if let Some(announcement) = &announcement {
+            let datagram =
+                Datagram::Announce { host: announcement.host.clone(), port: announcement.port, ttl: announcement.ttl };
+            datagram.validate().map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error.to_string()))?;
+        }
         let shared = udp_socket(discovery_port)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP port {discovery_port}: {e}")))?;
         let private = udp_socket(0)?;
@@ -162,7 +173,7 @@ impl Discovery {
             // Generous for a LAN (an honest host sends one per ttl/3), tight
             // for a flood.
             limiter: RateLimiter::new(20, 40, 1024),
-            drops: Drops::default(),
+            drops: Drops::new(),
             events: Vec::new(),
         })
     }

@@ -28,7 +28,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::allow::AllowList;
 use crate::event_loop::{self, Timers};
-use crate::relay::Relay;
+use crate::relay::{Relay, Way};
 use crate::selector::Selector;
 use crate::sep::{self, Request, Status, StatusLine};
 use crate::sep_server::View;
@@ -175,10 +175,6 @@ impl Exporter {
         self.allow.refresh();
     }
 
-    pub fn connection_count(&self) -> usize {
-        self.connections.len()
-    }
-
     pub fn timeout(&self) -> Option<Duration> {
         self.timers.timeout(Instant::now())
     }
@@ -279,6 +275,12 @@ impl Exporter {
         if let Some(mut connection) = self.connections.remove(&id) {
             let _ = registry.deregister(&mut connection.tcp);
             if let State::Relay { mut unix, relay, .. } = connection.state {
+                log::debug!(
+                    "{}: relayed {} bytes in, {} out",
+                    connection.peer,
+                    relay.bytes(Way::Forward),
+                    relay.bytes(Way::Backward)
+                );
                 drop(relay);
                 let _ = registry.deregister(&mut unix);
             }

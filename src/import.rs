@@ -32,8 +32,8 @@ use mio::{Interest, Registry, Token};
 use crate::event_loop::{self, Timers};
 use crate::name::{Scope, ServicePath};
 use crate::net::DescriptorReserve;
-use crate::relay::Relay;
-use crate::sep::{self, Event, Request, StatusLine};
+use crate::relay::{Relay, Way};
+use crate::sep::{self, Event, LineReader, Request, StatusLine};
 use crate::sep_client::Server;
 use crate::ssh::{SshChannel, SshTarget};
 use crate::tree::{ServiceSocket, SocketOptions, Tree};
@@ -93,14 +93,14 @@ enum Session {
     /// TCP connect in progress.
     Connecting { tcp: TcpStream, address: SocketAddr, since: Instant },
     /// WATCH sent; reading the status line and events.
-    Watching { stream: Remote, input: Vec<u8>, status_read: bool, last_heard: Instant },
+    Watching { stream: Remote, lines: LineReader, status_read: bool, last_heard: Instant },
 }
 
 /// The far end of a session or a connection: a TCP socket to the exporter
 /// (`address` is where further connections go), or an ssh process.
 enum Remote {
     Tcp { tcp: TcpStream, address: SocketAddr },
-    Ssh(SshChannel),
+    Ssh(Box<SshChannel>),
 }
 
 impl Remote {
@@ -156,7 +156,7 @@ fn set_nonblocking(fd: RawFd) {
 enum LinkState {
     Connecting,
     ReadingStatus,
-    Relaying(Relay),
+    Relaying(Box<Relay>),
 }
 
 struct Link {
@@ -276,16 +276,8 @@ impl Importer {
         self.config.dialer.uri()
     }
 
-    pub fn is_synced(&self) -> bool {
-        self.synced
-    }
-
     pub fn proxy_count(&self) -> usize {
         self.proxies.len()
-    }
-
-    pub fn link_count(&self) -> usize {
-        self.links.len()
     }
 
     /// Session events since the last call.
@@ -354,8 +346,8 @@ impl Importer {
                             return self.session_failed(registry, error.to_string());
                         }
                         self.session = Session::Watching {
-                            stream: Remote::Ssh(channel),
-                            input: Vec::new(),
+                            stream: Remote::Ssh(Box::new(channel)),
+                            lines: LineReader::new(),
                             status_read: false,
                             last_heard: Instant::now(),
                         };
@@ -417,7 +409,7 @@ impl Importer {
             };
             self.session = Session::Watching {
                 stream: Remote::Tcp { tcp, address },
-                input: Vec::new(),
+                lines: LineReader::new(),
                 status_read: false,
                 last_heard: Instant::now(),
             };
@@ -438,19 +430,30 @@ impl Importer {
         // came before the end, so a refusal's status line is not lost.
         let mut ended = None;
         {
-            let Session::Watching { stream, input, last_heard, .. } = &mut self.session else {
+            let Session::Watching { stream, lines: reader, last_heard, .. } = &mut self.session else {
                 return Ok(());
             };
             let mut buffer = [0u8; 16 * 1024];
             loop {
                 match stream.read(&mut buffer) {
                     Ok(0) => {
-                        ended = Some(format!("{authority}: the exporter closed the session"));
+                        ended = Some(match reader.finish() {
+                            Ok(()) => format!("{authority}: the exporter closed the session"),
+                            Err(error) => format!("{authority}: the session ended mid-line: {error}"),
+                        });
                         break;
                     }
                     Ok(count) => {
                         *last_heard = Instant::now();
-                        input.extend_from_slice(&buffer[..count]);
+                        let mut offset = 0;
+                        while offset < count {
+                            offset += reader.feed(&buffer[offset..count]);
+                            match reader.next_line() {
+                                Ok(Some(line)) => lines.push(line),
+                                Ok(None) => {}
+                                Err(error) => return Err(format!("{authority}: {error}")),
+                            }
+                        }
                     }
                     Err(error) if would_block(&error) => break,
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -459,15 +462,6 @@ impl Importer {
                         break;
                     }
                 }
-            }
-            let mut start = 0;
-            while let Some(end) = input[start..].iter().position(|&b| b == b'\n') {
-                lines.push(input[start..start + end + 1].to_vec());
-                start += end + 1;
-            }
-            input.drain(..start);
-            if input.len() > sep::MAX_REQUEST_LINE {
-                return Err(format!("{authority}: a line longer than {} bytes", sep::MAX_REQUEST_LINE));
             }
         }
         for line in lines {
@@ -640,7 +634,7 @@ impl Importer {
                         if let Some(input) = &channel.input {
                             set_nonblocking(input.as_raw_fd());
                         }
-                        (Remote::Ssh(channel), LinkState::ReadingStatus)
+                        (Remote::Ssh(Box::new(channel)), LinkState::ReadingStatus)
                     }
                     Err(error) => {
                         log::warn!("{error}");
@@ -678,6 +672,12 @@ impl Importer {
     fn close_link(&mut self, registry: &Registry, id: usize) {
         if let Some(mut link) = self.links.remove(&id) {
             if let LinkState::Relaying(relay) = link.state {
+                log::debug!(
+                    "{}: closed after {} bytes out, {} back",
+                    link.path,
+                    relay.bytes(Way::Forward),
+                    relay.bytes(Way::Backward)
+                );
                 drop(relay);
                 let _ = registry.deregister(&mut link.client);
             }
@@ -765,7 +765,7 @@ fn advance_link(
                         relay
                     }
                 };
-                link.state = LinkState::Relaying(relay);
+                link.state = LinkState::Relaying(Box::new(relay));
             }
             LinkState::Relaying(relay) => {
                 let fd = match side {

@@ -41,14 +41,6 @@ impl ImportSet {
         }
     }
 
-    pub fn owns(&self, component: u8) -> bool {
-        self.key_of.contains_key(&component)
-    }
-
-    pub fn contains(&self, key: &str) -> bool {
-        self.imports.contains_key(key)
-    }
-
     pub fn start(&mut self, registry: &Registry, key: String, dialer: Dialer) {
         if self.imports.contains_key(&key) {
             return;

@@ -220,8 +220,9 @@ fn discard_pipe(pipe: Pipe) {
     PIPES.with(|pool| pool.borrow_mut().live -= 1);
 }
 
-/// Pipes this thread holds, in use or pooled (for tests and benchmarks).
-pub fn pipes_live() -> usize {
+/// Pipes this thread holds, in use or pooled.
+#[cfg(test)]
+fn pipes_live() -> usize {
     PIPES.with(|pool| pool.borrow().live)
 }
 
@@ -412,7 +413,8 @@ impl Relay {
     }
 
     /// Whether a direction currently splices through a pool pipe.
-    pub fn is_spliced(&self, way: Way) -> bool {
+    #[cfg(test)]
+    fn is_spliced(&self, way: Way) -> bool {
         self.directions[way as usize].pipe.is_some()
     }
 }

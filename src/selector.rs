@@ -178,14 +178,6 @@ pub enum Remote {
     Ssh { user: Option<String>, host: String, port: Option<u16> },
 }
 
-impl Remote {
-    pub fn host(&self) -> &str {
-        match self {
-            Remote::Sep { host, .. } | Remote::Ssh { host, .. } => host,
-        }
-    }
-}
-
 impl fmt::Display for Remote {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (scheme, user, host, port) = match self {

@@ -588,6 +588,7 @@ impl LineReader {
         LineReader { buffer: Vec::new(), limit: limit.max(1), complete: false, overflowed: false }
     }
 
+    #[cfg(test)]
     pub fn limit(&self) -> usize {
         self.limit
     }
@@ -644,6 +645,7 @@ impl LineReader {
     }
 
     /// Bytes of a line still waiting for its `\n`.
+    #[cfg(test)]
     pub fn partial(&self) -> &[u8] {
         if self.complete {
             &[]
@@ -900,7 +902,7 @@ mod tests {
     #[test]
     fn error_excerpts_are_short_and_escaped() {
         let mut line = b"GET".to_vec();
-        line.extend(std::iter::repeat(b'\xff').take(1000));
+        line.extend(std::iter::repeat_n(b'\xff', 1000));
         let message = Request::parse(&line).unwrap_err().to_string();
         assert!(message.len() < 400, "{message}");
         assert!(message.contains("\\xff"), "{message}");
@@ -1284,7 +1286,7 @@ mod tests {
             }
         }
         if random.below(20) == 0 {
-            line.extend(std::iter::repeat(b'a').take(random.below(2 * MAX_REQUEST_LINE)));
+            line.extend(std::iter::repeat_n(b'a', random.below(2 * MAX_REQUEST_LINE)));
         }
         line
     }

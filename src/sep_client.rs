@@ -27,17 +27,6 @@ pub enum ClientError {
     Refused { address: String, status: StatusLine },
 }
 
-impl ClientError {
-    /// The exporter answered with an error status (as opposed to not
-    /// answering at all).
-    pub fn status(&self) -> Option<&StatusLine> {
-        match self {
-            ClientError::Refused { status, .. } => Some(status),
-            _ => None,
-        }
-    }
-}
-
 /// Where an exporter is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Server {
@@ -86,8 +75,10 @@ impl Server {
     /// Sends `request` and reads the status line; on 200 the stream is
     /// positioned just after it.
     pub fn request(&self, request: &Request) -> Result<TcpStream, ClientError> {
-        let mut stream = self.connect()?;
         let protocol = |source| ClientError::Protocol { address: self.authority(), source };
+        // A selector from the command line must not smuggle a second line.
+        request.validate().map_err(protocol)?;
+        let mut stream = self.connect()?;
         stream.write_all(request.to_line().as_bytes()).map_err(|e| protocol(SepError::Io(e)))?;
         let status = read_status(&mut stream).map_err(protocol)?;
         if !status.status.is_success() {

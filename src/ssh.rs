@@ -23,7 +23,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 
 use thiserror::Error;
 
-use crate::name::Scope;
 use crate::sep::{self, Request, SepError, StatusLine};
 use crate::tree::{Tree, TreeError};
 
@@ -43,15 +42,6 @@ pub enum SshError {
     Protocol { target: String, source: SepError },
     #[error("{target} answered: {}", status.to_line().trim_end())]
     Refused { target: String, status: StatusLine },
-}
-
-impl SshError {
-    pub fn status(&self) -> Option<&StatusLine> {
-        match self {
-            SshError::Refused { status, .. } => Some(status),
-            _ => None,
-        }
-    }
 }
 
 /// Where to ssh to.
@@ -186,11 +176,6 @@ impl SshChannel {
         self.input = None;
     }
 
-    /// Gives the child to the caller (who reaps it).
-    pub fn take_child(&mut self) -> Option<Child> {
-        self.child.take()
-    }
-
     /// Waits for ssh to exit (after its output has ended).
     pub fn finish(&mut self) {
         self.input = None;
@@ -210,11 +195,6 @@ impl Drop for SshChannel {
             }
         }
     }
-}
-
-/// The import scope of ssh imports: the user's private scope.
-pub fn import_scope() -> Result<Scope, TreeError> {
-    Tree::own_scope()
 }
 
 /// Strips the remote scope from a path seen over ssh: imports keep the

@@ -56,8 +56,6 @@ pub enum TreeError {
     Bind { path: PathBuf, source: io::Error },
     #[error("no free instance index for {0} (tried {MAX_INSTANCES})")]
     NoFreeIndex(String),
-    #[error("cannot read the user database for uid {0}")]
-    NoUser(u32),
     #[error(transparent)]
     Name(#[from] NameError),
 }
@@ -393,7 +391,6 @@ pub struct ServiceSocket {
     listener: UnixListener,
     path: PathBuf,
     id: FileId,
-    pub service: ServicePath,
 }
 
 /// How a new service socket is made.
@@ -454,7 +451,7 @@ impl ServiceSocket {
         let result = link_into_place(&temp, &full);
         let _ = fs::remove_file(&temp);
         match result {
-            Ok(id) => Ok(ServiceSocket { listener, path: full, id, service: path.clone() }),
+            Ok(id) => Ok(ServiceSocket { listener, path: full, id }),
             Err(source) => Err(TreeError::Bind { path: full, source }),
         }
     }
@@ -471,7 +468,7 @@ impl ServiceSocket {
                 break Err(error.into());
             }
             match link_into_place(&temp, &full) {
-                Ok(id) => break Ok(ServiceSocket { listener, path: full, id, service }),
+                Ok(id) => break Ok(ServiceSocket { listener, path: full, id }),
                 Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
                     service.file.index += 1;
                 }
@@ -488,10 +485,6 @@ impl ServiceSocket {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn id(&self) -> FileId {
-        self.id
     }
 }
 

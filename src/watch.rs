@@ -7,8 +7,8 @@
 //! it before its watch existed are not missed. The watcher keeps the set of
 //! services it has reported, so every change is reported exactly once, and
 //! an inotify queue overflow is repaired by a rescan that reports the
-//! difference. Off Linux the caller can call [`TreeWatcher::rescan`]
-//! periodically instead.
+//! difference. Linux only (inotify); other systems would need a periodic
+//! rescan, which this module does not offer yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -146,13 +146,8 @@ impl TreeWatcher {
         }
     }
 
-    /// Compares the tree on disk with what was reported and returns the
-    /// difference (for overflows, and for systems without inotify).
-    pub fn rescan(&mut self) -> Vec<Change> {
-        self.rescan_into_pending();
-        std::mem::take(&mut self.pending)
-    }
-
+    /// Compares the tree on disk with what was reported and queues the
+    /// difference (after an overflow, when events were lost).
     fn rescan_into_pending(&mut self) {
         let on_disk: BTreeMap<PathBuf, Service> =
             self.tree.list().unwrap_or_default().into_iter().map(|service| (service.full.clone(), service)).collect();
@@ -163,8 +158,8 @@ impl TreeWatcher {
             }
         }
         for (path, service) in on_disk {
-            if !self.known.contains_key(&path) {
-                self.known.insert(path, service.clone());
+            if let std::collections::btree_map::Entry::Vacant(entry) = self.known.entry(path) {
+                entry.insert(service.clone());
                 self.pending.push(Change::Added(service));
             }
         }
@@ -180,11 +175,8 @@ impl TreeWatcher {
         if depth > crate::name::MAX_PROTOCOL_COMPONENTS + 1 {
             return Ok(());
         }
-        let descriptor = match self.inotify.add_watch(&directory, watch_flags()) {
-            Ok(descriptor) => descriptor,
-            // Gone already, not a directory, or not ours to read.
-            Err(error) => return Err(error.into()),
-        };
+        // Fails if gone already, not a directory, or not ours to read.
+        let descriptor = self.inotify.add_watch(&directory, watch_flags())?;
         self.directories.insert(descriptor, directory.clone());
         let Ok(entries) = std::fs::read_dir(&directory) else {
             return Ok(());

@@ -244,7 +244,7 @@ fn an_unreadable_file_fails_with_74_before_anything_is_sent() {
         // Root reads anything, whatever its mode.
         let locked = root.path().join("locked");
         std::fs::write(&locked, "secret\n").unwrap();
-        std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0)).unwrap();
+        std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
         unreadable.push(locked);
     }
     for bad in &unreadable {

@@ -198,10 +198,6 @@ impl PipeServer {
     pub fn child_exited(&mut self, pid: u32) -> bool {
         self.children.remove(&pid)
     }
-
-    pub fn children(&self) -> usize {
-        self.children.len()
-    }
 }
 
 /// Reaps every exited child, returning their pids.

@@ -228,7 +228,7 @@ fn collect(r: Option<impl Read + Send + 'static>) -> (Arc<Mutex<Vec<u8>>>, Optio
 }
 
 fn finished(h: &Option<JoinHandle<()>>) -> bool {
-    h.as_ref().map_or(true, |h| h.is_finished())
+    h.as_ref().is_none_or(|h| h.is_finished())
 }
 
 fn take(buf: &Arc<Mutex<Vec<u8>>>) -> Vec<u8> {

@@ -1,0 +1,212 @@
+//! dipusd's dead-socket reaper on loopback (`dipusd --no-discovery`): a
+//! killed server's socket and a stale socket go within a second, with the
+//! protocol directories they leave empty (the scope directory stays);
+//! files, symlinks and FIFOs named like services, a live socket under a
+//! connect flood and sockets that cannot be judged are never touched.
+//!
+//! The reaper only works when something happens (a watched process exits,
+//! a socket appears), so "never removed" is checked across sweeps that are
+//! provoked on purpose: a stale canary socket is planted, and once it is
+//! gone a sweep has judged everything else in the tree.
+
+mod common;
+
+use common::service::{entries, is_socket, make_dirs, serve, stale_at};
+use common::*;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How soon a dead socket must be gone.
+const REAPED: Duration = Duration::from_secs(1);
+
+/// Starts `dipusd --no-discovery --port P --services <empty file>` in
+/// `root` on a free port and waits for its pidfile, written once its
+/// reaper runs; returns its pid. A port taken meanwhile makes dipusd exit:
+/// then another one is tried.
+fn start_dipusd(root: &TestRoot) -> u32 {
+    let services = root.path().join("services");
+    std::fs::write(&services, "").unwrap();
+    let pidfile = root.path().join("dipusd.pid");
+    for _ in 0..5 {
+        let _ = std::fs::remove_file(&pidfile);
+        let port = free_port().to_string();
+        let pid = root.spawn(root.cmd("dipusd").args(["--no-discovery", "--port", &port]).args([
+            "--services".as_ref(),
+            services.as_os_str(),
+            "--pidfile".as_ref(),
+            pidfile.as_os_str(),
+        ]));
+        let mut up = false;
+        wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
+            let running = root.with_child(pid, |c| c.is_running());
+            up = running && std::fs::read_to_string(&pidfile).is_ok_and(|text| text == format!("{pid}\n"));
+            up || !running
+        });
+        if up {
+            return pid;
+        }
+    }
+    panic!("dipusd did not start on any of 5 free ports");
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(path).ok().map(|meta| meta.ino())
+}
+
+/// Plants a stale socket at `relative` and waits until the reaper has
+/// removed it: everything else in the tree was judged by that sweep.
+fn canary(root: &TestRoot, relative: &str) {
+    let path = stale_at(root, relative);
+    let planted = Instant::now();
+    wait_until(REAPED, &format!("the canary {relative} is reaped"), || !path.exists());
+    eprintln!("canary reaped after {:?}", planted.elapsed());
+}
+
+/// Two canaries one after the other: the first sweep is over when the
+/// second one is planted, so every entry of the tree was judged at least
+/// once in full.
+fn two_sweeps(root: &TestRoot) {
+    canary(root, "local/canary/one.testhost..0");
+    canary(root, "local/canary/two.testhost..0");
+}
+
+#[test]
+fn a_killed_servers_socket_and_its_empty_protocol_directories_go_within_a_second() {
+    let root = TestRoot::new();
+    start_dipusd(&root);
+    let (server, path) = serve(&root, "cat", "echo/text/plain", "local/text/plain/echo.testhost..0");
+    // Let the reaper learn who holds the socket before the kill.
+    two_sweeps(&root);
+    root.with_child(server, |c| c.kill9()).expect("the server dies");
+    let killed = Instant::now();
+    let local = root.tree().join("local");
+    wait_until(REAPED, "the socket and local/text are gone", || !path.exists() && !local.join("text").exists());
+    eprintln!("reaped {:?} after the kill", killed.elapsed());
+    assert_eq!(entries(&local), Vec::<String>::new(), "the scope directory stays, empty");
+}
+
+#[test]
+fn a_stale_socket_made_while_the_daemon_runs_goes_within_a_second() {
+    let root = TestRoot::new();
+    start_dipusd(&root);
+    make_dirs(&root, "local/text/plain");
+    let path = stale_at(&root, "local/text/plain/old.testhost..3");
+    let planted = Instant::now();
+    let local = root.tree().join("local");
+    wait_until(REAPED, "the stale socket and local/text are gone", || !path.exists() && !local.join("text").exists());
+    eprintln!("reaped {:?} after it was planted", planted.elapsed());
+    assert_eq!(entries(&local), Vec::<String>::new(), "the scope directory stays, empty");
+}
+
+#[test]
+fn files_symlinks_and_fifos_named_like_services_stay() {
+    let root = TestRoot::new();
+    start_dipusd(&root);
+    let dir = make_dirs(&root, "local/text/plain");
+    std::fs::write(dir.join("file.testhost..0"), "data\n").unwrap();
+    nix::unistd::mkfifo(&dir.join("fifo.testhost..0"), nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    // A symlink to a dead socket outside the tree: neither may go.
+    let outside = root.path().join("outside.sock");
+    drop(UnixListener::bind(&outside).unwrap());
+    std::os::unix::fs::symlink(&outside, dir.join("link.testhost..0")).unwrap();
+    two_sweeps(&root);
+    assert_eq!(entries(&dir), ["fifo.testhost..0", "file.testhost..0", "link.testhost..0"]);
+    assert_eq!(std::fs::read_to_string(dir.join("file.testhost..0")).unwrap(), "data\n");
+    assert!(std::fs::symlink_metadata(dir.join("fifo.testhost..0")).unwrap().file_type().is_fifo());
+    assert_eq!(std::fs::read_link(dir.join("link.testhost..0")).unwrap(), outside);
+    assert!(is_socket(&outside), "the symlink's target was removed");
+}
+
+/// A listening socket at `path` with a backlog of one, never accepting.
+fn listen_with_backlog_one(path: &Path) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    listen(&fd, Backlog::new(1).unwrap()).unwrap();
+    fd
+}
+
+/// Connects to `path` without blocking, over and over, until `stop`;
+/// returns how many attempts the full backlog refused with EAGAIN.
+fn flood(path: PathBuf, stop: Arc<AtomicBool>, refused: Arc<AtomicU64>) {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let address = UnixAddr::new(&path).unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
+            .unwrap();
+        match connect(fd.as_raw_fd(), &address) {
+            Err(Errno::EAGAIN) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(()) => {}
+            Err(error) => panic!("connect {}: {error}", path.display()),
+        }
+    }
+}
+
+#[test]
+fn a_live_socket_under_a_connect_flood_is_never_removed() {
+    let root = TestRoot::new();
+    start_dipusd(&root);
+    let dir = make_dirs(&root, "local/text/plain");
+    let path = dir.join("busy.testhost..0");
+    let listener = listen_with_backlog_one(&path);
+    let original = inode(&path);
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicU64::new(0));
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            let (path, stop, refused) = (path.clone(), Arc::clone(&stop), Arc::clone(&refused));
+            std::thread::spawn(move || flood(path, stop, refused))
+        })
+        .collect();
+    // Sweeps while the flood goes on: a canary every round, each reaped.
+    let flooding = Instant::now();
+    let mut round = 0;
+    while flooding.elapsed() < Duration::from_secs(3) {
+        canary(&root, &format!("local/canary/c{round}.testhost..0"));
+        assert_eq!(inode(&path), original, "the live socket was removed or replaced in round {round}");
+        round += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for flooder in flooders {
+        flooder.join().expect("a flooder failed");
+    }
+    assert!(refused.load(Ordering::Relaxed) > 0, "the backlog never filled");
+    assert!(round >= 3, "only {round} sweeps in 3 s");
+    two_sweeps(&root);
+    assert_eq!(inode(&path), original, "the live socket was removed after the flood");
+    // Closed, it is dead: the next sweep takes it.
+    drop(listener);
+    canary(&root, "local/canary/last.testhost..0");
+    assert!(!path.exists(), "the socket stayed after its listener closed");
+}
+
+#[test]
+fn sockets_the_daemon_cannot_judge_stay() {
+    let root = TestRoot::new();
+    start_dipusd(&root);
+    // A dead socket whose path is too long for connect(2): bound through a
+    // short symlink to its deep directory.
+    let deep = make_dirs(&root, &format!("local/{}/{}", "a".repeat(60), "b".repeat(60)));
+    let shortcut = root.path().join("s");
+    std::os::unix::fs::symlink(&deep, &shortcut).unwrap();
+    drop(UnixListener::bind(shortcut.join("deep.testhost..0")).unwrap());
+    let long = deep.join("deep.testhost..0");
+    assert!(long.as_os_str().len() > 108 && is_socket(&long));
+    // A live datagram socket: a stream connect to it is refused with
+    // EPROTOTYPE, which says nothing about whether anyone is there.
+    let dir = make_dirs(&root, "local/text/plain");
+    let datagram = dir.join("datagram.testhost..0");
+    let receiver = UnixDatagram::bind(&datagram).unwrap();
+    two_sweeps(&root);
+    assert!(is_socket(&long), "the socket at a long path was removed");
+    assert!(is_socket(&datagram), "the datagram socket was removed");
+    drop(receiver);
+}

@@ -1,0 +1,294 @@
+//! dipusd's default services on loopback (`dipusd --no-discovery`): the
+//! services file's services are listed and work; SIGHUP starts the added
+//! ones, stops the removed ones and leaves the unchanged ones (and their
+//! open connections) alone; a bad file is refused at start naming file and
+//! line, and ignored at SIGHUP; `--pidfile`; SIGTERM exits 0 at once and
+//! takes every socket dipusd made along, and nothing else.
+
+mod common;
+
+use common::service::{assert_error, assert_success, dcat, is_socket, listen_at, wait_for_socket};
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a reload may take to show in the tree.
+const RELOAD: Duration = Duration::from_secs(2);
+
+const SORTER: &str = "local/text/plain/sorter.testhost..0";
+const UPPER: &str = "exported/text/plain/upper.testhost..0";
+const ECHO: &str = "local/text/plain/echo.testhost..0";
+
+/// A running dipusd: its pid (a child of the root), its pidfile and its
+/// stderr, line by line.
+struct Dipusd {
+    pid: u32,
+    pidfile: PathBuf,
+    stderr: LineReader,
+}
+
+/// `dipusd --no-discovery --port P --services FILE --pidfile F ARGS…` in
+/// `root`: the command for a free port P.
+fn dipusd_cmd(root: &TestRoot, services: &Path, pidfile: &Path, args: &[&str]) -> Command {
+    let mut cmd = root.cmd("dipusd");
+    cmd.args(["--no-discovery", "--port", &free_port().to_string()])
+        .arg("--services")
+        .arg(services)
+        .arg("--pidfile")
+        .arg(pidfile)
+        .args(args);
+    cmd
+}
+
+/// Starts dipusd with the services file `services` and waits for its
+/// pidfile, written once its services are made. A port taken meanwhile
+/// makes dipusd exit: then another one is tried.
+fn start_dipusd(root: &TestRoot, services: &Path, args: &[&str]) -> Dipusd {
+    let pidfile = root.path().join("dipusd.pid");
+    for _ in 0..5 {
+        let mut guard =
+            ChildGuard::spawn(dipusd_cmd(root, services, &pidfile, args).stdin(Stdio::null()).stderr(Stdio::piped()));
+        let stderr = LineReader::new(guard.0.stderr.take().expect("stderr was piped"));
+        let pid = root.adopt(guard);
+        let mut up = false;
+        wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
+            let running = root.with_child(pid, |c| c.is_running());
+            up = running && std::fs::read_to_string(&pidfile).is_ok_and(|text| text == format!("{pid}\n"));
+            up || !running
+        });
+        if up {
+            return Dipusd { pid, pidfile, stderr };
+        }
+    }
+    panic!("dipusd did not start on any of 5 free ports");
+}
+
+fn write_services(root: &TestRoot, text: &str) -> PathBuf {
+    let path = root.path().join("services");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn dls(root: &TestRoot) -> String {
+    let out = run_with_timeout(root.cmd("dls").arg("-1"), None, DEFAULT_TIMEOUT);
+    assert_success(&out, "dls -1");
+    assert!(out.stderr.is_empty(), "dls -1: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 listing")
+}
+
+/// Asserts that `selector` answers `input` with `expected`, quietly.
+fn assert_answers(root: &TestRoot, selector: &str, input: &str, expected: &str) {
+    let out = dcat(root, &[selector], Some(input.as_bytes()));
+    assert_success(&out, &format!("dcat {selector}"));
+    assert_eq!(
+        (String::from_utf8_lossy(&out.stdout).as_ref(), String::from_utf8_lossy(&out.stderr).as_ref()),
+        (expected, ""),
+        "dcat {selector}"
+    );
+}
+
+fn inode(path: &Path) -> u64 {
+    std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).ino()
+}
+
+/// The sockets under `dir`, as sorted paths relative to it.
+fn sockets(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if file_type.is_dir() {
+                walk(base, &entry.path(), found);
+            } else if file_type.is_socket() {
+                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, dir, &mut found);
+    found.sort();
+    found
+}
+
+/// Sends SIGHUP to dipusd.
+fn hangup(root: &TestRoot, daemon: &Dipusd) {
+    assert!(root.with_child(daemon.pid, |c| c.signal("HUP")), "cannot send SIGHUP to dipusd");
+}
+
+#[test]
+fn the_services_of_the_file_are_listed_and_work() {
+    let root = TestRoot::new();
+    let services = write_services(
+        &root,
+        "# default services\n\
+         \n\
+         sorter/text/plain  local     LC_ALL=C sort\n\
+         upper/text/plain   exported  tr a-z A-Z\n",
+    );
+    start_dipusd(&root, &services, &[]);
+    assert_eq!(dls(&root), "text/plain/sorter.testhost..0\ntext/plain/upper.testhost..0\n");
+    for relative in [SORTER, UPPER] {
+        let mode = std::fs::symlink_metadata(root.tree().join(relative)).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o666, "mode of {relative}");
+    }
+    assert_answers(&root, "sorter", "pear\napple\nfig\n", "apple\nfig\npear\n");
+    assert_answers(&root, "upper", "shout\n", "SHOUT\n");
+}
+
+#[test]
+fn sighup_starts_added_services_stops_removed_ones_and_keeps_the_rest_with_their_connections() {
+    let root = TestRoot::new();
+    let services = write_services(&root, "echo/text/plain local cat\nsorter/text/plain local LC_ALL=C sort\n");
+    let daemon = start_dipusd(&root, &services, &[]);
+    let echo = root.tree().join(ECHO);
+    let echo_inode = inode(&echo);
+    let mut connection = UnixStream::connect(&echo).unwrap();
+    connection.set_read_timeout(Some(DEFAULT_TIMEOUT)).unwrap();
+    let mut reply = [0u8; 7];
+    connection.write_all(b"before\n").unwrap();
+    connection.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"before\n");
+
+    write_services(&root, "upper/text/plain exported tr a-z A-Z\necho/text/plain local cat\n");
+    hangup(&root, &daemon);
+    let sent = Instant::now();
+    wait_until(RELOAD, "sorter gone and upper there", || {
+        !root.tree().join(SORTER).exists() && is_socket(&root.tree().join(UPPER))
+    });
+    eprintln!("reloaded {:?} after SIGHUP", sent.elapsed());
+    assert_eq!(dls(&root), "text/plain/echo.testhost..0\ntext/plain/upper.testhost..0\n");
+    assert_eq!(inode(&echo), echo_inode, "the unchanged service's socket was replaced");
+
+    // The connection opened before the reload still echoes, and ends.
+    let mut reply = [0u8; 6];
+    connection.write_all(b"after\n").unwrap();
+    connection.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"after\n");
+    connection.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    connection.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"");
+
+    assert_answers(&root, "upper", "shout\n", "SHOUT\n");
+    assert_answers(&root, "echo", "ping\n", "ping\n");
+    let out = dcat(&root, &["sorter"], Some(b"x\n"));
+    assert_error(&out, 69, "dcat", &["sorter"]);
+}
+
+#[test]
+fn a_bad_services_file_at_start_is_refused_naming_file_and_line() {
+    let root = TestRoot::new();
+    let services =
+        write_services(&root, "# fine so far\nsorter/text/plain local sort\nupper/text/plain remote tr a-z A-Z\n");
+    let pidfile = root.path().join("dipusd.pid");
+    let out = run_with_timeout(&mut dipusd_cmd(&root, &services, &pidfile, &[]), None, DEFAULT_TIMEOUT);
+    let line = assert_error(&out, 1, "dipusd", &[&format!("{}:3: ", services.display()), "remote"]);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(!root.tree().exists(), "the tree was created");
+    assert!(!pidfile.exists(), "the pidfile was written");
+}
+
+#[test]
+fn a_bad_services_file_at_sighup_leaves_the_running_services_alone() {
+    let root = TestRoot::new();
+    let services =
+        write_services(&root, "sorter/text/plain local LC_ALL=C sort\nupper/text/plain exported tr a-z A-Z\n");
+    let mut daemon = start_dipusd(&root, &services, &[]);
+    let before = [inode(&root.tree().join(SORTER)), inode(&root.tree().join(UPPER))];
+
+    write_services(&root, "sorter/text/plain local LC_ALL=C sort\nno-protocol local cat\n");
+    hangup(&root, &daemon);
+    let warning = daemon.stderr.next_line(DEFAULT_TIMEOUT).expect("a warning about the file");
+    assert!(
+        warning.contains(&format!("SIGHUP: {}:2: ", services.display()))
+            && warning.ends_with("; keeping the services as they are"),
+        "{warning}"
+    );
+    assert_eq!(dls(&root), "text/plain/sorter.testhost..0\ntext/plain/upper.testhost..0\n");
+    assert_eq!([inode(&root.tree().join(SORTER)), inode(&root.tree().join(UPPER))], before);
+    assert_answers(&root, "sorter", "pear\napple\n", "apple\npear\n");
+    assert_answers(&root, "upper", "shout\n", "SHOUT\n");
+
+    // Mended, the next SIGHUP applies it.
+    write_services(&root, "sorter/text/plain local LC_ALL=C sort\n");
+    hangup(&root, &daemon);
+    wait_until(RELOAD, "upper stopped", || !root.tree().join(UPPER).exists());
+    assert_eq!(dls(&root), "text/plain/sorter.testhost..0\n");
+}
+
+/// Whether something answers a PING on `port` with a status line.
+fn answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
+    let mut reply = String::new();
+    stream.write_all(b"SEP/1 PING\n").is_ok()
+        && stream.read_to_string(&mut reply).is_ok()
+        && reply.starts_with("SEP/1 ")
+}
+
+/// A second host, `hostb`, exporting `remote/text/plain` with
+/// dipus-exporter on a free loopback port; returns the port.
+fn exporting_host(other: &TestRoot) -> u16 {
+    let pid = other.spawn(other.cmd("dipus-export-pipe").args(["--mode", "0666", "cat", "remote/text/plain"]));
+    wait_for_socket(other, pid, &other.tree().join("exported/text/plain/remote.hostb..0"));
+    for _ in 0..5 {
+        let port = free_port();
+        let pid = other.spawn(other.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]));
+        let mut up = false;
+        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
+            let running = other.with_child(pid, |c| c.is_running());
+            up = running && answers(port);
+            up || !running
+        });
+        if up {
+            return port;
+        }
+    }
+    panic!("the exporter did not start on any of 5 free ports");
+}
+
+#[test]
+fn sigterm_exits_0_within_a_second_taking_its_sockets_and_pidfile_and_nothing_else() {
+    let other = TestRoot::new().with_host("hostb");
+    let port = exporting_host(&other);
+    let root = TestRoot::new();
+    let services =
+        write_services(&root, "sorter/text/plain local LC_ALL=C sort\nupper/text/plain exported tr a-z A-Z\n");
+    let (_foreign, _) = listen_at(&root, "local/text/plain/foreign.testhost..0");
+    let host = format!("sep://127.0.0.1:{port}");
+    let daemon = start_dipusd(&root, &services, &["--host", &host]);
+    wait_until(DEFAULT_TIMEOUT, "the import of hostb", || {
+        is_socket(&root.tree().join("imported/text/plain/remote.hostb..0"))
+    });
+    assert_eq!(
+        sockets(&root.tree()),
+        [
+            "exported/text/plain/upper.testhost..0",
+            "imported/text/plain/remote.hostb..0",
+            "local/text/plain/foreign.testhost..0",
+            "local/text/plain/sorter.testhost..0",
+        ]
+    );
+    assert_answers(&root, "remote", "through the import\n", "through the import\n");
+
+    let sent = Instant::now();
+    let status = root.with_child(daemon.pid, |c| c.terminate(Duration::from_secs(1)));
+    let status = status.unwrap_or_else(|| panic!("dipusd still runs 1 s after SIGTERM"));
+    eprintln!("dipusd exited {:?} after SIGTERM", sent.elapsed());
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(sockets(&root.tree()), ["local/text/plain/foreign.testhost..0"]);
+    assert!(!daemon.pidfile.exists(), "the pidfile stayed");
+    // The other host is untouched.
+    assert_eq!(sockets(&other.tree()), ["exported/text/plain/remote.hostb..0"]);
+}

@@ -1,0 +1,243 @@
+//! dipusd on a LAN of three hosts (network namespaces on one bridge; root
+//! and ip(8) needed, skipped loudly otherwise), each running nothing but
+//! `dipusd` with its own tree and host name (h1, h2, h3). A service
+//! exported on h1 is used by its plain name on h2 and h3 soon after it
+//! appears and is gone from them soon after it goes; h1's dipusd killed,
+//! restarted and stopped cleanly takes its services away from the others
+//! and brings them back; `dipus-discoverer` lists the other hosts.
+
+mod common;
+
+use common::netns::{Host, Net};
+use common::service::{assert_success, wait_for_socket};
+use common::*;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A new service is usable on the other hosts this soon.
+const APPEAR: Duration = Duration::from_secs(2);
+/// A removed service, or a host that said BYE, is gone this soon.
+const VANISH: Duration = Duration::from_secs(1);
+/// The ttl h1 announces in the kill test, and the grace for the timers.
+const SHORT_TTL: u64 = 4;
+const TTL_GRACE: Duration = Duration::from_secs(2);
+/// A restarted host's services are back this soon.
+const RETURN: Duration = Duration::from_secs(3);
+
+/// The sorter as the others import it.
+const SORTER: &str = "imported/text/plain/sorter.h1..0";
+
+/// Three hosts. Fields drop in order: the namespaces and every process in
+/// them go first, then the trees.
+struct Lan {
+    net: Net,
+    roots: Vec<TestRoot>,
+}
+
+impl Lan {
+    /// None (after a loud skip) without root or ip(8).
+    fn new() -> Option<Lan> {
+        let net = Net::new(3)?;
+        let roots = ["h1", "h2", "h3"].iter().map(|host| TestRoot::new().with_host(host)).collect();
+        Some(Lan { net, roots })
+    }
+
+    fn host(&self, index: usize) -> &Host {
+        self.net.host(index)
+    }
+
+    fn root(&self, index: usize) -> &TestRoot {
+        &self.roots[index]
+    }
+
+    /// `ip netns exec HOST APPLET ARGS…` with that host's tree and name.
+    fn on(&self, index: usize, applet: &str, args: &[&str]) -> Command {
+        let root = self.root(index);
+        let mut cmd = self.host(index).cmd(applet_bin(applet), args);
+        cmd.env("DIPUS_ROOT", root.tree())
+            .env("DIPUS_HOSTNAME", &root.host)
+            .env_remove("DIPUS_PORT")
+            .env_remove("DIPUS_DISCOVERY_PORT")
+            .env_remove("RUST_LOG");
+        if let Some(level) = std::env::var_os("DIPUS_TEST_LOG") {
+            cmd.env("RUST_LOG", level);
+        }
+        cmd
+    }
+
+    /// Starts `dipusd ARGS… --pidfile F` on host `index` and waits for the
+    /// pidfile, written once its sockets are bound; returns its pid.
+    fn start_dipusd(&self, index: usize, args: &[&str]) -> u32 {
+        let root = self.root(index);
+        let pidfile = root.path().join("dipusd.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let pidfile_arg = pidfile.display().to_string();
+        let mut args = args.to_vec();
+        args.extend(["--pidfile", &pidfile_arg]);
+        let pid = root.spawn(&mut self.on(index, "dipusd", &args));
+        wait_until(DEFAULT_TIMEOUT, &format!("dipusd on {} writes its pidfile", root.host), || {
+            if let Some(status) = root.with_child(pid, |c| c.try_status()) {
+                panic!("dipusd on {} exited ({status}) before it was ready", root.host);
+            }
+            std::fs::read_to_string(&pidfile).is_ok_and(|text| text == format!("{pid}\n"))
+        });
+        pid
+    }
+
+    /// Starts dipusd with `args` on every host.
+    fn start_all(&self, args: &[&str]) -> Vec<u32> {
+        (0..3).map(|index| self.start_dipusd(index, args)).collect()
+    }
+
+    /// `dipus-export-pipe --mode 0666 COMMAND NAME/PROTO` on host `index`;
+    /// waits for its socket and returns the server's pid and when the
+    /// socket was first seen.
+    fn export(&self, index: usize, command: &str, spec: &str) -> (u32, Instant) {
+        let root = self.root(index);
+        let (name, protocol) = spec.split_once('/').unwrap();
+        let pid = root.spawn(&mut self.on(index, "dipus-export-pipe", &["--mode", "0666", command, spec]));
+        wait_for_socket(root, pid, &root.tree().join(format!("exported/{protocol}/{name}.{}..0", root.host)));
+        (pid, Instant::now())
+    }
+
+    fn has(&self, index: usize, relative: &str) -> bool {
+        std::fs::symlink_metadata(self.root(index).tree().join(relative)).is_ok()
+    }
+
+    /// `dcat SELECTOR` on host `index` with unsorted fruit.
+    fn dcat(&self, index: usize, selector: &str) -> Output {
+        run_with_timeout(&mut self.on(index, "dcat", &[selector]), Some(b"pear\napple\nfig\n"), DEFAULT_TIMEOUT)
+    }
+
+    /// Asserts that `dcat sorter` on host `index` sorts, quietly.
+    fn assert_sorts(&self, index: usize) {
+        let out = self.dcat(index, "sorter");
+        assert_success(&out, &format!("dcat sorter on {}", self.root(index).host));
+        assert_eq!(text(&out), ("apple\nfig\npear\n".to_string(), String::new()));
+    }
+
+    /// Asserts that `dcat sorter` on host `index` finds no such service.
+    fn assert_no_sorter(&self, index: usize) {
+        let out = self.dcat(index, "sorter");
+        common::service::assert_error(&out, 69, "dcat", &["sorter"]);
+    }
+
+    /// Waits until the sorter of h1 is usable on h2 and h3, at most
+    /// `within` after `since`.
+    fn wait_sorter_on_others(&self, since: Instant, within: Duration, what: &str) {
+        for index in [1, 2] {
+            wait_until(within.saturating_sub(since.elapsed()), &format!("{what} on h{}", index + 1), || {
+                self.has(index, SORTER)
+            });
+            self.assert_sorts(index);
+        }
+        let took = since.elapsed();
+        eprintln!("{what}: {took:?}");
+        assert!(took <= within, "{what} took {took:?}, more than {within:?}");
+    }
+
+    /// Waits until the sorter of h1 is gone from h2 and h3, at most
+    /// `within` after `since`.
+    fn wait_sorter_gone_from_others(&self, since: Instant, within: Duration, what: &str) {
+        for index in [1, 2] {
+            wait_until(within.saturating_sub(since.elapsed()), &format!("{what} on h{}", index + 1), || {
+                !self.has(index, SORTER)
+            });
+        }
+        eprintln!("{what}: {:?}", since.elapsed());
+        for index in [1, 2] {
+            self.assert_no_sorter(index);
+        }
+    }
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The sockets under `dir`, as sorted paths relative to it.
+fn sockets(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if file_type.is_dir() {
+                walk(base, &entry.path(), found);
+            } else if file_type.is_socket() {
+                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, dir, &mut found);
+    found.sort();
+    found
+}
+
+#[test]
+fn a_service_exported_on_h1_is_used_on_h2_and_h3_and_goes_when_it_goes() {
+    let Some(lan) = Lan::new() else { return };
+    lan.start_all(&[]);
+    let (sorter, created) = lan.export(0, "LC_ALL=C sort", "sorter/text/plain");
+    lan.wait_sorter_on_others(created, APPEAR, "the new sorter usable on h2 and h3");
+
+    // Measured from the signal: the socket goes a moment after it.
+    let removed = Instant::now();
+    let status = lan.root(0).with_child(sorter, |c| c.terminate(DEFAULT_TIMEOUT)).expect("the sorter stops");
+    assert_eq!(status.code(), Some(0));
+    assert!(!lan.root(0).tree().join("exported/text/plain/sorter.h1..0").exists());
+    lan.wait_sorter_gone_from_others(removed, VANISH, "the removed sorter gone from h2 and h3");
+}
+
+#[test]
+fn h1s_daemon_killed_restarted_and_stopped_takes_its_services_away_and_brings_them_back() {
+    let Some(lan) = Lan::new() else { return };
+    let ttl = SHORT_TTL.to_string();
+    let pids = lan.start_all(&["--ttl", &ttl]);
+    let (_, created) = lan.export(0, "LC_ALL=C sort", "sorter/text/plain");
+    lan.wait_sorter_on_others(created, APPEAR, "the sorter usable on h2 and h3");
+
+    let killed = Instant::now();
+    lan.root(0).with_child(pids[0], |c| c.kill9()).expect("h1's dipusd dies");
+    let window = Duration::from_secs(SHORT_TTL) + TTL_GRACE;
+    lan.wait_sorter_gone_from_others(killed, window, "h1's sorter gone after the kill");
+
+    let restarted = Instant::now();
+    let daemon = lan.start_dipusd(0, &["--ttl", &ttl]);
+    lan.wait_sorter_on_others(restarted, RETURN, "h1's sorter back after the restart");
+
+    // h1 imports too: a service of h2, which must go with h1's dipusd.
+    let (_, created) = lan.export(1, "tr a-z A-Z", "upper/text/plain");
+    wait_until(APPEAR.saturating_sub(created.elapsed()), "h2's upper imported on h1", || {
+        lan.has(0, "imported/text/plain/upper.h2..0")
+    });
+    let out = run_with_timeout(&mut lan.on(0, "dcat", &["upper"]), Some(b"shout\n"), DEFAULT_TIMEOUT);
+    assert_success(&out, "dcat upper on h1");
+    assert_eq!(text(&out), ("SHOUT\n".to_string(), String::new()));
+
+    let stopped = Instant::now();
+    let status = lan.root(0).with_child(daemon, |c| c.terminate(VANISH));
+    let status = status.unwrap_or_else(|| panic!("h1's dipusd still runs {VANISH:?} after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "h1's dipusd after SIGTERM");
+    lan.wait_sorter_gone_from_others(stopped, VANISH, "h1's sorter gone after its BYE");
+    assert_eq!(sockets(&lan.root(0).tree().join("imported")), Vec::<String>::new());
+    assert_eq!(sockets(&lan.root(0).tree()), ["exported/text/plain/sorter.h1..0"], "h1's own service stays");
+}
+
+#[test]
+fn the_discoverer_on_h3_lists_h1_and_h2_and_not_itself() {
+    let Some(lan) = Lan::new() else { return };
+    lan.start_all(&[]);
+    let out = run_with_timeout(&mut lan.on(2, "dipus-discoverer", &[]), None, DEFAULT_TIMEOUT);
+    assert_success(&out, "dipus-discoverer on h3");
+    assert_eq!(
+        text(&out),
+        (format!("h1 {} 7347\nh2 {} 7347\n", lan.host(0).addr(), lan.host(1).addr()), String::new())
+    );
+}

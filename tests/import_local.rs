@@ -421,7 +421,8 @@ fn an_exporter_flooding_one_endless_line_is_given_up_without_hoarding_it() {
     let out = import_cmd(&b, &["-f", &uri(port)]);
     let written = flood.join().unwrap();
     let stderr = assert_error(&out, 74, "dipus-import", &[]);
-    let expected = format!("dipus-import: cannot import: sep://127.0.0.1:{port}: line is longer than the 4096-byte limit");
+    let expected =
+        format!("dipus-import: cannot import: sep://127.0.0.1:{port}: line is longer than the 4096-byte limit");
     assert!(stderr.starts_with(&expected), "{stderr}");
     // What the sockets' buffers hold, not all the flood could send.
     assert!(written < 64 << 20, "the importer took {} MiB of one line", written >> 20);

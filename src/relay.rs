@@ -197,10 +197,28 @@ fn take_pipe() -> Option<Pipe> {
             return None;
         }
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).ok()?;
+        enlarge(&write);
         pool.live += 1;
         Some(Pipe { read, write })
     })
 }
+
+/// Bytes a splicing pipe is asked to hold: fewer, larger splices for bulk
+/// streams. Best effort: past the per-user pipe budget
+/// (`/proc/sys/fs/pipe-user-pages-soft`) the kernel refuses and the pipe
+/// keeps its default 64 KiB.
+/// With [`MAX_PIPES`] that bounds the kernel memory bulk relaying can pin
+/// at 64 MiB.
+pub const PIPE_SIZE: i32 = 256 * 1024;
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn enlarge(pipe: &OwnedFd) {
+    // SAFETY: F_SETPIPE_SZ on our own pipe; failure leaves it as it was.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn enlarge(_pipe: &OwnedFd) {}
 
 /// Returns an empty pipe to the pool (or closes it).
 fn give_pipe(pipe: Pipe) {

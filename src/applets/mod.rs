@@ -14,6 +14,7 @@ pub mod import;
 mod ls;
 mod monitor;
 pub mod pipe;
+mod proxy;
 mod serve;
 mod ssh_importer;
 
@@ -53,6 +54,12 @@ pub const APPLETS: &[Applet] = &[
         main: pipe::export_main,
     },
     Applet {
+        name: "export-proxy",
+        aliases: &["dipus-export-proxy"],
+        summary: "offer an existing UNIX socket to the LAN as a service",
+        main: proxy::export_main,
+    },
+    Applet {
         name: "exporter",
         aliases: &["dipus-exporter"],
         summary: "offer exported/ to the LAN over TCP (SEP/1)",
@@ -69,6 +76,12 @@ pub const APPLETS: &[Applet] = &[
         aliases: &["dipus-local-pipe"],
         summary: "serve a stdin/stdout command as a service on this host",
         main: pipe::local_main,
+    },
+    Applet {
+        name: "local-proxy",
+        aliases: &["dipus-local-proxy"],
+        summary: "put an existing UNIX socket in the tree as a service",
+        main: proxy::local_main,
     },
     Applet { name: "ls", aliases: &["dls"], summary: "list services, once or live (-w)", main: ls::main },
     Applet {

@@ -18,7 +18,7 @@
 
 set -euo pipefail
 
-SECTIONS=(services pipes files bulk sockets socat monitor errors)
+SECTIONS=(services pipes files bulk sockets socat monitor network errors)
 
 dipus=${DIPUS:-target/release/dipus}
 if [[ ! -x $dipus ]]; then
@@ -35,7 +35,9 @@ checks=0
 
 cleanup() {
     local status=$?
-    trap - EXIT INT TERM
+    # A second Ctrl-C or SIGTERM must not cut the cleanup short.
+    trap '' INT TERM
+    trap - EXIT
     if ((${#pids[@]})); then
         kill "${pids[@]}" 2>/dev/null || true
         wait "${pids[@]}" 2>/dev/null || true
@@ -48,7 +50,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mkdir "$work/bin"
-for name in dcat dls dipus-local-pipe dipus-service-monitor; do
+for name in dcat dls dipus-local-pipe dipus-export-pipe dipus-service-monitor dipus-exporter dipus-import; do
     ln -s "$dipus" "$work/bin/$name"
 done
 export PATH="$work/bin:$PATH"
@@ -83,57 +85,54 @@ check() {
     fi
 }
 
-# wait_listed SELECTOR COUNT: until `dls -1 SELECTOR` lists COUNT services
-# (5 s at most).
-wait_listed() {
+# wait_until WHAT COMMAND: poll COMMAND (quietly) until it succeeds, for
+# 5 s at most; then say that WHAT did not happen, and fail.
+wait_until() {
     local tries=0
-    until [[ $(dls -1 "$1" | wc -l) -ge $2 ]]; do
+    until eval "$2" >/dev/null 2>&1; do
         tries=$((tries + 1))
         if ((tries > 100)); then
-            echo "demo: $1 did not appear within 5 s" >&2
+            echo "demo: $1 did not happen within 5 s" >&2
             return 1
         fi
         sleep 0.05
     done
 }
 
-# wait_alive SELECTOR: until `dls -l` says something listens there (5 s).
+# wait_listed SELECTOR COUNT: until `dls -1 SELECTOR` lists COUNT services.
+wait_listed() {
+    wait_until "$1 appearing" "[[ \$(dls -1 $1 | wc -l) -ge $2 ]]"
+}
+
+# wait_alive SELECTOR: until `dls -l` says something listens there.
 # Programs like socat bind in place, so their socket exists a moment
 # before it accepts.
 wait_alive() {
-    local tries=0
-    until dls -l "$1" | grep -qw alive; do
-        tries=$((tries + 1))
-        if ((tries > 100)); then
-            echo "demo: $1 did not come alive within 5 s" >&2
-            return 1
-        fi
-        sleep 0.05
-    done
+    wait_until "$1 listening" "dls -l $1 | grep -qw alive"
 }
 
-# wait_for_line FILE PATTERN: until FILE has a line matching PATTERN (5 s).
+# wait_for_line FILE LINE: until FILE has LINE.
 wait_for_line() {
-    local tries=0
-    until grep -q -- "$2" "$1"; do
-        tries=$((tries + 1))
-        if ((tries > 100)); then
-            echo "demo: no line matching $2 in $1 within 5 s" >&2
-            return 1
-        fi
-        sleep 0.05
-    done
+    wait_until "'$2' in $1" "grep -qxF -- '$2' $1"
 }
 
-# start_service HOST CMD NAME/PROTOCOL: serve CMD as if on HOST.
+# start_service [APPLET] HOST CMD NAME/PROTOCOL [OPTION…]: serve CMD as if
+# on HOST, with dipus-local-pipe or the APPLET given.
 start_service() {
-    local name=${3%%/*}
+    local applet=dipus-local-pipe
+    if [[ $1 == dipus-* ]]; then
+        applet=$1
+        shift
+    fi
+    local host=$1 command=$2 spec=$3
+    shift 3
+    local name=${spec%%/*}
     local before
-    before=$(dls -1 "$name.$1" | wc -l)
-    printf "%s\$ DIPUS_HOSTNAME=%s dipus-local-pipe '%s' %s &%s\n" "$bold" "$1" "$2" "$3" "$plain"
-    DIPUS_HOSTNAME=$1 dipus-local-pipe "$2" "$3" &
+    before=$(dls -1 "$name.$host" | wc -l)
+    printf "%s\$ DIPUS_HOSTNAME=%s %s %s'%s' %s &%s\n" "$bold" "$host" "$applet" "${*:+$* }" "$command" "$spec" "$plain"
+    DIPUS_HOSTNAME=$host "$applet" "$@" "$command" "$spec" &
     pids+=($!)
-    wait_listed "$name.$1" $((before + 1))
+    wait_listed "$name.$host" $((before + 1))
 }
 
 # ---------------------------------------------------------------------------
@@ -233,20 +232,63 @@ section_monitor() {
     echo "$ dipus-service-monitor --initial > monitor.log &"
     dipus-service-monitor --initial >"$log" &
     pids+=($!)
-    wait_for_line "$log" '^= synced'
+    wait_for_line "$log" '= synced'
     start_service delta 'tr a-z A-Z' shout/text/plain
     local server=${pids[-1]}
     local path
     path=$(dls -1 -f shout)
-    wait_for_line "$log" "^+ $path\$"
+    wait_for_line "$log" "+ $path"
     echo "$ kill $server"
     kill "$server"
     wait "$server" || true
-    wait_for_line "$log" "^- $path\$"
+    wait_for_line "$log" "- $path"
     show "tail -n 2 $log"
     check "the monitor saw shout appear" "grep -qx '+ $path' $log"
     check "the monitor saw shout vanish" "grep -qx -- '- $path' $log"
     check "the stopped server removed its socket" "[[ ! -e $path ]]"
+}
+
+section_network() {
+    header "Another host: an exporter, and an import into a second tree"
+    start_service dipus-export-pipe delta 'tr a-z A-Z' yell/text/plain --mode 0666
+    local server=${pids[-1]}
+    # A free port on loopback: try a few random ones.
+    local port exporter attempt
+    for attempt in 1 2 3 4 5; do
+        port=$((20000 + RANDOM % 40000))
+        dipus-exporter --bind 127.0.0.1 --port "$port" --allow 127.0.0.0/8 2>>"$work/exporter.log" &
+        exporter=$!
+        pids+=("$exporter")
+        if wait_until "the exporter on port $port" "dls -1 sep://127.0.0.1:$port || ! kill -0 $exporter"; then
+            kill -0 "$exporter" 2>/dev/null && break
+        fi
+    done
+    echo "$ dipus-exporter --bind 127.0.0.1 --port $port --allow 127.0.0.0/8 &"
+    local remote=sep://127.0.0.1:$port
+    show "dls $remote"
+    show "echo 'across the wire' | dcat $remote/yell"
+    check "dcat through the exporter" "[[ \$(echo hi | dcat $remote/yell) == HI ]]"
+
+    # The "other machine" is simply another DIPUS_ROOT.
+    local other=$work/other
+    echo "$ DIPUS_ROOT=$other dipus-import -f $remote &"
+    DIPUS_ROOT=$other dipus-import -f "$remote" 2>>"$work/import.log" &
+    pids+=($!)
+    wait_until "the import of yell" "DIPUS_ROOT=$other dls -1 yell.delta | grep -q ."
+    show "DIPUS_ROOT=$other dls -l"
+    show "echo 'through the proxy' | DIPUS_ROOT=$other dcat yell.delta"
+    check "the import made a proxy in imported/" "DIPUS_ROOT=$other dls yell | grep -qw imported"
+    check "dcat through the proxy" "[[ \$(echo hi | DIPUS_ROOT=$other dcat yell) == HI ]]"
+    check "the exporter offers nothing from local/" "dls -1 $remote/upper >$work/none && [[ ! -s $work/none ]]"
+
+    local service
+    service=$(DIPUS_ROOT=$DIPUS_ROOT dls -1 -f yell.delta)
+    echo "(stopping the exported service on delta)"
+    kill "$server"
+    wait_until "yell disappearing" "[[ ! -e $service ]]"
+    wait_until "the proxy disappearing" "[[ -z \$(DIPUS_ROOT=$other dls -1 yell) ]]" || true
+    show "DIPUS_ROOT=$other dls"
+    check "the proxy went with the service" "[[ -z \$(DIPUS_ROOT=$other dls -1 yell) ]]"
 }
 
 section_errors() {

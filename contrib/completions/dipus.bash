@@ -19,6 +19,7 @@ _dipus_valued() {
 	exporter) echo "--port --bind --allow --max-conns --user" ;;
 	import) echo "--pidfile --mode --group --owner" ;;
 	local-pipe | export-pipe) echo "-c --concurrency --mode --group" ;;
+	local-proxy | export-proxy) echo "--mode --group" ;;
 	ssh-importer) echo "--mode --group" ;;
 	esac
 }
@@ -120,10 +121,11 @@ _dipus() {
 		;;
 	ls | monitor) COMPREPLY=($(compgen -W "$(_dipus_services)" -- "$cur")) ;;
 	local-pipe | export-pipe) ((positional == 0)) && COMPREPLY=($(compgen -c -- "$cur")) ;;
+	local-proxy | export-proxy) ((positional == 0)) && COMPREPLY=($(compgen -f -- "$cur")) ;;
 	import) COMPREPLY=($(compgen -W $'sep://\nssh://' -- "$cur")) ;;
 	ssh-importer) COMPREPLY=($(compgen -A hostname -- "$cur")) ;;
 	esac
 }
 
-complete -F _dipus dipus dcat dls dipusd dipus-local-pipe dipus-export-pipe dipus-import dipus-exporter \
-	dipus-discoverer dipus-service-monitor dipus-ssh-importer
+complete -F _dipus dipus dcat dls dipusd dipus-local-pipe dipus-export-pipe dipus-local-proxy dipus-export-proxy \
+	dipus-import dipus-exporter dipus-discoverer dipus-service-monitor dipus-ssh-importer

@@ -10,7 +10,7 @@ DOCDIR      ?= $(PREFIX)/share/doc/dipus
 
 BIN         := target/release/dipus
 MUSL_TARGET ?= x86_64-unknown-linux-musl
-STATIC_BIN  := target/$(MUSL_TARGET)/release/dipus
+STATIC_BIN  := target/$(MUSL_TARGET)/static/dipus
 # The static binary must stay under 1 MiB.
 SIZE_LIMIT  := 1048576
 
@@ -34,14 +34,15 @@ $(BIN):
 	$(CARGO) build --release
 
 test:
-	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test --release $(TEST_ARGS)
+	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test --release --no-fail-fast $(TEST_ARGS)
 
-# A fully static, stripped binary (strip = true is in the release profile).
+# A fully static, stripped binary, optimised for size (the `static` profile
+# in Cargo.toml).
 static:
 	@if command -v rustup >/dev/null 2>&1; then \
 	  rustup target list --installed | grep -qx '$(MUSL_TARGET)' || rustup target add $(MUSL_TARGET); \
 	fi
-	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(MUSL_TARGET)
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --profile static --target $(MUSL_TARGET)
 	@size=$$(wc -c < $(STATIC_BIN) | tr -d ' '); \
 	echo "$(STATIC_BIN): $$size bytes (limit: under $(SIZE_LIMIT))"; \
 	if [ "$$size" -ge $(SIZE_LIMIT) ]; then \

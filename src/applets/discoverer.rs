@@ -21,19 +21,35 @@ use crate::error::Error;
 #[derive(FromArgs)]
 /// Find exporters on the LAN and print HOST ADDR PORT.
 struct Args {
-    /// seconds to listen (default 2)
-    #[argh(option, short = 't', default = "2.0")]
-    time: f64,
+    /// seconds to listen, e.g. 2 or 0.5 (default 2)
+    #[argh(option, short = 't', default = "String::from(\"2\")")]
+    time: String,
     /// keep listening, printing + and - lines
     #[argh(switch, short = 'w')]
     watch: bool,
 }
 
+/// `2`, `0.5`, `1.25`: seconds with up to millisecond precision, parsed
+/// without floating point (which would cost the static binary its size).
+fn parse_seconds(text: &str) -> Option<Duration> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if whole.is_empty() && fraction.is_empty() || fraction.len() > 3 {
+        return None;
+    }
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    let seconds: u64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let millis: u64 = format!("{fraction:0<3}").parse().ok()?;
+    Some(Duration::from_secs(seconds) + Duration::from_millis(millis))
+}
+
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let args: Args = crate::applets::parse_args(name, args);
-    if !(args.time.is_finite() && args.time > 0.0 && args.time < 86400.0) {
-        return Err(Error::Usage(format!("-t {}: expected seconds, more than 0", args.time)));
-    }
+    let listen = parse_seconds(&args.time)
+        .filter(|d| !d.is_zero() && *d < Duration::from_secs(86400))
+        .ok_or_else(|| Error::Usage(format!("-t {}: expected seconds, more than 0, e.g. 2 or 0.5", args.time)))?;
     let host = crate::applets::host_name()?;
     let mut discovery = Discovery::new(&host, None, Discovery::default_port())
         .map_err(|e| Error::io("cannot listen for exporters", e))?;
@@ -44,7 +60,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
             .map_err(|e| Error::io("cannot create an event loop", e))?;
     }
     discovery.query();
-    let deadline = (!args.watch).then(|| Instant::now() + Duration::from_secs_f64(args.time));
+    let deadline = (!args.watch).then(|| Instant::now() + listen);
     let mut events = Events::with_capacity(16);
     let mut out = io::stdout().lock();
     loop {
@@ -84,4 +100,20 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         log::info!("dropped datagrams: {:?}", discovery.drops.by_reason);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_parse_exactly() {
+        assert_eq!(parse_seconds("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_seconds("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_seconds(".25"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_seconds("1.125"), Some(Duration::from_millis(1125)));
+        for bad in ["", ".", "-1", "1.2345", "1e3", "x", "1.-2"] {
+            assert_eq!(parse_seconds(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -39,7 +39,14 @@ pub struct Peer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
     Joined(Peer),
-    Left { host: String, why: &'static str },
+    Left {
+        host: String,
+        why: &'static str,
+    },
+    /// A known exporter announced itself again.
+    Heard {
+        host: String,
+    },
 }
 
 /// What this host announces.
@@ -336,7 +343,8 @@ impl Discovery {
                 };
                 match self.peers.get_mut(&host) {
                     Some(known) if known.address == peer.address && known.port == peer.port => {
-                        known.expires = peer.expires
+                        known.expires = peer.expires;
+                        self.events.push(PeerEvent::Heard { host });
                     }
                     Some(known) => {
                         log::info!("{host}: moved from {}:{} to {source}", known.address, known.port);

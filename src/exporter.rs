@@ -170,6 +170,11 @@ impl Exporter {
         registry.register(&mut mio::unix::SourceFd(&self.watcher.fd()), token(WATCHER), Interest::READABLE)
     }
 
+    /// Whether `address` is among the peers this exporter serves.
+    pub fn allows(&self, address: std::net::IpAddr) -> bool {
+        self.allow.allows(address)
+    }
+
     /// The allow list follows the interfaces (if it is the default).
     pub fn interfaces_changed(&mut self) {
         self.allow.refresh();

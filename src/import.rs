@@ -179,10 +179,17 @@ struct Proxy {
 /// importer runs, so a second importer of the same host is refused.
 pub struct HostLock {
     _file: std::fs::File,
+    path: std::path::PathBuf,
 }
 
 impl HostLock {
+    /// Takes the lock file for `dialer`'s host, or says who holds it. The
+    /// file is removed again on drop; a taker that locked a file just
+    /// removed (its path now names another file, or none) tries again, so
+    /// two importers never both hold "the" lock.
     pub fn acquire(directory: &std::path::Path, dialer: &Dialer) -> Result<HostLock, ImportError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
         let uri = dialer.uri();
         let key: String = uri
             .trim_start_matches("sep://")
@@ -190,17 +197,31 @@ impl HostLock {
             .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
             .collect();
         let path = directory.join(format!(".import-{key}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| ImportError::Lock { path: path.clone(), source })?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(ImportError::AlreadyImported { uri, lock: path });
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|source| ImportError::Lock { path: path.clone(), source })?;
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(ImportError::AlreadyImported { uri, lock: path });
+            }
+            let locked = file.metadata().map(|meta| (meta.dev(), meta.ino())).ok();
+            let named = std::fs::symlink_metadata(&path).map(|meta| (meta.dev(), meta.ino())).ok();
+            if locked.is_some() && locked == named {
+                return Ok(HostLock { _file: file, path });
+            }
         }
-        Ok(HostLock { _file: file })
+    }
+}
+
+impl Drop for HostLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so nobody can lock this file after us
+        // and believe it is the current one.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -278,6 +299,13 @@ impl Importer {
 
     pub fn proxy_count(&self) -> usize {
         self.proxies.len()
+    }
+
+    /// Tries again at once if the session is waiting out its backoff.
+    pub fn retry_now(&mut self) {
+        if let Session::Idle { retry_at } = &mut self.session {
+            *retry_at = Instant::now();
+        }
     }
 
     /// Session events since the last call.

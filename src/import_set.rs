@@ -41,7 +41,8 @@ impl ImportSet {
         }
     }
 
-    pub fn start(&mut self, registry: &Registry, key: String, dialer: Dialer) {
+    /// Starts importing what `selector` picks (everything if `None`).
+    pub fn start(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>) {
         if self.imports.contains_key(&key) {
             return;
         }
@@ -57,7 +58,7 @@ impl ImportSet {
                 return;
             }
         };
-        let config = ImportConfig { dialer, selector: None, scope: self.scope.clone(), options: self.options.clone() };
+        let config = ImportConfig { dialer, selector, scope: self.scope.clone(), options: self.options.clone() };
         let mut importer = Importer::new(self.tree.clone(), config, component);
         importer.handle_timers(registry);
         self.key_of.insert(component, key.clone());
@@ -76,6 +77,14 @@ impl ImportSet {
         let keys: Vec<String> = self.imports.keys().cloned().collect();
         for key in keys {
             self.stop(registry, &key);
+        }
+    }
+
+    /// The host behind `key` seems to be back: skip what is left of its
+    /// backoff.
+    pub fn retry_now(&mut self, key: &str) {
+        if let Some(import) = self.imports.get_mut(key) {
+            import.importer.retry_now();
         }
     }
 

@@ -178,18 +178,23 @@ impl Tree {
     }
 
     /// Creates `<scope>/<protocol…>` with each level checked, so that a
-    /// symlink planted in a shared scope cannot redirect our socket.
+    /// symlink planted in a shared scope cannot redirect our socket. In the
+    /// shared scopes a protocol directory another user made is used if it
+    /// is sticky and open to all (1777, as we make them): users share
+    /// protocols, and its owner can do no more there than any user could.
     pub fn ensure_protocol_dir(&self, scope: &Scope, protocol: &Protocol) -> Result<PathBuf, TreeError> {
         let mut dir = self.ensure_scope(scope)?;
         let mode = scope_mode(scope);
+        let shared = matches!(scope, Scope::Local | Scope::Exported);
         for component in protocol.components() {
             dir.push(component);
             make_dir(&dir, mode)?;
-            let meta = check_dir(&dir, None)?;
-            if matches!(scope, Scope::Local | Scope::Exported)
-                && meta.mode() & 0o1000 == 0
-                && !trusted_owner(meta.uid())
-            {
+            let meta = fs::symlink_metadata(&dir).map_err(|source| TreeError::Create { path: dir.clone(), source })?;
+            if !meta.file_type().is_dir() {
+                return Err(TreeError::NotDirectory(dir));
+            }
+            let open_to_all = meta.mode() & 0o1777 == 0o1777;
+            if !trusted_owner(meta.uid()) && !(shared && open_to_all) {
                 return Err(TreeError::ForeignOwner { path: dir, owner: meta.uid() });
             }
         }

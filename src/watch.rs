@@ -129,19 +129,30 @@ impl TreeWatcher {
 
     /// Blocks until there are changes and returns them (for one-shot
     /// clients; daemons put [`fd`](Self::fd) in their event loop instead).
-    pub fn wait_changes(&mut self) -> io::Result<Vec<Change>> {
+    /// `output` is where the caller prints: if its reader goes away while
+    /// nothing changes, this returns `BrokenPipe` rather than wait on.
+    pub fn wait_changes(&mut self, output: RawFd) -> io::Result<Vec<Change>> {
         loop {
             let changes = self.read_changes()?;
             if !changes.is_empty() {
                 return Ok(changes);
             }
-            let mut fd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd; no timeout.
-            if unsafe { libc::poll(&mut fd, 1, -1) } < 0 {
+            let mut fds = [
+                libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 },
+                // No events asked: only errors and hang-ups are reported.
+                libc::pollfd { fd: output, events: 0, revents: 0 },
+            ];
+            // SAFETY: a valid array of two pollfds; no timeout.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if ready < 0 {
                 let error = io::Error::last_os_error();
                 if error.kind() != io::ErrorKind::Interrupted {
                     return Err(error);
                 }
+                continue;
+            }
+            if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                return Err(io::ErrorKind::BrokenPipe.into());
             }
         }
     }

@@ -137,8 +137,10 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     }
     let mut servers = Vec::new();
     for uri in &configured {
-        match Target::parse(uri)?.remote {
-            Some(Remote::Sep { host, port }) => servers.push((uri.clone(), Server::new(&host, port))),
+        let target = Target::parse(uri)?;
+        let selector = crate::transport::selector_argument(&target.selector);
+        match target.remote {
+            Some(Remote::Sep { host, port }) => servers.push((uri.clone(), Server::new(&host, port), selector)),
             _ => return Err(Error::Usage(format!("{uri}: dipusd imports sep://HOST[:PORT] URIs"))),
         }
     }
@@ -192,8 +194,8 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let mut poll = Poll::new().map_err(|e| Error::io("cannot create an event loop", e))?;
     daemon.register(poll.registry(), &signals).map_err(|e| Error::io("cannot create an event loop", e))?;
     daemon.apply_services(poll.registry(), service_lines);
-    for (uri, server) in servers {
-        daemon.start_import(poll.registry(), uri, server);
+    for (uri, server, selector) in servers {
+        daemon.imports.start(poll.registry(), uri, Dialer::Sep(server), selector);
     }
     if let Some(path) = &args.pidfile {
         std::fs::write(path, format!("{}\n", std::process::id()))
@@ -318,10 +320,19 @@ impl Daemon {
         for event in peer_events {
             match event {
                 PeerEvent::Joined(peer) => {
+                    // Only a peer we would serve may make us connect out:
+                    // a datagram's source is all that names the address.
+                    if !self.exporter.allows(peer.address) {
+                        log::info!("{}: {} is outside the allowed networks; not importing", peer.host, peer.address);
+                        continue;
+                    }
                     self.stop_import(registry, &peer.host);
                     let server = Server::new(&peer.address.to_string(), Some(peer.port));
-                    self.start_import(registry, peer.host, server);
+                    self.imports.start(registry, peer.host, Dialer::Sep(server), None);
                 }
+                // A host heard again may have restarted: an import waiting
+                // out its backoff tries at once.
+                PeerEvent::Heard { host } => self.imports.retry_now(&host),
                 PeerEvent::Left { host, why } => {
                     log::info!("{host}: {why}; removing its imports");
                     self.stop_import(registry, &host);
@@ -337,10 +348,6 @@ impl Daemon {
             discovery.interfaces_changed();
             discovery.query();
         }
-    }
-
-    fn start_import(&mut self, registry: &Registry, key: String, server: Server) {
-        self.imports.start(registry, key, Dialer::Sep(server));
     }
 
     fn stop_import(&mut self, registry: &Registry, key: &str) {

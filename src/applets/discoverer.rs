@@ -84,6 +84,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
                 let line = match event {
                     PeerEvent::Joined(peer) => format!("+ {} {} {}", peer.host, peer.address, peer.port),
                     PeerEvent::Left { host, .. } => format!("- {host}"),
+                    PeerEvent::Heard { .. } => continue,
                 };
                 if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
                     return Ok(());

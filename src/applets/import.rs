@@ -40,7 +40,7 @@ use crate::ssh::SshTarget;
 use crate::tree::Tree;
 
 #[derive(FromArgs)]
-/// Mirror the services of sep://HOST as local proxy sockets, kept in sync.
+/// Mirror the services of sep://HOST (or ssh://[USER@]HOST) as local proxy sockets, kept in sync.
 struct Args {
     /// stay in the foreground
     #[argh(switch, short = 'f')]
@@ -57,7 +57,7 @@ struct Args {
     /// owner of the proxy sockets (root only)
     #[argh(option)]
     owner: Option<String>,
-    /// sep://HOST[:PORT][/SELECTOR]
+    /// sep://HOST[:PORT][/SELECTOR] or ssh://[USER@]HOST[:PORT][/SELECTOR]
     #[argh(positional)]
     uri: String,
 }

@@ -340,7 +340,12 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
         }
     }
     loop {
-        let changes = watcher.wait_changes().map_err(|e| Error::io("cannot read changes", e))?;
+        let changes = match watcher.wait_changes(libc::STDOUT_FILENO) {
+            Ok(changes) => changes,
+            // Our reader went away: end quietly.
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(error) => return Err(Error::io("cannot read changes", error)),
+        };
         if terminal {
             if !redraw(&mut out, &watcher) {
                 return Ok(());

@@ -48,7 +48,12 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         }
     }
     loop {
-        let changes = watcher.wait_changes().map_err(|e| Error::io("cannot read changes", e))?;
+        let changes = match watcher.wait_changes(libc::STDOUT_FILENO) {
+            Ok(changes) => changes,
+            // Our reader went away: end quietly.
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(error) => return Err(Error::io("cannot read changes", error)),
+        };
         for change in changes {
             let line = match &change {
                 Change::Added(service) if selector.matches(&service.path, &service.full) => {

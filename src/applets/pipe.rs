@@ -39,7 +39,7 @@ struct Args {
     /// run at most N children at once (others wait in the backlog)
     #[argh(option, short = 'c')]
     concurrency: Option<usize>,
-    /// mode of the socket file, octal (default: from the umask)
+    /// mode of the socket file, octal (default: 0666 for export-pipe, from the umask for local-pipe)
     #[argh(option)]
     mode: Option<String>,
     /// group of the socket file, a name or number
@@ -59,6 +59,13 @@ pub fn local_main(name: &str, args: &[&str]) -> Result<(), Error> {
 
 pub fn export_main(name: &str, args: &[&str]) -> Result<(), Error> {
     serve(name, args, Scope::Exported)
+}
+
+/// An exported service is there for the LAN: the exporter only offers
+/// sockets "other" may connect to, so exported services default to 0666.
+/// Local ones take the umask.
+pub fn default_mode(scope: &Scope) -> Option<&'static str> {
+    (*scope == Scope::Exported).then_some("0666")
 }
 
 /// `--mode` and `--group` as socket options.
@@ -105,7 +112,7 @@ fn serve(name: &str, args: &[&str], scope: Scope) -> Result<(), Error> {
     if args.concurrency == Some(0) {
         return Err(Error::Usage("-c must be at least 1".into()));
     }
-    let options = socket_options(args.mode.as_deref(), args.group.as_deref(), None)?;
+    let options = socket_options(args.mode.as_deref().or(default_mode(&scope)), args.group.as_deref(), None)?;
     let host = crate::applets::host_name()?;
     let tree = Tree::from_env()?;
     crate::net::raise_fd_limit();

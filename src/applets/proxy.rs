@@ -34,7 +34,7 @@ use crate::tree::{ServiceSocket, Tree};
 #[derive(FromArgs)]
 /// Serve the listening UNIX socket SOCKET as the service NAME/PROTOCOL.
 struct Args {
-    /// mode of the service socket, octal (default: from the umask)
+    /// mode of the service socket, octal (default: 0666 for export-proxy, from the umask for local-proxy)
     #[argh(option)]
     mode: Option<String>,
     /// group of the service socket, a name or number
@@ -74,7 +74,8 @@ fn serve(name: &str, args: &[&str], scope: Scope) -> Result<(), Error> {
     if !args.socket.is_absolute() {
         return Err(Error::Usage(format!("{}: give the socket's absolute path", args.socket.display())));
     }
-    let options = crate::applets::pipe::socket_options(args.mode.as_deref(), args.group.as_deref(), None)?;
+    let mode = args.mode.as_deref().or(crate::applets::pipe::default_mode(&scope));
+    let options = crate::applets::pipe::socket_options(mode, args.group.as_deref(), None)?;
     let host = crate::applets::host_name()?;
     let tree = Tree::from_env()?;
     crate::net::raise_fd_limit();

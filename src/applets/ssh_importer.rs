@@ -94,7 +94,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     };
     let mut imports = ImportSet::new(tree, scope, options, FIRST_IMPORTER);
     for target in targets {
-        imports.start(poll.registry(), target.uri(), Dialer::Ssh(target));
+        imports.start(poll.registry(), target.uri(), Dialer::Ssh(target), None);
     }
     let result = run(&mut poll, &signals, &mut imports, discovery.as_mut());
     imports.stop_all(poll.registry());
@@ -138,9 +138,10 @@ fn run(
                     PeerEvent::Joined(peer) => {
                         let target = SshTarget { user: None, host: peer.address.to_string(), port: None };
                         imports.stop(poll.registry(), &peer.host);
-                        imports.start(poll.registry(), peer.host, Dialer::Ssh(target));
+                        imports.start(poll.registry(), peer.host, Dialer::Ssh(target), None);
                     }
                     PeerEvent::Left { host, .. } => imports.stop(poll.registry(), &host),
+                    PeerEvent::Heard { host } => imports.retry_now(&host),
                 }
             }
         }

@@ -34,6 +34,8 @@ pub enum SshError {
     Spawn { command: String, source: io::Error },
     #[error("{target}: ssh failed ({status}); its message is above")]
     Ssh { target: String, status: ExitStatus },
+    #[error("{target}: the remote command {remote:?} failed ({status}); its message is above")]
+    RemoteFailed { target: String, remote: String, status: ExitStatus },
     #[error(
         "{target}: the remote command {remote:?} was not found; install dipus there or set DIPUS_REMOTE to its path"
     )]
@@ -43,6 +45,9 @@ pub enum SshError {
     #[error("{target} answered: {}", status.to_line().trim_end())]
     Refused { target: String, status: StatusLine },
 }
+
+/// ssh's exit status for its own failures (connection, authentication).
+const SSH_FAILED: i32 = 255;
 
 /// Where to ssh to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -165,6 +170,11 @@ impl SshChannel {
         match status {
             Some(status) if status.code() == Some(127) => {
                 SshError::NoRemoteDipus { target: self.target.uri(), remote: SshTarget::remote_command() }
+            }
+            // ssh exits 255 on its own errors, and with the remote
+            // command's status otherwise: then ssh did its job.
+            Some(status) if status.code().is_some_and(|code| code != SSH_FAILED) => {
+                SshError::RemoteFailed { target: self.target.uri(), remote: SshTarget::remote_command(), status }
             }
             Some(status) => SshError::Ssh { target: self.target.uri(), status },
             None => self.protocol(SepError::UnexpectedEof { received: 0 }),

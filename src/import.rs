@@ -256,6 +256,8 @@ pub struct Importer {
     timers: Timers,
     events: Vec<SessionEvent>,
     reserve: DescriptorReserve,
+    /// What the current session has announced.
+    announced: std::collections::HashSet<String>,
 }
 
 fn would_block(error: &io::Error) -> bool {
@@ -286,6 +288,7 @@ impl Importer {
             timers: Timers::default(),
             events: Vec::new(),
             reserve: DescriptorReserve::new(),
+            announced: std::collections::HashSet::new(),
         }
     }
 
@@ -299,6 +302,21 @@ impl Importer {
 
     pub fn proxy_count(&self) -> usize {
         self.proxies.len()
+    }
+
+    /// Replaces a live session with a new one without removing the
+    /// proxies: the next sync confirms them, and removes those the
+    /// exporter no longer offers. Only ssh sessions hold anything worth
+    /// renewing for (their process's stdio).
+    pub fn renew_session(&mut self, registry: &Registry) {
+        if !matches!(self.config.dialer, Dialer::Ssh(_)) {
+            return;
+        }
+        if let Session::Watching { mut stream, .. } =
+            std::mem::replace(&mut self.session, Session::Idle { retry_at: Instant::now() })
+        {
+            stream.deregister(registry);
+        }
     }
 
     /// Tries again at once if the session is waiting out its backoff.
@@ -509,11 +527,19 @@ impl Importer {
                 return Err(format!("{authority} answered: {}", status.to_line().trim_end()));
             }
             *status_read = true;
+            self.announced.clear();
             return Ok(());
         }
         match Event::parse(line).map_err(|e| format!("{authority}: {e}"))? {
             Event::Keepalive => {}
             Event::Synced => {
+                // What this session did not announce is gone (a renewed
+                // session keeps its proxies until now).
+                let stale: Vec<String> =
+                    self.proxies.keys().filter(|wire| !self.announced.contains(*wire)).cloned().collect();
+                for wire in stale {
+                    self.remove_proxy(registry, &wire);
+                }
                 if !self.synced {
                     log::info!("{authority}: synced, {} services", self.proxies.len());
                 }
@@ -521,8 +547,14 @@ impl Importer {
                 self.backoff = FIRST_BACKOFF;
                 self.events.push(SessionEvent::Synced);
             }
-            Event::Added(path) => self.add_proxy(registry, &path),
-            Event::Removed(path) => self.remove_proxy(registry, &path),
+            Event::Added(path) => {
+                self.announced.insert(path.clone());
+                self.add_proxy(registry, &path)
+            }
+            Event::Removed(path) => {
+                self.announced.remove(&path);
+                self.remove_proxy(registry, &path)
+            }
         }
         Ok(())
     }

@@ -823,7 +823,6 @@ fn the_remote_kernel_judges_as_the_remote_user() {
 /// Gone to the background, the importer must let go of the caller's
 /// output, or `out=$(dipus-import ssh://…)` never returns.
 #[test]
-#[ignore = "bug: the ssh of the first session, started before dipus-import forks, keeps the caller's stderr"]
 fn a_background_ssh_import_lets_go_of_the_callers_output() {
     let Some(link) = Link::new() else { return };
     link.serve(&[], "LC_ALL=C sort", "sorter/text/plain");

@@ -146,6 +146,10 @@ fn run(
                         }
                     } else {
                         daemonize(pidfile)?;
+                        // The session's ssh process was started before we
+                        // let go of the caller's stdio, and holds it: a new
+                        // session, started from the background, does not.
+                        importer.renew_session(poll.registry());
                     }
                 }
                 SessionEvent::Lost(message) if !first_sync_done => {

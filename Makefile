@@ -70,7 +70,11 @@ install: $(BIN)
 	  echo "ln -sf dipus $(DESTDIR)$(BINDIR)/$$name"; \
 	  ln -sf dipus '$(DESTDIR)$(BINDIR)/'"$$name" || exit 1; \
 	done
-	install -m 0644 README.md doc/*.md '$(DESTDIR)$(DOCDIR)/'
+	# The docs keep their layout, so README's doc/ and contrib/ links work.
+	install -d '$(DESTDIR)$(DOCDIR)/doc' '$(DESTDIR)$(DOCDIR)/contrib'
+	install -m 0644 README.md '$(DESTDIR)$(DOCDIR)/'
+	install -m 0644 doc/*.md '$(DESTDIR)$(DOCDIR)/doc/'
+	cp -R contrib/. '$(DESTDIR)$(DOCDIR)/contrib/'
 
 # Removes the binary, every symlink in BINDIR that points at it, and the docs.
 uninstall:

@@ -48,7 +48,7 @@ struct Args {
     /// write the importer's pid to FILE
     #[argh(option)]
     pidfile: Option<String>,
-    /// mode of the proxy sockets, octal (default 0666)
+    /// mode of the proxy sockets, octal (default 0666 for sep://, 0600 for ssh://)
     #[argh(option)]
     mode: Option<String>,
     /// group of the proxy sockets
@@ -85,6 +85,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         args.owner.as_deref(),
     )?;
     let tree = Tree::from_env()?;
+    tree.check_room(&scope)?;
     let directory = tree.ensure_scope(&scope)?;
     let _lock = HostLock::acquire(&directory, &dialer)?;
     let config =

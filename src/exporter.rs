@@ -595,12 +595,18 @@ fn into_std(stream: TcpStream) -> std::net::TcpStream {
     unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) }
 }
 
-/// Runs an exporter in its own loop until SIGTERM/SIGINT.
+/// Runs an exporter in its own loop until SIGTERM/SIGINT, following
+/// interface changes (rtnetlink) so a default allow list stays current.
 pub fn run(exporter: &mut Exporter, signals: &crate::signals::SignalPipe) -> io::Result<()> {
     let mut poll = mio::Poll::new()?;
     exporter.register(poll.registry())?;
     const SIGNALS: Token = event_loop::token(0, 0);
+    const INTERFACES: Token = event_loop::token(0, 1);
     poll.registry().register(&mut mio::unix::SourceFd(&signals.fd()), SIGNALS, Interest::READABLE)?;
+    let interfaces = crate::netlink::InterfaceEvents::open().ok();
+    if let Some(interfaces) = &interfaces {
+        poll.registry().register(&mut mio::unix::SourceFd(&interfaces.fd()), INTERFACES, Interest::READABLE)?;
+    }
     let mut events = mio::Events::with_capacity(1024);
     loop {
         match poll.poll(&mut events, exporter.timeout()) {
@@ -609,12 +615,18 @@ pub fn run(exporter: &mut Exporter, signals: &crate::signals::SignalPipe) -> io:
             Err(error) => return Err(error),
         }
         for event in events.iter() {
-            if event.token() == SIGNALS {
-                if !signals.drain().is_empty() {
-                    return Ok(());
+            match event.token() {
+                SIGNALS => {
+                    if !signals.drain().is_empty() {
+                        return Ok(());
+                    }
                 }
-            } else {
-                exporter.handle_event(poll.registry(), event);
+                INTERFACES => {
+                    if interfaces.as_ref().is_some_and(crate::netlink::InterfaceEvents::drain) {
+                        exporter.interfaces_changed();
+                    }
+                }
+                _ => exporter.handle_event(poll.registry(), event),
             }
         }
         exporter.handle_timers(poll.registry());

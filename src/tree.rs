@@ -56,6 +56,8 @@ pub enum TreeError {
     Bind { path: PathBuf, source: io::Error },
     #[error("no free instance index for {0} (tried {MAX_INSTANCES})")]
     NoFreeIndex(String),
+    #[error("{} leaves no room for service sockets: even the shortest, {}, is {length} bytes, more than the {limit} that fit in a UNIX socket address; use a shorter DIPUS_ROOT", dir.display(), shortest.display())]
+    NoRoom { dir: PathBuf, shortest: PathBuf, length: usize, limit: usize },
     #[error(transparent)]
     Name(#[from] NameError),
 }
@@ -145,6 +147,19 @@ impl Tree {
         Ok(Scope::User(user))
     }
 
+    /// Refuses a scope too deep for any service: one whose shortest
+    /// possible socket path (`<scope>/p/n.h..0`) does not fit in sun_path.
+    /// For importers, which learn their names only from the remote side.
+    pub fn check_room(&self, scope: &Scope) -> Result<(), TreeError> {
+        let dir = self.scope_dir(scope);
+        let shortest = dir.join("p").join("n.h..0");
+        let length = shortest.as_os_str().len();
+        if length > name::SUN_PATH_LIMIT {
+            return Err(TreeError::NoRoom { dir, shortest, length, limit: name::SUN_PATH_LIMIT });
+        }
+        Ok(())
+    }
+
     /// Creates the root (1777, like /tmp) if needed and checks it.
     pub fn ensure_root(&self) -> Result<(), TreeError> {
         make_dir(&self.root, 0o1777)?;
@@ -193,8 +208,8 @@ impl Tree {
             if !meta.file_type().is_dir() {
                 return Err(TreeError::NotDirectory(dir));
             }
-            let open_to_all = meta.mode() & 0o1777 == 0o1777;
-            if !trusted_owner(meta.uid()) && !(shared && open_to_all) {
+            let shared_with_all = shared && meta.mode() & 0o1777 == 0o1777;
+            if !(trusted_owner(meta.uid()) || shared_with_all) {
                 return Err(TreeError::ForeignOwner { path: dir, owner: meta.uid() });
             }
         }

@@ -23,7 +23,7 @@ SIZE_LIMIT  := 1048576
 TEST_THREADS ?= 2
 TEST_ARGS    ?=
 
-.PHONY: all test static install uninstall demo clean lint ci
+.PHONY: all test static install uninstall demo bench clean lint ci
 
 all:
 	$(CARGO) build --release
@@ -88,6 +88,13 @@ uninstall:
 
 demo: all
 	DIPUS=$(BIN) bash contrib/demo.sh
+
+# dipus against socat, ssh -L and a direct connection: one table, every
+# figure measured in this run (about 15 minutes; BENCH_BYTES=256M and
+# BENCH_IDLE_SECONDS=10 for a quick look). Also in target/bench/latest.md;
+# doc/performance.md explains it.
+bench:
+	bash contrib/bench.sh
 
 clean:
 	$(CARGO) clean

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::error::{Error, EXIT_USAGE};
 
+mod bench;
 mod cat;
 mod daemon;
 mod discoverer;
@@ -29,6 +30,12 @@ pub struct Applet {
 }
 
 pub const APPLETS: &[Applet] = &[
+    Applet {
+        name: "bench",
+        aliases: &[],
+        summary: "measure a path: throughput, request/response, connection setup (like iperf)",
+        main: bench::main,
+    },
     Applet {
         name: "cat",
         aliases: &["dcat"],

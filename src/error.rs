@@ -53,7 +53,10 @@ impl Error {
         match self {
             // A name that cannot be (too long for sun_path, bad characters)
             // is the caller's to fix, wherever it was found.
-            Error::Usage(_) | Error::Name(_) | Error::Selector(_) | Error::Tree(TreeError::Name(_)) => EXIT_USAGE,
+            Error::Usage(_)
+            | Error::Name(_)
+            | Error::Selector(_)
+            | Error::Tree(TreeError::Name(_) | TreeError::NoRoom { .. }) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
             Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
             Error::Tree(_) | Error::Failed(_) | Error::Import(_) => EXIT_FAILURE,

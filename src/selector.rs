@@ -29,6 +29,9 @@ pub enum SelectorError {
     Invalid(String),
     #[error("invalid URI {uri:?}: {why}")]
     Uri { uri: String, why: &'static str },
+    /// An absolute path that no socket could have (too long for sun_path).
+    #[error(transparent)]
+    Path(#[from] name::NameError),
 }
 
 /// Matches the file part `NAME[.HOST[..N]]`.
@@ -101,6 +104,7 @@ impl Selector {
             if path.components().any(|c| c == std::path::Component::ParentDir) {
                 return Err(bad());
             }
+            name::check_socket_path(path)?;
             return Ok(Selector::Path(path.to_path_buf()));
         }
         if let Some(protocol) = text.strip_suffix('/') {

@@ -425,3 +425,36 @@ fn watch_over_raw_tcp_lists_syncs_keeps_alive_and_follows_changes() {
     stop(&root, echo, "TERM");
     assert_eq!(next_change(&mut watch), "- text/plain/echo.hosta..0\n");
 }
+
+/// The pid of the exporter serving `port`, from /proc.
+fn exporter_pid(port: u16) -> Option<u32> {
+    let wanted = port.to_string();
+    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_exporter = args.first().is_some_and(|a| a.ends_with(b"dipus-exporter"));
+        (is_exporter && args.iter().any(|a| *a == wanted.as_bytes())).then_some(pid)
+    })
+}
+
+#[test]
+fn the_exporter_runs_as_the_user_it_is_told_once_it_has_bound_and_still_serves() {
+    if !require(have_root(), "needs root to drop privileges") {
+        return;
+    }
+    let root = sorter_root();
+    let port = start_exporter(&root, &["--user", "nobody"]);
+    let pid = exporter_pid(port).expect("the exporter's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| -> Vec<String> {
+        let line = status.lines().find(|line| line.starts_with(key)).unwrap();
+        line.split_whitespace().skip(1).map(String::from).collect()
+    };
+    let nobody = std::process::Command::new("id").args(["-u", "nobody"]).output().unwrap();
+    let nobody = String::from_utf8(nobody.stdout).unwrap().trim().to_string();
+    assert_eq!(ids("Uid:"), vec![nobody.clone(); 4], "real, effective, saved and fs uid");
+    assert!(!ids("Gid:").contains(&"0".to_string()), "no root group left: {:?}", ids("Gid:"));
+    assert_eq!(ids("Groups:").iter().filter(|g| *g == "0").count(), 0, "no supplementary root group");
+    assert_sorter_works(&root, &sorter_uri(port));
+}

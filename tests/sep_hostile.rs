@@ -434,7 +434,7 @@ fn exporter_pid(port: u16) -> Option<u32> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         let is_exporter = args.first().is_some_and(|a| a.ends_with(b"dipus-exporter"));
-        (is_exporter && args.iter().any(|a| *a == wanted.as_bytes())).then_some(pid)
+        (is_exporter && args.contains(&wanted.as_bytes())).then_some(pid)
     })
 }
 

@@ -152,6 +152,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
 
     crate::net::raise_fd_limit();
     let tree = Tree::from_env()?;
+    tree.check_room(&Scope::Imported)?;
     tree.ensure_scope(&Scope::Imported)?;
     let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD])
         .map_err(|e| Error::io("cannot set up signal handling", e))?;

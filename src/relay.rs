@@ -266,8 +266,12 @@ struct Direction {
     /// Set while spliced through a pool pipe.
     pipe: Option<Pipe>,
     in_pipe: usize,
-    /// A buffered read filled the buffer: splice once it is empty.
-    wants_pipe: bool,
+    /// The source is carrying bulk (its last read filled the buffer, or
+    /// its last splice moved at least as much): splice, through a pool
+    /// pipe taken afresh whenever the direction is empty. Idle, the pipe
+    /// goes back to the pool but this stays, so a stream that pauses
+    /// resumes in splice mode without a copying read first.
+    bulk: bool,
     bytes: u64,
     /// The sink refused data (peer gone, EPIPE): bytes were lost.
     broken: Option<io::ErrorKind>,
@@ -527,7 +531,7 @@ impl Direction {
             end: 0,
             pipe: None,
             in_pipe: 0,
-            wants_pipe: false,
+            bulk: false,
             bytes: 0,
             broken: None,
         }
@@ -563,6 +567,15 @@ impl Direction {
             Strategy::Direct => (source, sink),
             Strategy::SendFile => (None, sink),
             Strategy::Hybrid | Strategy::Buffered => (source, None),
+        }
+    }
+
+    /// A bulk direction with nothing pending and something to read takes
+    /// a pool pipe again (an idle one must not hold a pipe).
+    fn retake_pipe(&mut self, endpoints: &[Endpoint]) {
+        let readable = self.source().is_some_and(|source| endpoints[source].readable);
+        if self.bulk && self.end == self.start && self.state == State::Open && readable {
+            self.pipe = take_pipe();
         }
     }
 
@@ -631,6 +644,9 @@ impl Direction {
             self.close(endpoints);
             return Ok(Step::Progress);
         }
+        if self.strategy == Strategy::Hybrid && self.pipe.is_none() {
+            self.retake_pipe(endpoints);
+        }
         match self.strategy {
             Strategy::Direct => self.step_direct(endpoints),
             Strategy::SendFile => self.step_sendfile(endpoints),
@@ -654,8 +670,7 @@ impl Direction {
                     if self.start == self.end {
                         self.start = 0;
                         self.end = 0;
-                        if self.wants_pipe {
-                            self.wants_pipe = false;
+                        if self.bulk {
                             self.pipe = take_pipe();
                         }
                     }
@@ -689,9 +704,10 @@ impl Direction {
                 endpoints[source].after_read();
                 self.start = 0;
                 self.end = read;
-                if read == BUFFER_SIZE && self.strategy == Strategy::Hybrid {
-                    self.wants_pipe = true;
-                }
+                self.bulk = read == BUFFER_SIZE && self.strategy == Strategy::Hybrid;
+                // A short read does not prove the socket drained (a UNIX
+                // socket stops at a message from another writer, TCP at
+                // urgent data): only EAGAIN does, so no shortcut here.
                 Ok(Step::Progress)
             }
             Err(error) if would_block(&error) => {
@@ -750,12 +766,14 @@ impl Direction {
             }
             Ok(moved) => {
                 self.in_pipe += moved;
+                self.bulk = moved >= BUFFER_SIZE;
                 Ok(Step::Progress)
             }
             Err(error) if would_block(&error) => {
                 // The pipe is empty (we drain it before reading), so the
-                // source is dry: go back to the buffer until bulk returns,
-                // and give the pipe to a connection that needs it.
+                // source is dry: give the pipe to a connection that needs
+                // it. Whether this one comes back spliced or buffered is
+                // up to `bulk`.
                 endpoints[source].set_blocked_read();
                 self.release_pipe();
                 Ok(Step::Blocked)

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::data::{Digest, Random};
 use common::service::{assert_error, assert_success, dcat, listen_at, serve, stale_at};
 use common::*;
 use std::fs::File;
@@ -34,68 +35,6 @@ fn sort_service_answers_after_the_half_close() {
     assert_success(&out, "dcat sorter");
     assert_eq!(text(&out.stdout), "apple\nfig\npear\n");
     assert!(out.stderr.is_empty());
-}
-
-/// xorshift64: deterministic bytes without a crate.
-struct Random(u64);
-
-impl Random {
-    fn fill(&mut self, buffer: &mut [u8]) {
-        for chunk in buffer.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-/// FNV-1a over 64-bit little-endian words (the tail zero-padded), plus the
-/// length: fast enough in a debug build, and any lost, doubled or
-/// reordered word changes it.
-struct Digest {
-    hash: u64,
-    length: u64,
-    pending: Vec<u8>,
-}
-
-impl Digest {
-    fn new() -> Digest {
-        Digest { hash: 0xcbf2_9ce4_8422_2325, length: 0, pending: Vec::with_capacity(8) }
-    }
-
-    fn word(&mut self, word: u64) {
-        self.hash = (self.hash ^ word).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-
-    fn update(&mut self, mut bytes: &[u8]) {
-        self.length += bytes.len() as u64;
-        if !self.pending.is_empty() {
-            let take = (8 - self.pending.len()).min(bytes.len());
-            self.pending.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.pending.len() < 8 {
-                return;
-            }
-            let word = u64::from_le_bytes(self.pending[..].try_into().unwrap());
-            self.word(word);
-            self.pending.clear();
-        }
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            self.word(u64::from_le_bytes(word.try_into().unwrap()));
-        }
-        self.pending.extend_from_slice(words.remainder());
-    }
-
-    fn finish(mut self) -> (u64, u64) {
-        if !self.pending.is_empty() {
-            let mut word = [0u8; 8];
-            word[..self.pending.len()].copy_from_slice(&self.pending);
-            self.word(u64::from_le_bytes(word));
-        }
-        (self.length, self.hash)
-    }
 }
 
 /// Writes `size` random bytes to `path`; returns their digest.

@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::data::{Digest, Random};
 use common::netns::{Host, Net};
 use common::service::{assert_success, wait_for_socket};
 use common::*;
@@ -173,67 +174,6 @@ fn an_imported_service_is_used_by_its_plain_name() {
     lan.import();
     assert_eq!(lan.imported(), ["text/plain/sorter.hosta..0"]);
     assert_sorts(&mut lan.on_b("dcat", &["sorter.hosta"]));
-}
-
-/// xorshift64: deterministic bytes without a crate.
-struct Random(u64);
-
-impl Random {
-    fn fill(&mut self, buffer: &mut [u8]) {
-        for chunk in buffer.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-/// FNV-1a over 64-bit little-endian words (the tail zero-padded), plus the
-/// length: any lost, doubled or reordered word changes it.
-struct Digest {
-    hash: u64,
-    length: u64,
-    pending: Vec<u8>,
-}
-
-impl Digest {
-    fn new() -> Digest {
-        Digest { hash: 0xcbf2_9ce4_8422_2325, length: 0, pending: Vec::with_capacity(8) }
-    }
-
-    fn word(&mut self, word: u64) {
-        self.hash = (self.hash ^ word).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-
-    fn update(&mut self, mut bytes: &[u8]) {
-        self.length += bytes.len() as u64;
-        if !self.pending.is_empty() {
-            let take = (8 - self.pending.len()).min(bytes.len());
-            self.pending.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.pending.len() < 8 {
-                return;
-            }
-            let word = u64::from_le_bytes(self.pending[..].try_into().unwrap());
-            self.word(word);
-            self.pending.clear();
-        }
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            self.word(u64::from_le_bytes(word.try_into().unwrap()));
-        }
-        self.pending.extend_from_slice(words.remainder());
-    }
-
-    fn finish(mut self) -> (u64, u64) {
-        if !self.pending.is_empty() {
-            let mut word = [0u8; 8];
-            word[..self.pending.len()].copy_from_slice(&self.pending);
-            self.word(u64::from_le_bytes(word));
-        }
-        (self.length, self.hash)
-    }
 }
 
 const BIG: usize = 256 << 20;

@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::data::Random;
 use common::proc::{self, ProcId};
 use common::service::{assert_error, assert_success, euid, is_socket, listen_at, stop, wait_for_socket};
 use common::sshd::Sshd;
@@ -331,20 +332,6 @@ impl Streaming {
         }
         let status = self.child.wait_timeout(deadline.saturating_duration_since(Instant::now()) + DEFAULT_TIMEOUT);
         (data, status.expect("the command exits after its output ends"))
-    }
-}
-
-/// xorshift64: the same pseudo-random bytes for the same seed.
-struct Random(u64);
-
-impl Random {
-    fn fill(&mut self, buffer: &mut [u8]) {
-        for chunk in buffer.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! Every integration test does `mod common;` and picks what it needs:
 //! - here: locating the binary and its applet symlinks, skip/require logic,
 //!   polling helpers, unique temp dirs and free ports;
+//! - [`data`]: `Random` bytes and their `Digest`, for bulk transfers;
 //! - [`child`]: `ChildGuard` (processes killed on drop), `LineReader`,
 //!   `run_with_timeout`;
 //! - [`root`]: `TestRoot`, a throw-away `DIPUS_ROOT` per test;
@@ -18,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod data;
 pub mod netns;
 pub mod proc;
 pub mod root;

@@ -19,7 +19,7 @@
 mod common;
 
 use common::netns::{Host, Net};
-use common::service::{assert_success, wait_for_socket};
+use common::service::{assert_success, sockets, wait_for_socket};
 use common::*;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -381,29 +381,6 @@ fn unexpected(tree: &Path) -> Vec<String> {
             found.push(entry.path().display().to_string());
         }
     }
-    found.sort();
-    found
-}
-
-/// The sockets under `dir`, as sorted paths relative to it.
-fn sockets(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(file_type) = entry.file_type() else {
-                continue;
-            };
-            if file_type.is_dir() {
-                walk(base, &entry.path(), found);
-            } else if file_type.is_socket() {
-                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(dir, dir, &mut found);
     found.sort();
     found
 }

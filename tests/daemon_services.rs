@@ -7,11 +7,12 @@
 
 mod common;
 
-use common::service::{assert_error, assert_success, dcat, is_socket, listen_at, wait_for_socket};
+use common::service::{
+    assert_error, assert_success, dcat, is_socket, listen_at, sockets, start_exporter, wait_for_socket,
+};
 use common::*;
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -94,29 +95,6 @@ fn assert_answers(root: &TestRoot, selector: &str, input: &str, expected: &str) 
 
 fn inode(path: &Path) -> u64 {
     std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).ino()
-}
-
-/// The sockets under `dir`, as sorted paths relative to it.
-fn sockets(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(file_type) = entry.file_type() else {
-                continue;
-            };
-            if file_type.is_dir() {
-                walk(base, &entry.path(), found);
-            } else if file_type.is_socket() {
-                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(dir, dir, &mut found);
-    found.sort();
-    found
 }
 
 /// Sends SIGHUP to dipusd.
@@ -225,37 +203,12 @@ fn a_bad_services_file_at_sighup_leaves_the_running_services_alone() {
     assert_eq!(dls(&root), "text/plain/sorter.testhost..0\n");
 }
 
-/// Whether something answers a PING on `port` with a status line.
-fn answers(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
-    let mut reply = String::new();
-    stream.write_all(b"SEP/1 PING\n").is_ok()
-        && stream.read_to_string(&mut reply).is_ok()
-        && reply.starts_with("SEP/1 ")
-}
-
 /// A second host, `hostb`, exporting `remote/text/plain` with
 /// dipus-exporter on a free loopback port; returns the port.
 fn exporting_host(other: &TestRoot) -> u16 {
     let pid = other.spawn(other.cmd("dipus-export-pipe").args(["--mode", "0666", "cat", "remote/text/plain"]));
     wait_for_socket(other, pid, &other.tree().join("exported/text/plain/remote.hostb..0"));
-    for _ in 0..5 {
-        let port = free_port();
-        let pid = other.spawn(other.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]));
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
-            let running = other.with_child(pid, |c| c.is_running());
-            up = running && answers(port);
-            up || !running
-        });
-        if up {
-            return port;
-        }
-    }
-    panic!("the exporter did not start on any of 5 free ports");
+    start_exporter(other, &[])
 }
 
 #[test]

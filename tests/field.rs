@@ -23,12 +23,14 @@
 mod common;
 
 use common::netns::{Host, Net};
-use common::service::{assert_error, assert_success, egid, euid, group_name, user_name, wait_for_socket};
+use common::service::{
+    assert_error, assert_success, egid, euid, group_name, sockets, start_exporter, text, user_name, wait_for_socket,
+};
 use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,33 +47,6 @@ const SLACK: Duration = Duration::from_secs(1);
 const FRUIT: &[u8] = b"pear\napple\nfig\n";
 const SORTED: &str = "apple\nfig\npear\n";
 
-fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// The sockets under `dir`, as sorted paths relative to it.
-fn sockets(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(file_type) = entry.file_type() else {
-                continue;
-            };
-            if file_type.is_dir() {
-                walk(base, &entry.path(), found);
-            } else if file_type.is_socket() {
-                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(dir, dir, &mut found);
-    found.sort();
-    found
-}
-
 /// Starts `dipus-export-pipe --mode 0666 COMMAND NAME/PROTO` with `cmd`
 /// (made by the caller for its host) and waits for its socket.
 fn export_with(root: &TestRoot, cmd: &mut Command, spec: &str) -> u32 {
@@ -85,18 +60,6 @@ fn export_with(root: &TestRoot, cmd: &mut Command, spec: &str) -> u32 {
 // Loopback: successors, long paths, ssh's ControlPath, modes and groups.
 // ---------------------------------------------------------------------
 
-/// Whether something answers a PING on 127.0.0.1:`port` with a status line.
-fn answers(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
-    let mut reply = String::new();
-    stream.write_all(b"SEP/1 PING\n").is_ok()
-        && stream.read_to_string(&mut reply).is_ok()
-        && reply.starts_with("SEP/1 ")
-}
-
 /// `hosta`'s tree with an exported sorter and an exporter on 127.0.0.1
 /// and 127.0.0.2 (two addresses: two importers of one exporter); returns
 /// the tree and the port.
@@ -107,25 +70,8 @@ fn loopback_exporter() -> (TestRoot, u16) {
         root.cmd("dipus-export-pipe").args(["--mode", "0666", "LC_ALL=C sort", "sorter/text/plain"]),
         "sorter/text/plain",
     );
-    for _ in 0..5 {
-        let port = free_port();
-        let pid = root.spawn(root.cmd("dipus-exporter").args(["--port", &port.to_string()]).args([
-            "--bind",
-            "127.0.0.1",
-            "--bind",
-            "127.0.0.2",
-        ]));
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
-            let running = root.with_child(pid, |c| c.is_running());
-            up = running && answers(port);
-            up || !running
-        });
-        if up {
-            return (root, port);
-        }
-    }
-    panic!("the exporter did not start on any of 5 free ports");
+    let port = start_exporter(&root, &["--bind", "127.0.0.2"]);
+    (root, port)
 }
 
 /// `dipus-import -f ARGS…` in `root`, waited for until `proxy` (relative

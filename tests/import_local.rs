@@ -8,12 +8,11 @@
 mod common;
 
 use common::proc::{self, ProcId};
-use common::service::{assert_error, assert_success, dcat, listen_at, stop, wait_for_socket};
+use common::service::{assert_error, assert_success, dcat, listen_at, sockets, start_exporter, stop, wait_for_socket};
 use common::*;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::mpsc;
@@ -33,38 +32,6 @@ fn export(root: &TestRoot, command: &str, spec: &str) -> u32 {
     let pid = root.spawn(root.cmd("dipus-export-pipe").args(["--mode", "0666", command, spec]));
     wait_for_socket(root, pid, &root.tree().join(format!("exported/{protocol}/{name}.{}..0", root.host)));
     pid
-}
-
-/// Whether something answers a PING on `port` with a status line.
-fn answers(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
-    let mut reply = String::new();
-    stream.write_all(b"SEP/1 PING\n").is_ok()
-        && stream.read_to_string(&mut reply).is_ok()
-        && reply.starts_with("SEP/1 ")
-}
-
-/// Starts `dipus-exporter --port P --bind 127.0.0.1 ARGS…` for `root` on a
-/// free port and waits until it answers; returns the port.
-fn start_exporter(root: &TestRoot, args: &[&str]) -> u16 {
-    for _ in 0..5 {
-        let port = free_port();
-        let pid = root
-            .spawn(root.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(args));
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
-            let running = root.with_child(pid, |c| c.is_running());
-            up = running && answers(port);
-            up || !running
-        });
-        if up {
-            return port;
-        }
-    }
-    panic!("the exporter did not start on any of 5 free ports");
 }
 
 /// An importer gone to the background, known by its pidfile: SIGTERM on
@@ -156,27 +123,6 @@ fn import(root: &TestRoot, extra: &[&str], uri: &str) -> Background {
     assert_success(&out, &format!("dipus-import {uri}"));
     assert_eq!((out.stdout.as_slice(), String::from_utf8_lossy(&out.stderr).as_ref()), (&b""[..], ""));
     Background::from_pidfile(&pidfile)
-}
-
-/// The sockets under `dir`, as sorted paths relative to it.
-fn sockets(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let file_type = entry.file_type().unwrap();
-            if file_type.is_dir() {
-                walk(base, &entry.path(), found);
-            } else if file_type.is_socket() {
-                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(dir, dir, &mut found);
-    found.sort();
-    found
 }
 
 fn imported(root: &TestRoot) -> Vec<String> {

@@ -9,12 +9,10 @@ mod common;
 
 use common::data::{Digest, Random};
 use common::netns::{Host, Net};
-use common::service::{assert_success, wait_for_socket};
+use common::service::{assert_success, sockets, text, wait_for_socket};
 use common::*;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -112,33 +110,6 @@ fn on(host: &Host, root: &TestRoot, applet: &str, args: &[&str]) -> Command {
         cmd.env("RUST_LOG", level);
     }
     cmd
-}
-
-/// The sockets under `dir`, as sorted paths relative to it.
-fn sockets(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(file_type) = entry.file_type() else {
-                continue;
-            };
-            if file_type.is_dir() {
-                walk(base, &entry.path(), found);
-            } else if file_type.is_socket() {
-                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(dir, dir, &mut found);
-    found.sort();
-    found
-}
-
-fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Asserts that `cmd` (a dcat) sorts unsorted fruit, quietly.

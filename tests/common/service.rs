@@ -1,14 +1,18 @@
 //! Services for tests: dipus pipe servers started under a [`TestRoot`] and
 //! waited for, foreign sockets (live or stale) planted in the tree the way
-//! another program would, and the identity of the test process.
+//! another program would, exporters and dipusd started on a free port and
+//! waited for, the identity of the test process, and the sockets found in
+//! a tree.
 //!
 //! A server is ready when its socket exists at its public path: dipus binds
 //! at a hidden name and links the socket into place only once it listens,
 //! so waiting for the path is waiting for readiness, not a guess.
 
 use super::child::run_with_timeout;
-use super::{wait_until, TestRoot, DEFAULT_TIMEOUT};
+use super::{free_port, wait_until, TestRoot, DEFAULT_TIMEOUT};
 use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -179,4 +183,103 @@ pub fn entries(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The sockets under `dir` (hidden ones included), as sorted paths
+/// relative to it; entries that vanish or cannot be read are left out.
+pub fn sockets(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if file_type.is_dir() {
+                walk(base, &entry.path(), found);
+            } else if file_type.is_socket() {
+                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, dir, &mut found);
+    found.sort();
+    found
+}
+
+/// A command's stdout and stderr as text (invalid UTF-8 replaced).
+pub fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Whether something answers a PING on 127.0.0.1:`port` with a status line
+/// (an allow list may answer 403: that is an answer too).
+pub fn answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
+    let mut reply = String::new();
+    stream.write_all(b"SEP/1 PING\n").is_ok()
+        && stream.read_to_string(&mut reply).is_ok()
+        && reply.starts_with("SEP/1 ")
+}
+
+/// Starts `dipus-exporter --port P --bind 127.0.0.1 ARGS…` for `root` on a
+/// free port and waits until it [`answers`]; returns its pid and the port.
+/// A port taken in the meantime makes the exporter exit: then another one
+/// is tried.
+pub fn spawn_exporter(root: &TestRoot, args: &[&str]) -> (u32, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let pid = root
+            .spawn(root.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(args));
+        let mut up = false;
+        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
+            let running = root.with_child(pid, |c| c.is_running());
+            up = running && answers(port);
+            up || !running
+        });
+        if up {
+            return (pid, port);
+        }
+    }
+    panic!("the exporter did not start on any of 5 free ports");
+}
+
+/// [`spawn_exporter`] for its port alone.
+pub fn start_exporter(root: &TestRoot, args: &[&str]) -> u16 {
+    spawn_exporter(root, args).1
+}
+
+/// Starts `dipusd --no-discovery --port P --services <empty file>` in
+/// `root` on a free port and waits for its pidfile, written once its
+/// reaper runs; returns its pid. A port taken meanwhile makes dipusd exit:
+/// then another one is tried.
+pub fn start_reaping_dipusd(root: &TestRoot) -> u32 {
+    let services = root.path().join("services");
+    fs::write(&services, "").unwrap();
+    let pidfile = root.path().join("dipusd.pid");
+    for _ in 0..5 {
+        let _ = fs::remove_file(&pidfile);
+        let port = free_port().to_string();
+        let pid = root.spawn(root.cmd("dipusd").args(["--no-discovery", "--port", &port]).args([
+            "--services".as_ref(),
+            services.as_os_str(),
+            "--pidfile".as_ref(),
+            pidfile.as_os_str(),
+        ]));
+        let mut up = false;
+        wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
+            let running = root.with_child(pid, |c| c.is_running());
+            up = running && fs::read_to_string(&pidfile).is_ok_and(|text| text == format!("{pid}\n"));
+            up || !running
+        });
+        if up {
+            return pid;
+        }
+    }
+    panic!("dipusd did not start on any of 5 free ports");
 }

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::service::{entries, is_socket, make_dirs, serve, stale_at};
+use common::service::{entries, is_socket, make_dirs, serve, stale_at, start_reaping_dipusd};
 use common::*;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -23,36 +23,6 @@ use std::time::{Duration, Instant};
 
 /// How soon a dead socket must be gone.
 const REAPED: Duration = Duration::from_secs(1);
-
-/// Starts `dipusd --no-discovery --port P --services <empty file>` in
-/// `root` on a free port and waits for its pidfile, written once its
-/// reaper runs; returns its pid. A port taken meanwhile makes dipusd exit:
-/// then another one is tried.
-fn start_dipusd(root: &TestRoot) -> u32 {
-    let services = root.path().join("services");
-    std::fs::write(&services, "").unwrap();
-    let pidfile = root.path().join("dipusd.pid");
-    for _ in 0..5 {
-        let _ = std::fs::remove_file(&pidfile);
-        let port = free_port().to_string();
-        let pid = root.spawn(root.cmd("dipusd").args(["--no-discovery", "--port", &port]).args([
-            "--services".as_ref(),
-            services.as_os_str(),
-            "--pidfile".as_ref(),
-            pidfile.as_os_str(),
-        ]));
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
-            let running = root.with_child(pid, |c| c.is_running());
-            up = running && std::fs::read_to_string(&pidfile).is_ok_and(|text| text == format!("{pid}\n"));
-            up || !running
-        });
-        if up {
-            return pid;
-        }
-    }
-    panic!("dipusd did not start on any of 5 free ports");
-}
 
 fn inode(path: &Path) -> Option<u64> {
     std::fs::symlink_metadata(path).ok().map(|meta| meta.ino())
@@ -79,7 +49,7 @@ fn two_sweeps(root: &TestRoot) {
 #[test]
 fn a_killed_servers_socket_and_its_empty_protocol_directories_go_within_a_second() {
     let root = TestRoot::new();
-    start_dipusd(&root);
+    start_reaping_dipusd(&root);
     let (server, path) = serve(&root, "cat", "echo/text/plain", "local/text/plain/echo.testhost..0");
     // Let the reaper learn who holds the socket before the kill.
     two_sweeps(&root);
@@ -94,7 +64,7 @@ fn a_killed_servers_socket_and_its_empty_protocol_directories_go_within_a_second
 #[test]
 fn a_stale_socket_made_while_the_daemon_runs_goes_within_a_second() {
     let root = TestRoot::new();
-    start_dipusd(&root);
+    start_reaping_dipusd(&root);
     make_dirs(&root, "local/text/plain");
     let path = stale_at(&root, "local/text/plain/old.testhost..3");
     let planted = Instant::now();
@@ -107,7 +77,7 @@ fn a_stale_socket_made_while_the_daemon_runs_goes_within_a_second() {
 #[test]
 fn files_symlinks_and_fifos_named_like_services_stay() {
     let root = TestRoot::new();
-    start_dipusd(&root);
+    start_reaping_dipusd(&root);
     let dir = make_dirs(&root, "local/text/plain");
     std::fs::write(dir.join("file.testhost..0"), "data\n").unwrap();
     nix::unistd::mkfifo(&dir.join("fifo.testhost..0"), nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
@@ -154,7 +124,7 @@ fn flood(path: PathBuf, stop: Arc<AtomicBool>, refused: Arc<AtomicU64>) {
 #[test]
 fn a_live_socket_under_a_connect_flood_is_never_removed() {
     let root = TestRoot::new();
-    start_dipusd(&root);
+    start_reaping_dipusd(&root);
     let dir = make_dirs(&root, "local/text/plain");
     let path = dir.join("busy.testhost..0");
     let listener = listen_with_backlog_one(&path);
@@ -192,7 +162,7 @@ fn a_live_socket_under_a_connect_flood_is_never_removed() {
 #[test]
 fn sockets_the_daemon_cannot_judge_stay() {
     let root = TestRoot::new();
-    start_dipusd(&root);
+    start_reaping_dipusd(&root);
     // A dead socket whose path is too long for connect(2): bound through a
     // short symlink to its deep directory.
     let deep = make_dirs(&root, &format!("local/{}/{}", "a".repeat(60), "b".repeat(60)));

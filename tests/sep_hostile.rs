@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::service::{assert_error, assert_success, dcat, listen_at, stop, wait_for_socket};
+use common::service::{assert_error, assert_success, dcat, listen_at, start_exporter, stop, wait_for_socket};
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -31,40 +31,6 @@ fn export(root: &TestRoot, command: &str, spec: &str, relative: &str) -> u32 {
     let pid = root.spawn(root.cmd("dipus-export-pipe").args(["--mode", "0666", command, spec]));
     wait_for_socket(root, pid, &root.tree().join(relative));
     pid
-}
-
-/// Whether something answers a PING on `port` with a status line (an
-/// allow list may answer 403: that is an answer too).
-fn answers(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
-    let mut reply = String::new();
-    stream.write_all(b"SEP/1 PING\n").is_ok()
-        && stream.read_to_string(&mut reply).is_ok()
-        && reply.starts_with("SEP/1 ")
-}
-
-/// Starts `dipus-exporter --port P --bind 127.0.0.1 ARGS…` for `root` on a
-/// free port and waits until it answers; returns the port. A port taken in
-/// the meantime makes the exporter exit: then another one is tried.
-fn start_exporter(root: &TestRoot, args: &[&str]) -> u16 {
-    for _ in 0..5 {
-        let port = free_port();
-        let pid = root
-            .spawn(root.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(args));
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
-            let running = root.with_child(pid, |c| c.is_running());
-            up = running && answers(port);
-            up || !running
-        });
-        if up {
-            return port;
-        }
-    }
-    panic!("the exporter did not start on any of 5 free ports");
 }
 
 /// The well-behaved client: dcat through the exported sorter.

@@ -17,11 +17,11 @@
 
 mod common;
 
-use common::service::{listen_at, make_dirs, wait_for_socket};
+use common::service::{listen_at, make_dirs, spawn_exporter, wait_for_socket};
 use common::*;
 use std::collections::BTreeSet;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -169,37 +169,6 @@ impl Drop for Service {
     }
 }
 
-/// Whether something answers a PING on `port` with a status line.
-fn answers(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(DEFAULT_TIMEOUT));
-    let mut reply = String::new();
-    stream.write_all(b"SEP/1 PING\n").is_ok()
-        && stream.read_to_string(&mut reply).is_ok()
-        && reply.starts_with("SEP/1 ")
-}
-
-/// `dipus-exporter` for `root` on a free loopback port, answering; returns
-/// its pid and port.
-fn start_exporter(root: &TestRoot) -> (u32, u16) {
-    for _ in 0..5 {
-        let port = free_port();
-        let pid = root.spawn(root.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]));
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
-            let running = root.with_child(pid, |c| c.is_running());
-            up = running && answers(port);
-            up || !running
-        });
-        if up {
-            return (pid, port);
-        }
-    }
-    panic!("the exporter did not start on any of 5 free ports");
-}
-
 /// `command`'s stderr goes to a file in the root's scratch dir, so the
 /// warnings expected here do not clutter the test output.
 fn quiet(root: &TestRoot, command: &mut Command, name: &str) {
@@ -224,7 +193,7 @@ struct Import {
 fn import_with(handler: Handler, wrap: impl FnOnce(&TestRoot, Command) -> Command) -> Import {
     let exporting = TestRoot::new().with_host("hosta");
     let service = Service::exported(&exporting, "echo", handler);
-    let (exporter, port) = start_exporter(&exporting);
+    let (exporter, port) = spawn_exporter(&exporting, &[]);
     let importing = TestRoot::new().with_host("hostb");
     let mut command = importing.cmd("dipus-import");
     command.args(["-f", &format!("sep://127.0.0.1:{port}")]);

@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::service::{is_socket, make_dirs};
+use common::service::{is_socket, make_dirs, start_reaping_dipusd};
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -40,36 +40,6 @@ const EMULATED_RACERS: usize = 4;
 const EMULATED_ROUNDS: u64 = 2500;
 const SERVER_RACERS: usize = 2;
 const SERVER_ROUNDS: u64 = 300;
-
-/// Starts `dipusd --no-discovery --port P --services <empty file>` in
-/// `root` on a free port and waits for its pidfile, written once its
-/// reaper runs; returns its pid. A port taken meanwhile makes dipusd exit:
-/// then another one is tried.
-fn start_dipusd(root: &TestRoot) -> u32 {
-    let services = root.path().join("services");
-    std::fs::write(&services, "").unwrap();
-    let pidfile = root.path().join("dipusd.pid");
-    for _ in 0..5 {
-        let _ = std::fs::remove_file(&pidfile);
-        let port = free_port().to_string();
-        let pid = root.spawn(root.cmd("dipusd").args(["--no-discovery", "--port", &port]).args([
-            "--services".as_ref(),
-            services.as_os_str(),
-            "--pidfile".as_ref(),
-            pidfile.as_os_str(),
-        ]));
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
-            let running = root.with_child(pid, |c| c.is_running());
-            up = running && std::fs::read_to_string(&pidfile).is_ok_and(|text| text == format!("{pid}\n"));
-            up || !running
-        });
-        if up {
-            return pid;
-        }
-    }
-    panic!("dipusd did not start on any of 5 free ports");
-}
 
 fn inode(path: &Path) -> Option<u64> {
     std::fs::symlink_metadata(path).ok().map(|meta| meta.ino())
@@ -257,7 +227,7 @@ fn emulated_racer(dir: PathBuf, racer: usize, flooded: bool, deadline: Instant, 
 #[test]
 fn emulated_servers_replacing_stale_sockets_thousands_of_times_never_lose_a_live_one_to_the_reaper() {
     let root = TestRoot::new();
-    let dipusd = start_dipusd(&root);
+    let dipusd = start_reaping_dipusd(&root);
     let dir = make_dirs(&root, "local/race");
     let tally = Arc::new(Tally::default());
     let deadline = Instant::now() + RACE;
@@ -353,7 +323,7 @@ fn server_racer(root: Arc<TestRoot>, racer: usize, deadline: Instant, tally: Arc
 #[test]
 fn real_servers_taking_over_killed_servers_sockets_never_lose_a_live_one_to_the_reaper() {
     let root = Arc::new(TestRoot::new());
-    let dipusd = start_dipusd(&root);
+    let dipusd = start_reaping_dipusd(&root);
     let tally = Arc::new(Tally::default());
     let deadline = Instant::now() + RACE;
     let started = Instant::now();

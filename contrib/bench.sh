@@ -49,7 +49,7 @@ BENCH_SKIP_STATIC=${BENCH_SKIP_STATIC:-0}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO" || exit 1
 
-log() { printf '==> %s\n' "$*" >&2; }
+log() { printf '==> [%3d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 note() { printf '    %s\n' "$*" >&2; }
 die() {
     printf 'bench: %s\n' "$*" >&2
@@ -69,7 +69,7 @@ to_bytes() {
     echo "$value"
 }
 
-BYTES=$(to_bytes "$BENCH_BYTES")
+BYTES=$(to_bytes "$BENCH_BYTES") || exit 1
 command -v socat >/dev/null || die "socat is needed (apt-get install socat)"
 command -v cargo >/dev/null || die "cargo is needed"
 
@@ -126,6 +126,7 @@ cleanup() {
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
         stop_group "${PIDS[i]}"
     done
+    [[ ${PAYLOAD_DIR:-$TMP} != "$TMP" ]] && rm -rf "$PAYLOAD_DIR"
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -220,11 +221,15 @@ bulk_row() { BULK+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
 # ------------------------------------------------------------------ clients
 
 # runs NAME CMD… — runs CMD BENCH_RUNS times, its result lines to stdout.
+# A run without a result line (nothing got through) ends the repetitions:
+# the case is reported as failed, and the others need not wait for it.
 runs() {
-    local name=$1 i
+    local name=$1 i line
     shift
     for ((i = 0; i < BENCH_RUNS; i++)); do
-        timeout 600 "$@" 2>>"$TMP/logs/$name.log" | tail -1
+        line=$(timeout 600 "$@" 2>>"$TMP/logs/$name.log" | tail -1)
+        [[ -n $line ]] || break
+        echo "$line"
     done
 }
 
@@ -311,8 +316,14 @@ SOURCE=$SERVICES/source.alpha..0
 ECHO=$SERVICES/echo.alpha..0
 ONE_BYTE=$TMP/one-byte
 printf x >"$ONE_BYTE"
-PAYLOAD=$TMP/payload
-truncate -s "$BYTES" "$PAYLOAD" # sparse: reading it costs no disk
+# A real file in memory (tmpfs), not a sparse one: reading holes would be
+# faster than any real data.
+PAYLOAD_DIR=$TMP
+if [[ -d /dev/shm ]] && (($(df -Pk /dev/shm | awk 'NR == 2 { print $4 }') * 1024 > 2 * BYTES)); then
+    PAYLOAD_DIR=$(mktemp -d /dev/shm/dipus-bench.XXXXXX) || PAYLOAD_DIR=$TMP
+fi
+PAYLOAD=$PAYLOAD_DIR/payload
+head -c "$BYTES" /dev/zero >"$PAYLOAD" || die "cannot write $BYTES bytes to $PAYLOAD"
 REQUEST=$TMP/request
 echo "$BYTES" >"$REQUEST"
 
@@ -340,10 +351,14 @@ for path in "$HOP_SINK" "$HOP_ECHO"; do wait_for is_socket "$path" || die "dipus
 for path in "$SOCAT1_SINK" "$SOCAT1B_SINK" "$SOCAT1_ECHO"; do wait_for accepts "$path" || die "socat did not start"; done
 
 log "starting the two-hop paths (dipus-exporter + dipus-import, socat over TCP)"
-SEP_PORT=$(free_port)
-start exporter "$BIN" exporter --port "$SEP_PORT" --bind 127.0.0.1 --allow 127.0.0.0/8
-EXPORTER=$STARTED
-wait_for listening_tcp "$SEP_PORT" || die "dipus-exporter did not start"
+for attempt in 1 2 3; do
+    SEP_PORT=$(free_port)
+    start exporter "$BIN" exporter --port "$SEP_PORT" --bind 127.0.0.1 --allow 127.0.0.0/8
+    EXPORTER=$STARTED
+    wait_for listening_tcp "$SEP_PORT" && break
+    stop "$EXPORTER"
+    ((attempt < 3)) || die "dipus-exporter did not start: $(tail -3 "$TMP/logs/exporter.log")"
+done
 start import env DIPUS_ROOT="$ROOT_B" DIPUS_HOSTNAME=beta "$BIN" import -f --pidfile "$TMP/import.pid" \
     "sep://127.0.0.1:$SEP_PORT"
 IMPORTER=$STARTED
@@ -353,10 +368,15 @@ wait_for is_socket "$IMP_SINK" && wait_for is_socket "$IMP_ECHO" || die "dipus-i
 SOCAT2_SINK=$TMP/socat2-sink.sock
 SOCAT2_ECHO=$TMP/socat2-echo.sock
 for role in sink echo; do
-    port=$(free_port)
-    start "socat2-$role-tcp" socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr,backlog=512" \
-        "UNIX-CONNECT:$SERVICES/$role.alpha..0"
-    wait_for listening_tcp "$port" || die "socat TCP-LISTEN did not start"
+    # A free port may be taken before socat binds it: try another.
+    for attempt in 1 2 3; do
+        port=$(free_port)
+        start "socat2-$role-tcp" socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr,backlog=512" \
+            "UNIX-CONNECT:$SERVICES/$role.alpha..0"
+        wait_for listening_tcp "$port" && break
+        stop "$STARTED"
+        ((attempt < 3)) || die "socat TCP-LISTEN did not start: $(tail -3 "$TMP/logs/socat2-$role-tcp.log")"
+    done
     start "socat2-$role-unix" socat "UNIX-LISTEN:$TMP/socat2-$role.sock,fork,backlog=512" "TCP:127.0.0.1:$port"
     wait_for accepts "$TMP/socat2-$role.sock" || die "socat UNIX-LISTEN did not start"
 done
@@ -606,14 +626,14 @@ for path in "${PATHS[@]}"; do
         P50[$path,$n]=$(field p50_us <<<"$lines" | median)
         P99[$path,$n]=$(field p99_us <<<"$lines" | median)
         RERR[$path,$n]=$(field errors <<<"$lines" | total)
-        [[ $(field rps <<<"$lines" | wc -l) -eq $BENCH_RUNS ]] || RERR[$path,$n]="${RERR[$path,$n]}+failed runs"
+        [[ $(field rps <<<"$lines" | wc -l) -eq $BENCH_RUNS ]] || RERR[$path,$n]="${RERR[$path,$n]} + a run failed"
         quiesce
         lines=$(runs "connect-$path-$n" "$BIN" bench connect --connect "${ECHO_OF[$path]}" --connections "$n" --seconds "$BENCH_SECONDS")
         CPS[$path,$n]=$(field cps <<<"$lines" | median)
         CP50[$path,$n]=$(field p50_us <<<"$lines" | median)
         CP99[$path,$n]=$(field p99_us <<<"$lines" | median)
         CERR[$path,$n]=$(field errors <<<"$lines" | total)
-        [[ $(field cps <<<"$lines" | wc -l) -eq $BENCH_RUNS ]] || CERR[$path,$n]="${CERR[$path,$n]}+failed runs"
+        [[ $(field cps <<<"$lines" | wc -l) -eq $BENCH_RUNS ]] || CERR[$path,$n]="${CERR[$path,$n]} + a run failed"
     done
 done
 
@@ -741,25 +761,42 @@ target "static binary size" "$STATIC_SIZE" "<" 1048576 "$STATIC_TEXT (< 1048576)
 bulk_row 7 "static binary (make static)" "$STATIC_TEXT" "" "" "< 1 MiB" "$VERDICT"
 
 : >"$TMP/services"
-ROOT_D=$TMP/d
 ANNOUNCE_PER_MINUTE=12 # the default ttl of 15 s: an announcement every 5 s
-if command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
-    # A network namespace of its own with only loopback: the advertiser's
-    # broadcasts stay off the machine's network.
-    start dipusd env DIPUS_ROOT="$ROOT_D" DIPUS_HOSTNAME=idle unshare -n sh -c 'ip link set lo up && exec "$@"' sh \
-        "$BIN" daemon --services "$TMP/services"
-    where="in a namespace with only loopback"
+# idle_daemon BINARY — starts dipusd from BINARY with an empty tree and no
+# services; its pid in DAEMON, where it runs in WHERE.
+idle_daemon() {
+    rm -rf "$TMP/d"
+    if command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
+        # A network namespace of its own with only loopback: the advertiser's
+        # broadcasts stay off the machine's network.
+        start dipusd env DIPUS_ROOT="$TMP/d" DIPUS_HOSTNAME=idle unshare -n sh -c 'ip link set lo up && exec "$@"' sh \
+            "$1" daemon --services "$TMP/services"
+        WHERE="in a namespace with only loopback"
+    else
+        start dipusd env DIPUS_ROOT="$TMP/d" DIPUS_HOSTNAME=idle "$1" daemon --no-discovery --services "$TMP/services" \
+            --bind 127.0.0.1 --port "$(free_port)"
+        WHERE="--no-discovery (no unshare here)"
+    fi
+    DAEMON=$STARTED
+    sleep 3
+}
+# The deployed binary is the static one; the release build (glibc, shared
+# libraries mapped) is shown beside it.
+STATIC_BIN=$(sed -n 's/^\([^ ]*\): [0-9][0-9]* bytes.*/\1/p' <<<"${static_out:-}" | head -1)
+[[ -z $STATIC_BIN || $STATIC_BIN == /* ]] || STATIC_BIN=$REPO/$STATIC_BIN
+if [[ -n $STATIC_BIN && -x $STATIC_BIN ]]; then
+    idle_daemon "$BIN"
+    RELEASE_RSS=$(mib "$(rss_kib "$DAEMON")")
+    stop "$DAEMON"
+    idle_daemon "$STATIC_BIN"
+    which="static binary; the release build: $RELEASE_RSS MiB"
 else
-    start dipusd env DIPUS_ROOT="$ROOT_D" DIPUS_HOSTNAME=idle "$BIN" daemon --no-discovery --services "$TMP/services" \
-        --bind 127.0.0.1 --port "$(free_port)"
-    where="--no-discovery (no unshare here)"
+    idle_daemon "$BIN"
+    which="release build; no static binary"
 fi
-DAEMON=$STARTED
-sleep 3
-IDLE_RSS=$(rss_kib "$DAEMON")
-r=$(mib "$IDLE_RSS")
+r=$(mib "$(rss_kib "$DAEMON")")
 target "idle dipusd RSS" "$r" "<" 2 "$r MiB (< 2 MiB)"
-bulk_row 7 "idle dipusd RSS, after 3 s ($where)" "$r MiB" "" "" "< 2 MiB" "$VERDICT"
+bulk_row 7 "idle dipusd RSS, after 3 s ($which; $WHERE)" "$r MiB" "" "" "< 2 MiB" "$VERDICT"
 switches() { awk '/^voluntary_ctxt_switches/ { v = $2 } /^nonvoluntary_ctxt_switches/ { n = $2 } END { print v + n }' "/proc/$1/status"; }
 before=$(switches "$DAEMON")
 WAKEUPS=n/a

@@ -169,7 +169,15 @@ impl fmt::Display for Selector {
                 }
                 Ok(())
             }
-            Selector::Protocol { components, .. } => f.write_str(&components.join("/")),
+            Selector::Protocol { components, file } => {
+                f.write_str(&components.join("/"))?;
+                // Without a file reading, only the trailing slash keeps it
+                // a protocol when parsed again (`http/`, not the NAME `http`).
+                if file.is_none() {
+                    f.write_str("/")?;
+                }
+                Ok(())
+            }
             Selector::Path(path) => write!(f, "{}", path.display()),
         }
     }
@@ -312,6 +320,10 @@ mod tests {
         assert!(selects("http/", "http/web.a..0"));
         assert!(selects("http/", "http/v2/web.a..0"));
         assert!(!selects("http/", "https/web.a..0"));
+        for text in ["http/", "audio/x.y/", "text/plain/sorter", "lame.encode..1", "madplay.stereo"] {
+            let selector = Selector::parse(text).unwrap();
+            assert_eq!(Selector::parse(&selector.to_string()).unwrap(), selector, "{text} round-trips");
+        }
         assert!(!selects("text/plain/sorter", "text/sorter.a..0"));
     }
 

@@ -812,10 +812,20 @@ impl Direction {
                 Ok(Step::Progress)
             }
             Err(error) if would_block(&error) => {
-                if bytes_readable(endpoints[source].fd) > 0 {
-                    endpoints[sink].set_blocked_write();
-                } else {
+                if bytes_readable(endpoints[source].fd) == 0 {
                     endpoints[source].set_blocked_read();
+                } else if endpoints[sink].kind == Kind::Pipe && bytes_readable(endpoints[sink].fd) == 0 {
+                    // Data waiting and an empty pipe, yet splice refused:
+                    // waiting for the pipe to become writable would wait
+                    // for an edge that never comes (seen with a UNIX
+                    // socket into ssh's stdin). Copy instead; at worst, a
+                    // race with the pipe's reader costs this direction its
+                    // zero-copy path, never its bytes.
+                    log::debug!("splice into an empty pipe refused; copying instead");
+                    self.strategy = Strategy::Buffered;
+                    return Ok(Step::Progress);
+                } else {
+                    endpoints[sink].set_blocked_write();
                 }
                 Ok(Step::Blocked)
             }

@@ -65,3 +65,23 @@ pub fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
         (None, b) => b,
     }
 }
+
+/// One `poll`: waits for events or `timeout`. An interrupting signal is
+/// not an error (its byte is in the signal pipe): the caller just goes
+/// round its loop again and finds no events.
+pub fn wait(poll: &mut mio::Poll, events: &mut mio::Events, timeout: Option<Duration>) -> std::io::Result<()> {
+    match poll.poll(events, timeout) {
+        Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {
+            events.clear();
+            Ok(())
+        }
+        result => result,
+    }
+}
+
+/// What an event says a descriptor can do. Hang-ups and errors count as
+/// both: the next read or write reports them.
+pub fn readiness(event: &mio::event::Event) -> (bool, bool) {
+    let broken = event.is_error();
+    (event.is_readable() || event.is_read_closed() || broken, event.is_writable() || event.is_write_closed() || broken)
+}

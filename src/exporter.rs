@@ -193,8 +193,7 @@ impl Exporter {
         } else if id >= CONNECTION_BASE {
             let connection = (id - CONNECTION_BASE) / 2;
             let side = (id - CONNECTION_BASE) % 2;
-            let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-            let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+            let (readable, writable) = event_loop::readiness(event);
             self.connection_event(registry, connection, side, readable, writable);
         }
     }
@@ -609,11 +608,7 @@ pub fn run(exporter: &mut Exporter, signals: &crate::signals::SignalPipe) -> io:
     }
     let mut events = mio::Events::with_capacity(1024);
     loop {
-        match poll.poll(&mut events, exporter.timeout()) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
+        crate::event_loop::wait(&mut poll, &mut events, exporter.timeout())?;
         for event in events.iter() {
             match event.token() {
                 SIGNALS => {

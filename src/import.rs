@@ -264,13 +264,6 @@ fn would_block(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::WouldBlock
 }
 
-fn readiness(event: &mio::event::Event) -> (bool, bool) {
-    (
-        event.is_readable() || event.is_read_closed() || event.is_error(),
-        event.is_writable() || event.is_write_closed() || event.is_error(),
-    )
-}
-
 impl Importer {
     pub fn new(tree: Tree, config: ImportConfig, component: u8) -> Importer {
         Importer {
@@ -365,7 +358,7 @@ impl Importer {
 
     pub fn handle_event(&mut self, registry: &Registry, event: &mio::event::Event) {
         let id = event_loop::id(event.token());
-        let (readable, writable) = readiness(event);
+        let (readable, writable) = event_loop::readiness(event);
         if id == SESSION {
             self.session_ready(registry);
         } else if id >= LINK_BASE {

@@ -273,9 +273,9 @@ impl Socket {
     }
 
     fn ready(&mut self, event: &mio::event::Event) {
-        // Errors and hang-ups count as both: the next operation says which.
-        self.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
-        self.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
+        let (readable, writable) = crate::event_loop::readiness(event);
+        self.readable |= readable;
+        self.writable |= writable;
     }
 
     fn read(&mut self, buffer: &mut [u8]) -> io::Result<Moved> {
@@ -593,11 +593,7 @@ fn run_server(role: Role, listening: &[Listening], signals: &SignalPipe) -> io::
     let mut reserve = DescriptorReserve::new();
     let mut events = Events::with_capacity(1024);
     loop {
-        match poll.poll(&mut events, None) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
+        crate::event_loop::wait(&mut poll, &mut events, None)?;
         for event in events.iter() {
             match event.token() {
                 SIGNALS => {
@@ -725,11 +721,7 @@ fn open_all(destination: &Destination, count: usize, registry: &Registry) -> Res
 }
 
 fn poll_once(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) -> Result<(), Error> {
-    match poll.poll(events, timeout) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(()),
-        Err(error) => Err(Error::io("cannot wait for the connections", error)),
-    }
+    crate::event_loop::wait(poll, events, timeout).map_err(|e| Error::io("cannot wait for the connections", e))
 }
 
 /// Prints the result line; errors make the exit status 1.

@@ -256,11 +256,7 @@ impl Daemon {
     fn run(&mut self, poll: &mut Poll, signals: &SignalPipe) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            match poll.poll(&mut events, self.timeout()) {
-                Ok(()) => {}
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(error),
-            }
+            crate::event_loop::wait(poll, &mut events, self.timeout())?;
             let registry = poll.registry();
             for event in events.iter() {
                 let token = event.token();

@@ -70,11 +70,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         }
         let timeout =
             crate::event_loop::earliest(discovery.timeout(), deadline.map(|d| d.saturating_duration_since(now)));
-        match poll.poll(&mut events, timeout) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(Error::io("event loop failed", error)),
-        }
+        crate::event_loop::wait(&mut poll, &mut events, timeout).map_err(|e| Error::io("event loop failed", e))?;
         if !events.is_empty() {
             discovery.handle_readable();
         }

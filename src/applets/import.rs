@@ -121,11 +121,7 @@ fn run(
         } else {
             event_loop::earliest(timeout, Some(deadline.saturating_duration_since(Instant::now())))
         };
-        match poll.poll(&mut events, timeout) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(loop_error(error)),
-        }
+        crate::event_loop::wait(poll, &mut events, timeout).map_err(loop_error)?;
         for event in events.iter() {
             if event.token() == SIGNALS {
                 if !signals.drain().is_empty() {

@@ -233,11 +233,7 @@ fn run(server: &mut PipeServer, signals: &SignalPipe) -> io::Result<()> {
     let mut events = Events::with_capacity(16);
     server.accept_ready()?;
     loop {
-        match poll.poll(&mut events, None) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
+        crate::event_loop::wait(&mut poll, &mut events, None)?;
         for event in events.iter() {
             match event.token() {
                 LISTENER => server.accept_ready()?,

@@ -96,11 +96,7 @@ fn run(socket: &ServiceSocket, target: &std::path::Path, signals: &SignalPipe) -
     let mut reserve = DescriptorReserve::new();
     let mut events = Events::with_capacity(1024);
     loop {
-        match poll.poll(&mut events, None) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
+        crate::event_loop::wait(&mut poll, &mut events, None)?;
         for event in events.iter() {
             match event.token() {
                 SIGNALS => {
@@ -116,8 +112,7 @@ fn run(socket: &ServiceSocket, target: &std::path::Path, signals: &SignalPipe) -
                         continue;
                     };
                     let fd = if id % 2 == 0 { link.client.as_raw_fd() } else { link.target.as_raw_fd() };
-                    let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                    let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                    let (readable, writable) = event_loop::readiness(event);
                     link.relay.set_ready(fd, readable, writable);
                     let done = match link.relay.pump() {
                         Ok(()) => link.relay.is_done(),

@@ -110,11 +110,7 @@ fn run(
     let mut events = Events::with_capacity(1024);
     loop {
         let timeout = earliest(imports.timeout(), discovery.as_ref().and_then(|d| d.timeout()));
-        match poll.poll(&mut events, timeout) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
+        crate::event_loop::wait(poll, &mut events, timeout)?;
         for event in events.iter() {
             match event_loop::component(event.token()) {
                 SIGNALS => {

@@ -184,23 +184,9 @@ fn user_name() -> String {
 /// The sockets under `dir` whose names are not hidden, as sorted paths
 /// relative to it.
 fn services_under(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let file_type = entry.file_type().unwrap();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            if file_type.is_dir() {
-                walk(base, &entry.path(), found);
-            } else if file_type.is_socket() {
-                found.push(entry.path().strip_prefix(base).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(dir, dir, &mut found);
-    found.sort();
-    found
+    // Hidden names (ssh's control socket) are not services.
+    let visible = |path: &String| !path.split('/').any(|component| component.starts_with('.'));
+    common::service::sockets(dir).into_iter().filter(visible).collect()
 }
 
 fn stderr_of(out: &Output) -> String {

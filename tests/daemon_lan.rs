@@ -8,10 +8,10 @@
 
 mod common;
 
-use common::netns::{Host, Net};
+use common::lan::Lan;
 use common::service::{assert_success, sockets, text, wait_for_socket};
 use common::*;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// A new service is usable on the other hosts this soon.
@@ -27,44 +27,12 @@ const RETURN: Duration = Duration::from_secs(3);
 /// The sorter as the others import it.
 const SORTER: &str = "imported/text/plain/sorter.h1..0";
 
-/// Three hosts. Fields drop in order: the namespaces and every process in
-/// them go first, then the trees.
-struct Lan {
-    net: Net,
-    roots: Vec<TestRoot>,
+/// The three hosts h1, h2, h3.
+fn three_hosts() -> Option<Lan> {
+    Lan::new(&["h1", "h2", "h3"])
 }
 
 impl Lan {
-    /// None (after a loud skip) without root or ip(8).
-    fn new() -> Option<Lan> {
-        let net = Net::new(3)?;
-        let roots = ["h1", "h2", "h3"].iter().map(|host| TestRoot::new().with_host(host)).collect();
-        Some(Lan { net, roots })
-    }
-
-    fn host(&self, index: usize) -> &Host {
-        self.net.host(index)
-    }
-
-    fn root(&self, index: usize) -> &TestRoot {
-        &self.roots[index]
-    }
-
-    /// `ip netns exec HOST APPLET ARGS…` with that host's tree and name.
-    fn on(&self, index: usize, applet: &str, args: &[&str]) -> Command {
-        let root = self.root(index);
-        let mut cmd = self.host(index).cmd(applet_bin(applet), args);
-        cmd.env("DIPUS_ROOT", root.tree())
-            .env("DIPUS_HOSTNAME", &root.host)
-            .env_remove("DIPUS_PORT")
-            .env_remove("DIPUS_DISCOVERY_PORT")
-            .env_remove("RUST_LOG");
-        if let Some(level) = std::env::var_os("DIPUS_TEST_LOG") {
-            cmd.env("RUST_LOG", level);
-        }
-        cmd
-    }
-
     /// Starts `dipusd ARGS… --pidfile F` on host `index` and waits for the
     /// pidfile, written once its sockets are bound; returns its pid.
     fn start_dipusd(&self, index: usize, args: &[&str]) -> u32 {
@@ -153,7 +121,7 @@ impl Lan {
 
 #[test]
 fn a_service_exported_on_h1_is_used_on_h2_and_h3_and_goes_when_it_goes() {
-    let Some(lan) = Lan::new() else { return };
+    let Some(lan) = three_hosts() else { return };
     lan.start_all(&[]);
     let (sorter, created) = lan.export(0, "LC_ALL=C sort", "sorter/text/plain");
     lan.wait_sorter_on_others(created, APPEAR, "the new sorter usable on h2 and h3");
@@ -168,7 +136,7 @@ fn a_service_exported_on_h1_is_used_on_h2_and_h3_and_goes_when_it_goes() {
 
 #[test]
 fn h1s_daemon_killed_restarted_and_stopped_takes_its_services_away_and_brings_them_back() {
-    let Some(lan) = Lan::new() else { return };
+    let Some(lan) = three_hosts() else { return };
     let ttl = SHORT_TTL.to_string();
     let pids = lan.start_all(&["--ttl", &ttl]);
     let (_, created) = lan.export(0, "LC_ALL=C sort", "sorter/text/plain");
@@ -203,7 +171,7 @@ fn h1s_daemon_killed_restarted_and_stopped_takes_its_services_away_and_brings_th
 
 #[test]
 fn the_discoverer_on_h3_lists_h1_and_h2_and_not_itself() {
-    let Some(lan) = Lan::new() else { return };
+    let Some(lan) = three_hosts() else { return };
     lan.start_all(&[]);
     let out = run_with_timeout(&mut lan.on(2, "dipus-discoverer", &[]), None, DEFAULT_TIMEOUT);
     assert_success(&out, "dipus-discoverer on h3");

@@ -22,7 +22,8 @@
 
 mod common;
 
-use common::netns::{Host, Net};
+use common::lan::Lan;
+use common::netns::Host;
 use common::service::{
     assert_error, assert_success, egid, euid, group_name, sockets, start_exporter, text, user_name, wait_for_socket,
 };
@@ -255,43 +256,7 @@ fn import_proxies_take_the_mode_and_group_asked_for() {
 // Network namespaces.
 // ---------------------------------------------------------------------
 
-/// Hosts on one bridge, each with its own tree named after it. Fields drop
-/// in order: the namespaces and every process in them go first.
-struct Lan {
-    net: Net,
-    roots: Vec<TestRoot>,
-}
-
 impl Lan {
-    /// None (after a loud skip) without root or ip(8).
-    fn new(names: &[&str]) -> Option<Lan> {
-        let net = Net::new(names.len())?;
-        Some(Lan { net, roots: names.iter().map(|name| TestRoot::new().with_host(name)).collect() })
-    }
-
-    fn host(&self, index: usize) -> &Host {
-        self.net.host(index)
-    }
-
-    fn root(&self, index: usize) -> &TestRoot {
-        &self.roots[index]
-    }
-
-    /// `ip netns exec HOST APPLET ARGS…` with that host's tree and name.
-    fn on(&self, index: usize, applet: &str, args: &[&str]) -> Command {
-        let root = self.root(index);
-        let mut cmd = self.host(index).cmd(applet_bin(applet), args);
-        cmd.env("DIPUS_ROOT", root.tree())
-            .env("DIPUS_HOSTNAME", &root.host)
-            .env_remove("DIPUS_PORT")
-            .env_remove("DIPUS_DISCOVERY_PORT")
-            .env_remove("RUST_LOG");
-        if let Some(level) = std::env::var_os("DIPUS_TEST_LOG") {
-            cmd.env("RUST_LOG", level);
-        }
-        cmd
-    }
-
     /// `sep://<address of host index>` (the default port).
     fn uri(&self, index: usize) -> String {
         format!("sep://{}", self.host(index).addr())

@@ -20,6 +20,7 @@
 
 pub mod child;
 pub mod data;
+pub mod lan;
 pub mod netns;
 pub mod proc;
 pub mod root;

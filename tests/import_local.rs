@@ -7,7 +7,8 @@
 
 mod common;
 
-use common::proc::{self, ProcId};
+use common::proc;
+use common::proc::Background;
 use common::service::{assert_error, assert_success, dcat, listen_at, sockets, start_exporter, stop, wait_for_socket};
 use common::*;
 use std::fs::File;
@@ -32,59 +33,6 @@ fn export(root: &TestRoot, command: &str, spec: &str) -> u32 {
     let pid = root.spawn(root.cmd("dipus-export-pipe").args(["--mode", "0666", command, spec]));
     wait_for_socket(root, pid, &root.tree().join(format!("exported/{protocol}/{name}.{}..0", root.host)));
     pid
-}
-
-/// An importer gone to the background, known by its pidfile: SIGTERM on
-/// drop, SIGKILL if it lingers.
-struct Background {
-    id: ProcId,
-}
-
-impl Background {
-    /// The importer named in `pidfile`, which must exist already.
-    fn from_pidfile(pidfile: &Path) -> Background {
-        let present = pidfile.exists();
-        if !present {
-            // Found late or not, the importer must not outlive the test.
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while !pidfile.exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let text = std::fs::read_to_string(pidfile)
-            .unwrap_or_else(|e| panic!("{} missing after the import returned: {e}", pidfile.display()));
-        let pid: u32 =
-            text.strip_suffix('\n').and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("pidfile {text:?}"));
-        let id = proc::proc_id(pid).unwrap_or_else(|| panic!("the importer {pid} is not running"));
-        let background = Background { id };
-        assert!(present, "{} missing when the import returned", pidfile.display());
-        background
-    }
-
-    fn is_alive(&self) -> bool {
-        proc::proc_id(self.id.pid) == Some(self.id) && proc::is_alive(self.id.pid)
-    }
-
-    /// SIGTERM; true if it is gone within `timeout`.
-    fn terminate(&self, timeout: Duration) -> bool {
-        proc::signal_same(&[self.id], "TERM");
-        let deadline = Instant::now() + timeout;
-        while self.is_alive() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if !self.terminate(Duration::from_secs(2)) {
-            proc::signal_same(&[self.id], "KILL");
-        }
-    }
 }
 
 /// Runs `dipus-import ARGS…` as a shell script would: done the moment the

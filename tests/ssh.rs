@@ -12,7 +12,8 @@
 mod common;
 
 use common::data::Random;
-use common::proc::{self, ProcId};
+use common::proc;
+use common::proc::Background;
 use common::service::{assert_error, assert_success, euid, is_socket, listen_at, stop, wait_for_socket};
 use common::sshd::Sshd;
 use common::*;
@@ -191,47 +192,6 @@ fn services_under(dir: &Path) -> Vec<String> {
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// An importer gone to the background, known by its pidfile: SIGTERM on
-/// drop, SIGKILL if it lingers.
-struct Background {
-    id: ProcId,
-}
-
-impl Background {
-    fn from_pidfile(pidfile: &Path) -> Background {
-        let text = std::fs::read_to_string(pidfile)
-            .unwrap_or_else(|e| panic!("{} missing after the import returned: {e}", pidfile.display()));
-        let pid: u32 =
-            text.strip_suffix('\n').and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("pidfile {text:?}"));
-        Background { id: proc::proc_id(pid).unwrap_or_else(|| panic!("the importer {pid} is not running")) }
-    }
-
-    fn is_alive(&self) -> bool {
-        proc::proc_id(self.id.pid) == Some(self.id) && proc::is_alive(self.id.pid)
-    }
-
-    /// SIGTERM; true if it is gone within `timeout`.
-    fn terminate(&self, timeout: Duration) -> bool {
-        proc::signal_same(&[self.id], "TERM");
-        let deadline = Instant::now() + timeout;
-        while self.is_alive() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if !self.terminate(Duration::from_secs(2)) {
-            proc::signal_same(&[self.id], "KILL");
-        }
-    }
 }
 
 /// `dipus-import --pidfile … URI`, asserted to succeed quietly; the

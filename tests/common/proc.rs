@@ -98,3 +98,56 @@ pub fn signal_same(procs: &[ProcId], sig: &str) {
     let still: Vec<u32> = procs.iter().filter(|p| proc_id(p.pid) == Some(**p)).map(|p| p.pid).collect();
     signal(&still, sig);
 }
+
+/// A daemon (an importer) gone to the background, known by its pidfile: SIGTERM on
+/// drop, SIGKILL if it lingers.
+pub struct Background {
+    id: ProcId,
+}
+
+impl Background {
+    /// The importer named in `pidfile`, which must exist already.
+    pub fn from_pidfile(pidfile: &std::path::Path) -> Background {
+        let present = pidfile.exists();
+        if !present {
+            // Found late or not, the importer must not outlive the test.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !pidfile.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        let text = std::fs::read_to_string(pidfile)
+            .unwrap_or_else(|e| panic!("{} missing after the import returned: {e}", pidfile.display()));
+        let pid: u32 =
+            text.strip_suffix('\n').and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("pidfile {text:?}"));
+        let id = proc_id(pid).unwrap_or_else(|| panic!("the importer {pid} is not running"));
+        let background = Background { id };
+        assert!(present, "{} missing when the import returned", pidfile.display());
+        background
+    }
+
+    pub fn is_alive(&self) -> bool {
+        proc_id(self.id.pid) == Some(self.id) && is_alive(self.id.pid)
+    }
+
+    /// SIGTERM; true if it is gone within `timeout`.
+    pub fn terminate(&self, timeout: std::time::Duration) -> bool {
+        signal_same(&[self.id], "TERM");
+        let deadline = std::time::Instant::now() + timeout;
+        while self.is_alive() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if !self.terminate(std::time::Duration::from_secs(2)) {
+            signal_same(&[self.id], "KILL");
+        }
+    }
+}

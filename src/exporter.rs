@@ -28,6 +28,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::allow::AllowList;
 use crate::event_loop::{self, Timers};
+use crate::net::DescriptorReserve;
 use crate::relay::{Relay, Way};
 use crate::selector::Selector;
 use crate::sep::{self, Request, Status, StatusLine};
@@ -80,9 +81,9 @@ pub struct Exporter {
     timers: Timers,
     allow: AllowList,
     max_connections: usize,
-    /// Closed to make room when descriptors run out, so the peer can be
-    /// told 503 instead of being left in the backlog.
-    spare: Option<std::fs::File>,
+    /// Freed when descriptors run out, so the peer can be told 503
+    /// instead of being left in the backlog.
+    reserve: DescriptorReserve,
 }
 
 fn token(id: usize) -> Token {
@@ -154,7 +155,7 @@ impl Exporter {
             timers: Timers::default(),
             allow: config.allow,
             max_connections: config.max_connections,
-            spare: std::fs::File::open("/dev/null").ok(),
+            reserve: DescriptorReserve::new(),
         })
     }
 
@@ -211,7 +212,7 @@ impl Exporter {
                 Ok(accepted) => accepted,
                 Err(error) if would_block(&error) => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                Err(error) if DescriptorReserve::is_exhaustion(&error) => {
                     if !self.refuse_for_lack_of_descriptors(index) {
                         return;
                     }
@@ -256,23 +257,18 @@ impl Exporter {
         }
     }
 
-    /// Out of descriptors: free the reserve, take one pending connection,
+    /// Out of descriptors: take one pending connection with the reserve,
     /// tell it 503 and close it. Returns whether one was refused.
     fn refuse_for_lack_of_descriptors(&mut self, index: usize) -> bool {
-        let Some(spare) = self.spare.take() else {
-            return false;
-        };
-        drop(spare);
-        let refused = match self.listeners[index].accept() {
+        let listener = &self.listeners[index];
+        self.reserve.refuse_one(|| match listener.accept() {
             Ok((stream, peer)) => {
                 log::warn!("{peer}: refused, out of file descriptors");
                 refuse(&mut into_std(stream), StatusLine::with_detail(Status::Unavailable, "server overloaded"));
                 true
             }
             Err(_) => false,
-        };
-        self.spare = std::fs::File::open("/dev/null").ok();
-        refused
+        })
     }
 
     fn close(&mut self, registry: &Registry, id: usize) {

@@ -32,6 +32,8 @@ use crate::watch::{Change, TreeWatcher};
 
 /// Sweeps follow exits this soon, so a burst of exits costs one sweep.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// The second look after an exit.
+const RECHECK: Duration = Duration::from_secs(1);
 /// The safety-net sweep.
 pub const SLOW_SWEEP: Duration = Duration::from_secs(60);
 /// The sweep interval where processes cannot be watched.
@@ -49,6 +51,10 @@ pub struct Reaper {
     /// Whether every live socket's holders could be watched.
     watching_all: bool,
     sweep_at: Option<Instant>,
+    /// A process holding a socket exited: sweep once more a little later,
+    /// for a socket that outlived it in a child caught between fork and
+    /// exec (it closes at exec, with no event of its own).
+    recheck: bool,
     map_at: Option<Instant>,
     next_slow: Instant,
     pub removed: u64,
@@ -109,6 +115,7 @@ impl Reaper {
             processes: HashMap::new(),
             watching_all: false,
             sweep_at: Some(now),
+            recheck: false,
             map_at: Some(now),
             next_slow: now + SLOW_SWEEP,
             removed: 0,
@@ -154,6 +161,7 @@ impl Reaper {
             }
             log::debug!("process {pid} holding a service socket exited");
             self.schedule_sweep(DEBOUNCE);
+            self.recheck = true;
         }
     }
 
@@ -165,6 +173,9 @@ impl Reaper {
         }
         if self.sweep_at.is_some_and(|at| now >= at) || now >= self.next_slow {
             self.sweep_at = None;
+            if std::mem::take(&mut self.recheck) {
+                self.schedule_sweep(RECHECK);
+            }
             self.sweep();
             let interval = if self.watching_all { SLOW_SWEEP } else { FALLBACK_SWEEP };
             self.next_slow = now + interval;

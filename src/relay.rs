@@ -24,9 +24,11 @@
 //! or a `polling` loop, level-triggered) sets it again on the next event.
 //! Descriptors that are not nonblocking (a terminal, a blocking socket given
 //! to dcat) get one operation per readiness event, which cannot block long.
-//! `splice`'s `EAGAIN` does not say which end would block; the relay asks
-//! `FIONREAD` or its own count of bytes in the pipe instead of guessing, so
-//! it never stalls with data in a pipe and never spins.
+//! `splice`'s `EAGAIN` does not say which end would block. Through a pool
+//! pipe the relay knows (it drains the pipe before reading again); between
+//! a pipe and a socket it polls both ends after the `EAGAIN` and waits only
+//! on an end it saw blocked, so it never waits for an edge that cannot come
+//! and never spins.
 //!
 //! The relay does not own the descriptors: the caller keeps them open for
 //! the relay's lifetime and closes them afterwards.
@@ -42,6 +44,9 @@ const SPLICE_CHUNK: usize = 1 << 20;
 /// Pipes one process may hold for splicing, in use or pooled. Each can pin
 /// 16 pages; the kernel's per-user soft limit is typically 16384 pages.
 pub const MAX_PIPES: usize = 256;
+/// A direct splice that fails this often in a row while poll calls both
+/// ends ready gives way to copying, so the relay can never spin on it.
+const MAX_REFUSALS: u8 = 8;
 /// Idle pipes kept for reuse.
 const POOL_SIZE: usize = 32;
 
@@ -272,6 +277,9 @@ struct Direction {
     /// goes back to the pool but this stays, so a stream that pauses
     /// resumes in splice mode without a copying read first.
     bulk: bool,
+    /// EAGAINs in a row from a direct splice while both ends polled
+    /// ready (see [`MAX_REFUSALS`]).
+    refusals: u8,
     bytes: u64,
     /// The sink refused data (peer gone, EPIPE): bytes were lost.
     broken: Option<io::ErrorKind>,
@@ -532,6 +540,7 @@ impl Direction {
             pipe: None,
             in_pipe: 0,
             bulk: false,
+            refusals: 0,
             bytes: 0,
             broken: None,
         }
@@ -809,23 +818,35 @@ impl Direction {
             }
             Ok(moved) => {
                 self.bytes += moved as u64;
+                self.refusals = 0;
                 Ok(Step::Progress)
             }
             Err(error) if would_block(&error) => {
-                if bytes_readable(endpoints[source].fd) == 0 {
-                    endpoints[source].set_blocked_read();
-                } else if endpoints[sink].kind == Kind::Pipe && bytes_readable(endpoints[sink].fd) == 0 {
-                    // Data waiting and an empty pipe, yet splice refused:
-                    // waiting for the pipe to become writable would wait
-                    // for an edge that never comes (seen with a UNIX
-                    // socket into ssh's stdin). Copy instead; at worst, a
-                    // race with the pipe's reader costs this direction its
-                    // zero-copy path, never its bytes.
-                    log::debug!("splice into an empty pipe refused; copying instead");
-                    self.strategy = Strategy::Buffered;
-                    return Ok(Step::Progress);
-                } else {
+                #[cfg(test)]
+                tests::between_eagain_and_judgement(endpoints[source].fd);
+                // Which end would block? Only what is seen *after* the
+                // EAGAIN is safe to wait on: an end seen blocked now will
+                // raise an edge when it unblocks. Asking the source for
+                // bytes instead races with a writer: data arriving just
+                // after a dry splice looked like a full sink, and waiting
+                // for a pipe that was never full waits for an edge that
+                // never comes (a pipe wakes writers only when it stops
+                // being full). That stalled bulk streams into ssh.
+                let (source_ready, sink_ready) = ready_now(endpoints[source].fd, endpoints[sink].fd);
+                if !sink_ready {
                     endpoints[sink].set_blocked_write();
+                } else if !source_ready {
+                    endpoints[source].set_blocked_read();
+                } else {
+                    // Both ready now: something moved in between; try
+                    // again, but never spin on a splice that keeps
+                    // refusing what poll promises: copy instead.
+                    self.refusals += 1;
+                    if self.refusals > MAX_REFUSALS {
+                        log::debug!("splice keeps refusing ready descriptors; copying instead");
+                        self.strategy = Strategy::Buffered;
+                    }
+                    return Ok(Step::Progress);
                 }
                 Ok(Step::Blocked)
             }
@@ -966,15 +987,24 @@ fn sendfile(_to: RawFd, _from: RawFd, _length: usize) -> io::Result<usize> {
 }
 
 /// Bytes waiting to be read on a socket or pipe (0 if it cannot tell).
-fn bytes_readable(fd: RawFd) -> usize {
-    let mut count: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let value = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut count) };
-    if value < 0 {
-        0
-    } else {
-        count.max(0) as usize
+/// Whether `source` has something to read (or an EOF or error to report)
+/// and `sink` room to write (or an error to report), as of now. For a
+/// pipe, "room" is the kernel's own test: not full by buffer slots, which
+/// counting bytes cannot tell.
+fn ready_now(source: RawFd, sink: RawFd) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd { fd: source, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: sink, events: libc::POLLOUT, revents: 0 },
+    ];
+    // SAFETY: poll reads and writes the two pollfds we own; zero timeout.
+    let count = unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) };
+    if count < 0 {
+        // Cannot tell (EINTR, ENOMEM): call both ready, so the caller
+        // retries and, if that keeps failing, copies instead.
+        return (true, true);
     }
+    let any = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+    (fds[0].revents & (libc::POLLIN | any) != 0, fds[1].revents & (libc::POLLOUT | any) != 0)
 }
 
 #[cfg(test)]
@@ -982,6 +1012,59 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
+
+    type Race = Option<(RawFd, Box<dyn FnOnce()>)>;
+
+    thread_local! {
+        /// Run once by a direct splice's EAGAIN before it judges which end
+        /// blocked: lets a test land data in the race window.
+        static RACE: RefCell<Race> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn between_eagain_and_judgement(source: RawFd) {
+        let race = RACE.with(|race| {
+            let mut race = race.borrow_mut();
+            if race.as_ref().is_some_and(|(fd, _)| *fd == source) {
+                race.take()
+            } else {
+                None
+            }
+        });
+        if let Some((_, race)) = race {
+            race();
+        }
+    }
+
+    /// A splice finds the socket dry; before the relay looks, a byte
+    /// arrives, while the pipe holds data but is far from full. The relay
+    /// must not conclude "the pipe is full" and wait for a writable edge a
+    /// pipe that is not full never raises (the ssh-import stall).
+    #[test]
+    fn data_landing_after_a_dry_splice_is_not_mistaken_for_a_full_pipe() {
+        let (mut client, a) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let (pipe_read, pipe_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        let (back_read, _back_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        std::fs::File::from(pipe_write.try_clone().unwrap()).write_all(&[7; 1000]).unwrap();
+        let mut relay = Relay::new(&[a.as_raw_fd()], pipe_write.as_raw_fd(), back_read.as_raw_fd(), a.as_raw_fd());
+        client.write_all(b"first").unwrap();
+        let mut late = client.try_clone().unwrap();
+        let race: Box<dyn FnOnce()> = Box::new(move || late.write_all(b"late").unwrap());
+        RACE.with(|slot| *slot.borrow_mut() = Some((a.as_raw_fd(), race)));
+        relay.pump().unwrap();
+        assert_eq!(bytes_in(&pipe_read), 1000 + 5 + 4, "the late bytes were not moved");
+        let waits_on_pipe = relay.interests().iter().any(|i| i.fd == pipe_write.as_raw_fd() && i.write);
+        assert!(!waits_on_pipe, "waits for the pipe to drain though it has room");
+        let waits_on_client = relay.interests().iter().any(|i| i.fd == a.as_raw_fd() && i.read);
+        assert!(waits_on_client, "a dry source must be waited on");
+    }
+
+    fn bytes_in(pipe: &OwnedFd) -> usize {
+        let mut count: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        assert_eq!(unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut count) }, 0);
+        count as usize
+    }
 
     /// Drives a relay with a simple level-triggered poll loop until `done`.
     fn drive(relay: &mut Relay, mut done: impl FnMut(&Relay) -> bool) {
@@ -1095,6 +1178,96 @@ mod tests {
         writer.join().unwrap();
         drop(relay);
         drop(b);
+        assert!(reader.join().unwrap() == data);
+    }
+
+    /// The ssh shape, driven edge-triggered as the importer drives it: a
+    /// socket spliced into a pipe whose reader is slow, and a pipe back
+    /// into the socket, with a writer that pauses between bursts. A wait
+    /// for an edge that never comes is a stall here, not a pass.
+    #[test]
+    fn edge_triggered_socket_through_slow_pipes() {
+        use mio::unix::SourceFd;
+        use mio::{Events, Interest, Poll, Token};
+        let (mut client, a) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let (in_read, in_write) = nix::unistd::pipe().unwrap();
+        let (out_read, out_write) = nix::unistd::pipe().unwrap();
+        for fd in [&in_write, &out_read] {
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+        }
+        let data = pattern(24 * 1024 * 1024, 11);
+        let sent = data.clone();
+        let mut client_reader = client.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut offset = 0;
+            let mut size = 1usize;
+            while offset < sent.len() {
+                let end = (offset + size).min(sent.len());
+                client.write_all(&sent[offset..end]).unwrap();
+                offset = end;
+                size = (size * 7 + 3) % 70_000 + 1;
+                if size % 5 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            client_reader.read_to_end(&mut got).unwrap();
+            got
+        });
+        // The far side: reads ssh's stdin in small pieces, with pauses,
+        // and echoes into its stdout.
+        let remote = std::thread::spawn(move || {
+            let mut input = std::fs::File::from(in_read);
+            let mut output = std::fs::File::from(out_write);
+            let mut buffer = vec![0; 3000];
+            let mut rounds = 0u32;
+            loop {
+                let count = input.read(&mut buffer).unwrap();
+                if count == 0 {
+                    break;
+                }
+                output.write_all(&buffer[..count]).unwrap();
+                rounds += 1;
+                if rounds % 64 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        });
+        let mut relay = Relay::new(&[a.as_raw_fd()], in_write.as_raw_fd(), out_read.as_raw_fd(), a.as_raw_fd());
+        relay.adopt(in_write);
+        let mut poll = Poll::new().unwrap();
+        let all = Interest::READABLE | Interest::WRITABLE;
+        let fds = [a.as_raw_fd(), relay.endpoints[1].fd, out_read.as_raw_fd()];
+        for (index, fd) in fds.iter().enumerate() {
+            poll.registry().register(&mut SourceFd(fd), Token(index), all).unwrap();
+        }
+        let mut events = Events::with_capacity(8);
+        while !relay.is_done() {
+            relay.pump().unwrap();
+            if relay.is_done() {
+                break;
+            }
+            poll.poll(&mut events, Some(std::time::Duration::from_secs(5))).unwrap();
+            assert!(
+                !events.is_empty(),
+                "stalled after {} bytes out, {} back",
+                relay.bytes(Way::Forward),
+                relay.bytes(Way::Backward)
+            );
+            for event in events.iter() {
+                let writable = event.is_writable() || event.is_error();
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                relay.set_ready(fds[event.token().0], readable, writable);
+            }
+        }
+        writer.join().unwrap();
+        remote.join().unwrap();
+        drop(relay);
+        drop(a);
         assert!(reader.join().unwrap() == data);
     }
 

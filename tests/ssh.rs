@@ -553,7 +553,6 @@ fn a_key_the_server_refuses_leaves_ssh_to_say_why() {
 }
 
 #[test]
-#[ignore = "issue 5: the 256 MiB echo through an ssh import can stall (seen once in a full run); run with --ignored"]
 fn an_ssh_import_mirrors_follows_and_cleans_up() {
     let Some(link) = Link::new() else { return };
     link.serve(&[], "LC_ALL=C sort", "sorter/text/plain");

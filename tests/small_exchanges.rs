@@ -17,10 +17,10 @@
 
 mod common;
 
-use common::service::{listen_at, make_dirs, spawn_exporter, wait_for_socket};
+use common::service::{listen_at, make_dirs, spawn_exporter_with, wait_for_socket};
 use common::*;
 use std::collections::BTreeSet;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, BufRead, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
@@ -182,31 +182,42 @@ struct Import {
     _exporting: TestRoot,
     importing: TestRoot,
     exporter: u32,
+    /// The exporter's TCP port on 127.0.0.1.
+    port: u16,
     importer: u32,
     /// The proxy socket in `hostb`'s `imported/`.
     proxy: PathBuf,
 }
 
 /// Exports a `handler` service called `echo` from a tree of `hosta` on a
-/// loopback exporter and imports it with `dipus-import -f` into `hostb`,
-/// run by `wrap` (e.g. under a lower descriptor limit).
-fn import_with(handler: Handler, wrap: impl FnOnce(&TestRoot, Command) -> Command) -> Import {
+/// loopback exporter run by `wrap_exporter` and imports it with
+/// `dipus-import -f` into `hostb`, run by `wrap_importer` (either e.g.
+/// under a lower descriptor limit).
+fn import_with(
+    handler: Handler,
+    wrap_exporter: impl Fn(Command) -> Command,
+    wrap_importer: impl FnOnce(Command) -> Command,
+) -> Import {
     let exporting = TestRoot::new().with_host("hosta");
     let service = Service::exported(&exporting, "echo", handler);
-    let (exporter, port) = spawn_exporter(&exporting, &[]);
+    let (exporter, port) = spawn_exporter_with(&exporting, &[], |command| {
+        let mut command = wrap_exporter(command);
+        quiet(&exporting, &mut command, "exporter");
+        command
+    });
     let importing = TestRoot::new().with_host("hostb");
     let mut command = importing.cmd("dipus-import");
     command.args(["-f", &format!("sep://127.0.0.1:{port}")]);
-    let mut command = wrap(&importing, command);
+    let mut command = wrap_importer(command);
     quiet(&importing, &mut command, "import");
     let importer = importing.spawn(&mut command);
     let proxy = importing.tree().join(format!("imported/{PROTOCOL}/echo.hosta..0"));
     wait_for_socket(&importing, importer, &proxy);
-    Import { service, _exporting: exporting, importing, exporter, importer, proxy }
+    Import { service, _exporting: exporting, importing, exporter, port, importer, proxy }
 }
 
 fn import(handler: Handler) -> Import {
-    import_with(handler, |_, command| command)
+    import_with(handler, |command| command, |command| command)
 }
 
 /// A service at `<scratch>/target.sock` put in `root`'s `local/` by
@@ -577,11 +588,20 @@ fn try_echo(path: &Path, message: &[u8]) -> Answer {
 /// none is left and `accept` itself fails (EMFILE): both ways are tested.
 const LIMITS: [u32; 2] = [64, 65];
 
-/// The proxy `pid` at `path` runs with `limit` descriptors: connections
-/// are opened until it runs out; then new clients are refused at once,
-/// the early ones are still served, the process does not spin, and once
-/// some close, new clients are served again.
-fn out_of_descriptors(pid: u32, path: &Path, limit: u32) {
+/// The process `pid` runs with `limit` descriptors and serves the clients
+/// of `path`, directly or through the `relaying` processes (named, with
+/// their usual limits): connections are opened until it runs out; then
+/// new clients are refused at once, the early ones are still served, no
+/// process on the way spins, and once some close, new clients are served
+/// again. What `at_the_limit` returns, run while out of descriptors, is
+/// returned.
+fn out_of_descriptors<T>(
+    pid: u32,
+    path: &Path,
+    limit: u32,
+    relaying: &[(&str, u32)],
+    at_the_limit: impl FnOnce() -> T,
+) -> T {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
     let limit = limit.to_string();
@@ -613,6 +633,7 @@ fn out_of_descriptors(pid: u32, path: &Path, limit: u32) {
         round_trip(stream, format!("still here {index}").as_bytes())
             .unwrap_or_else(|e| panic!("early connection {index}: {e}"));
     }
+    let result = at_the_limit();
 
     // A client knocking every 10 ms: refusing it must not cost CPU.
     let knocking = Arc::new(AtomicBool::new(true));
@@ -627,19 +648,23 @@ fn out_of_descriptors(pid: u32, path: &Path, limit: u32) {
             answers
         })
     };
+    let watched: Vec<(&str, u32)> =
+        std::iter::once(("the process out of descriptors", pid)).chain(relaying.iter().copied()).collect();
     thread::sleep(Duration::from_millis(100));
-    let before = cpu_time(pid);
+    let before: Vec<Duration> = watched.iter().map(|&(_, pid)| cpu_time(pid)).collect();
     thread::sleep(Duration::from_secs(1));
-    let used = cpu_time(pid) - before;
+    let used: Vec<Duration> = watched.iter().zip(&before).map(|(&(_, pid), &before)| cpu_time(pid) - before).collect();
     knocking.store(false, Ordering::SeqCst);
     let answers = knocker.join().expect("the knocking client failed");
     eprintln!(
         "{}: {:?} of CPU in 1 s while refusing {} knocking clients",
         path.display(),
-        used,
+        watched.iter().map(|&(name, _)| name).zip(&used).collect::<Vec<_>>(),
         answers.iter().filter(|a| **a == Answer::Refused).count()
     );
-    assert!(used < Duration::from_millis(250), "{used:?} of CPU in 1 s out of descriptors: spinning?");
+    for (&(name, _), used) in watched.iter().zip(&used) {
+        assert!(*used < Duration::from_millis(250), "{name}: {used:?} of CPU in 1 s out of descriptors: spinning?");
+    }
     assert!(answers.iter().all(|a| *a == Answer::Refused), "{answers:?}");
     for (index, stream) in held.iter_mut().enumerate().step_by(5) {
         round_trip(stream, format!("after the knocking {index}").as_bytes())
@@ -651,6 +676,7 @@ fn out_of_descriptors(pid: u32, path: &Path, limit: u32) {
     wait_until(Duration::from_secs(3), "a new client is served once connections closed", || {
         try_echo(path, b"again") == Answer::Echoed
     });
+    result
 }
 
 #[test]
@@ -658,16 +684,67 @@ fn a_local_proxy_out_of_descriptors_refuses_cleanly_and_serves_the_rest() {
     for limit in LIMITS {
         let root = TestRoot::new();
         let proxy = local_proxy_with(&root, echo, |_, command| with_fd_limit(command, limit));
-        out_of_descriptors(proxy.pid, &proxy.path, limit);
+        out_of_descriptors(proxy.pid, &proxy.path, limit, &[], || ());
     }
 }
 
 #[test]
 fn an_importer_out_of_descriptors_refuses_cleanly_and_serves_the_rest() {
     for limit in LIMITS {
-        let import = import_with(echo, |_, command| with_fd_limit(command, limit));
-        out_of_descriptors(import.importer, &import.proxy, limit);
+        let import = import_with(echo, |command| command, |command| with_fd_limit(command, limit));
+        out_of_descriptors(import.importer, &import.proxy, limit, &[("the exporter", import.exporter)], || ());
     }
+}
+
+/// Descriptor limits the exporter is run with, behind an importer with
+/// its usual limit. A relayed connection holds two of the exporter's
+/// descriptors (the TCP one and the service's), so of the descriptors the
+/// idle exporter leaves, one limit leaves an odd number and the other an
+/// even one. Odd: once out, one is still free, an accepted connection
+/// takes it and its CONNECT cannot open the service (socket(2) fails).
+/// Even: none is free and `accept` itself fails with EMFILE, so the
+/// reserve descriptor takes the connection to refuse it. Either way the
+/// exporter answers a 5xx status line and the importer closes its client
+/// on it, so the client sees a reset (its message unread) or EOF, as when
+/// a proxy refuses it.
+const EXPORTER_LIMITS: [u32; 2] = [64, 65];
+
+/// How many descriptors `pid` could still open under `limit`: numbers
+/// below it not in use. Not the limit less the count of open ones: a
+/// descriptor inherited from whatever runs the tests can be numbered above
+/// the limit, and then it takes none of those numbers.
+fn free_descriptors(pid: u32, limit: u32) -> usize {
+    (0..limit).filter(|fd| std::fs::symlink_metadata(format!("/proc/{pid}/fd/{fd}")).is_err()).count()
+}
+
+/// The status line the exporter on `port` answers a CONNECT to the echo
+/// service with, asked straight over TCP: through the import every
+/// refusal is the same EOF.
+fn connect_status(port: u16) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the exporter");
+    stream.set_read_timeout(Some(STALL)).unwrap();
+    stream.write_all(format!("SEP/1 CONNECT {PROTOCOL}/echo.hosta..0\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    io::BufReader::new(stream).read_line(&mut line).expect("the exporter's status line");
+    line.trim_end().to_string()
+}
+
+#[test]
+fn an_exporter_out_of_descriptors_refuses_cleanly_and_serves_the_rest() {
+    let mut free_when_out = BTreeSet::new();
+    for limit in EXPORTER_LIMITS {
+        let import = import_with(echo, |command| with_fd_limit(command, limit), |command| command);
+        let importer = [("the importer", import.importer)];
+        let (free, status) = out_of_descriptors(import.exporter, &import.proxy, limit, &importer, || {
+            // Counted before asking, which takes one.
+            (free_descriptors(import.exporter, limit), connect_status(import.port))
+        });
+        eprintln!("{limit} descriptors, {free} free when out: the exporter answers {status:?}");
+        assert!(status.starts_with("SEP/1 5"), "{limit} descriptors, {free} free: {status:?} is no refusal");
+        free_when_out.insert(free);
+    }
+    // Whether accept or the onward connect fails: both ways are tested.
+    assert_eq!(free_when_out, BTreeSet::from([0, 1]), "descriptors free when out with limits {EXPORTER_LIMITS:?}");
 }
 
 /// 200 clients connecting at once, then 512 waiting in the backlog of a

@@ -232,10 +232,17 @@ pub fn answers(port: u16) -> bool {
 /// A port taken in the meantime makes the exporter exit: then another one
 /// is tried.
 pub fn spawn_exporter(root: &TestRoot, args: &[&str]) -> (u32, u16) {
+    spawn_exporter_with(root, args, |command| command)
+}
+
+/// [`spawn_exporter`] with the command run by `wrap` (e.g. under a lower
+/// descriptor limit, or with its output elsewhere).
+pub fn spawn_exporter_with(root: &TestRoot, args: &[&str], wrap: impl Fn(Command) -> Command) -> (u32, u16) {
     for _ in 0..5 {
         let port = free_port();
-        let pid = root
-            .spawn(root.cmd("dipus-exporter").args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(args));
+        let mut command = root.cmd("dipus-exporter");
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(args);
+        let pid = root.spawn(&mut wrap(command));
         let mut up = false;
         wait_until(DEFAULT_TIMEOUT, "the exporter answers", || {
             let running = root.with_child(pid, |c| c.is_running());

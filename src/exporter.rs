@@ -336,6 +336,12 @@ impl Exporter {
         log::debug!("{}: {}", connection.peer, request.verb());
         match request {
             Request::Ping => self.reply(registry, id, StatusLine::new(Status::Ok), &[]),
+            Request::Forward => {
+                // Where the tree is, and forwarding by ssh, mean nothing to
+                // an anonymous TCP peer.
+                let status = StatusLine::with_detail(Status::BadRequest, "FORWARD is only served over ssh");
+                self.reply(registry, id, status, &[])
+            }
             Request::List(argument) => {
                 let listed = View::selector(argument.as_deref()).and_then(|s| self.view.list(&self.tree, &s));
                 match listed {

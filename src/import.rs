@@ -14,11 +14,13 @@
 //! come back with the next sync. Connections already relayed are not cut:
 //! each has its own TCP connection and fails or finishes on its own.
 //!
-//! Over ssh (`ssh://`) the session and every connection are ssh processes
-//! on one shared ssh connection (see `ssh`), the proxies live in the user's
-//! private scope, and only the remote `local/` and `exported/` scopes are
-//! mirrored; the bytes are spliced between the client's socket and ssh's
-//! pipes by the same relay.
+//! Over ssh (`ssh://`) the session is an ssh process on one shared ssh
+//! connection (see `ssh`), the proxies live in the user's private scope,
+//! and only the remote `local/` and `exported/` scopes are mirrored. Where
+//! sshd forwards to UNIX sockets (it does by default), each proxy is a
+//! socket the ssh master listens on and forwards itself, placed in the tree
+//! by us; otherwise each connection is one more ssh process, and the bytes
+//! are spliced between the client's socket and its pipes by the relay.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -36,7 +38,7 @@ use crate::relay::{Relay, Way};
 use crate::sep::{self, Event, LineReader, Request, StatusLine};
 use crate::sep_client::Server;
 use crate::ssh::{SshChannel, SshTarget};
-use crate::tree::{ServiceSocket, SocketOptions, Tree};
+use crate::tree::{PlacedSocket, ServiceSocket, SocketOptions, Tree};
 
 /// No byte from the exporter for this long: three keepalives missed.
 pub const SILENCE: Duration = Duration::from_secs(3 * sep::KEEPALIVE_SECS);
@@ -170,10 +172,28 @@ struct Link {
     since: Instant,
 }
 
-struct Proxy {
-    socket: ServiceSocket,
-    id: usize,
+/// A mirrored service: our own listener, each client a CONNECT (or an
+/// ssh session); or, over ssh where sshd allows it, a socket the shared
+/// connection's master listens on and forwards by itself, as `ssh -L`
+/// does, with no process of ours in the path.
+enum Proxy {
+    Listening { socket: ServiceSocket, id: usize },
+    Forwarded { socket: PlacedSocket, remote: String },
 }
+
+/// Whether ssh may carry connections by itself (`SshTarget::probe_forwarding`).
+enum Forwarding {
+    /// Not known yet (and never asked for sep://).
+    Unknown,
+    /// Asked in a thread: the probe waits on ssh, the loop must not.
+    Probing(std::thread::JoinHandle<Result<Option<String>, String>>),
+    /// Yes, to sockets under this remote root.
+    Yes(String),
+    No,
+}
+
+/// How often the loop looks at a running forwarding probe.
+const PROBE_POLL: Duration = Duration::from_millis(25);
 
 /// Holds `.import-HOST-PORT.lock` in the import scope locked while the
 /// importer runs, so a second importer of the same host is refused.
@@ -258,6 +278,7 @@ pub struct Importer {
     reserve: DescriptorReserve,
     /// What the current session has announced.
     announced: std::collections::HashSet<String>,
+    forwarding: Forwarding,
 }
 
 fn would_block(error: &io::Error) -> bool {
@@ -282,6 +303,7 @@ impl Importer {
             events: Vec::new(),
             reserve: DescriptorReserve::new(),
             announced: std::collections::HashSet::new(),
+            forwarding: Forwarding::Unknown,
         }
     }
 
@@ -371,6 +393,9 @@ impl Importer {
     }
 
     fn connect_session(&mut self, registry: &Registry) {
+        if matches!(self.config.dialer, Dialer::Ssh(_)) && !self.forwarding_known(registry) {
+            return;
+        }
         let server = match &self.config.dialer {
             Dialer::Sep(server) => server.clone(),
             Dialer::Ssh(ssh) => {
@@ -414,6 +439,63 @@ impl Importer {
                 self.timers.after(CONNECT_TIMEOUT, TIMER_SESSION);
             }
             Err(error) => self.session_failed(registry, format!("cannot connect to {}: {error}", server.authority())),
+        }
+    }
+
+    /// Whether ssh may forward is known (asking first if not; the session
+    /// waits). A probe that failed counts as a failed session.
+    fn forwarding_known(&mut self, registry: &Registry) -> bool {
+        let retry = Session::Idle { retry_at: Instant::now() + PROBE_POLL };
+        match std::mem::replace(&mut self.forwarding, Forwarding::Unknown) {
+            Forwarding::Unknown => {
+                let Dialer::Ssh(ssh) = self.config.dialer.clone() else {
+                    return true;
+                };
+                let tree = self.tree.clone();
+                let probe = std::thread::Builder::new()
+                    .name("forwarding probe".into())
+                    .spawn(move || ssh.probe_forwarding(&tree).map_err(|error| error.to_string()));
+                match probe {
+                    Ok(handle) => {
+                        self.forwarding = Forwarding::Probing(handle);
+                        self.session = retry;
+                        false
+                    }
+                    Err(error) => {
+                        log::info!("{}: cannot start the forwarding probe: {error}", self.uri());
+                        self.forwarding = Forwarding::No;
+                        true
+                    }
+                }
+            }
+            Forwarding::Probing(handle) if !handle.is_finished() => {
+                self.forwarding = Forwarding::Probing(handle);
+                self.session = retry;
+                false
+            }
+            Forwarding::Probing(handle) => match handle.join() {
+                Ok(Ok(Some(root))) => {
+                    log::info!("{}: ssh forwards connections itself (remote tree {root})", self.uri());
+                    self.forwarding = Forwarding::Yes(root);
+                    true
+                }
+                Ok(Ok(None)) => {
+                    self.forwarding = Forwarding::No;
+                    true
+                }
+                Ok(Err(message)) => {
+                    self.session_failed(registry, message);
+                    false
+                }
+                Err(_) => {
+                    self.forwarding = Forwarding::No;
+                    true
+                }
+            },
+            known => {
+                self.forwarding = known;
+                true
+            }
         }
     }
 
@@ -533,6 +615,17 @@ impl Importer {
                 for wire in stale {
                     self.remove_proxy(registry, &wire);
                 }
+                // Clients that came while there was no session found
+                // nobody to accept them, and their edge has passed.
+                let listening: Vec<String> = self
+                    .proxies
+                    .iter()
+                    .filter(|(_, proxy)| matches!(proxy, Proxy::Listening { .. }))
+                    .map(|(wire, _)| wire.clone())
+                    .collect();
+                for wire in listening {
+                    self.accept(registry, &wire);
+                }
                 if !self.synced {
                     log::info!("{authority}: synced, {} services", self.proxies.len());
                 }
@@ -563,6 +656,21 @@ impl Importer {
             log::warn!("{}: ignoring invalid service path {wire:?}", self.uri());
             return;
         };
+        if let (Dialer::Ssh(ssh), Forwarding::Yes(root)) = (&self.config.dialer, &self.forwarding) {
+            let remote = format!("{root}/{wire}");
+            let tree = &self.tree;
+            let mut forward = |listen: &std::path::Path| {
+                ssh.forward(tree, listen, &remote).map_err(|error| io::Error::other(error.to_string()))
+            };
+            match PlacedSocket::place_exact(tree, &self.config.scope, &path, &mut forward) {
+                Ok(socket) => {
+                    log::debug!("imported {} (forwarded by ssh)", socket.path().display());
+                    self.proxies.insert(wire.to_string(), Proxy::Forwarded { socket, remote });
+                }
+                Err(error) => log::warn!("cannot import {wire}: {error}"),
+            }
+            return;
+        }
         let socket = match ServiceSocket::bind_exact(&self.tree, &self.config.scope, &path, &self.config.options) {
             Ok(socket) => socket,
             Err(error) => {
@@ -579,17 +687,32 @@ impl Importer {
         }
         log::debug!("imported {}", socket.path().display());
         self.proxy_paths.insert(id, wire.to_string());
-        self.proxies.insert(wire.to_string(), Proxy { socket, id });
+        self.proxies.insert(wire.to_string(), Proxy::Listening { socket, id });
         // Clients may already be waiting on a socket we just made.
         self.accept(registry, wire);
     }
 
     fn remove_proxy(&mut self, registry: &Registry, wire: &str) {
-        if let Some(proxy) = self.proxies.remove(wire) {
-            let fd = proxy.socket.listener().as_raw_fd();
-            let _ = registry.deregister(&mut mio::unix::SourceFd(&fd));
-            self.proxy_paths.remove(&proxy.id);
-            log::debug!("removed {}", proxy.socket.path().display());
+        match self.proxies.remove(wire) {
+            Some(Proxy::Listening { socket, id }) => {
+                let fd = socket.listener().as_raw_fd();
+                let _ = registry.deregister(&mut mio::unix::SourceFd(&fd));
+                self.proxy_paths.remove(&id);
+                log::debug!("removed {}", socket.path().display());
+            }
+            Some(Proxy::Forwarded { socket, remote }) => {
+                // Out of the tree first, so no new client finds it; then
+                // ssh stops listening (connections it carries go on).
+                let bound_at = socket.bound_at().to_path_buf();
+                log::debug!("removed {}", socket.path().display());
+                drop(socket);
+                if let Dialer::Ssh(ssh) = &self.config.dialer {
+                    if let Err(error) = ssh.cancel(&self.tree, &bound_at, &remote) {
+                        log::debug!("{error}");
+                    }
+                }
+            }
+            None => {}
         }
     }
 
@@ -639,32 +762,35 @@ impl Importer {
 
     /// Takes every pending client of a proxy and starts its CONNECT.
     fn accept(&mut self, registry: &Registry, wire: &str) {
-        let address = match &self.session {
-            Session::Watching { stream: Remote::Tcp { address, .. }, .. } => Some(*address),
-            Session::Watching { stream: Remote::Ssh(_), .. } => None,
+        // Over ssh each connection makes its own way, so a session being
+        // renewed does not hold clients back; over TCP they go where the
+        // session is, and wait for the next sync (which accepts again).
+        let address = match (&self.session, &self.config.dialer) {
+            (Session::Watching { stream: Remote::Tcp { address, .. }, .. }, _) => Some(*address),
+            (_, Dialer::Ssh(_)) => None,
             _ => return,
         };
         loop {
-            let Some(proxy) = self.proxies.get(wire) else {
+            let Some(Proxy::Listening { socket, .. }) = self.proxies.get(wire) else {
                 return;
             };
-            let client = match proxy.socket.listener().accept() {
+            let client = match socket.listener().accept() {
                 Ok((client, _)) => client,
                 Err(error) if would_block(&error) => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) if DescriptorReserve::is_exhaustion(&error) => {
                     // Out of descriptors: refuse the client cleanly (it
                     // sees EOF) and go on serving the links we have.
-                    let listener = proxy.socket.listener();
+                    let listener = socket.listener();
                     let refused = self.reserve.refuse_one(|| listener.accept().is_ok());
-                    log::warn!("out of descriptors: refusing a client of {}", proxy.socket.path().display());
+                    log::warn!("out of descriptors: refusing a client of {}", socket.path().display());
                     if !refused {
                         return;
                     }
                     continue;
                 }
                 Err(error) => {
-                    log::warn!("cannot accept on {}: {error}", proxy.socket.path().display());
+                    log::warn!("cannot accept on {}: {error}", socket.path().display());
                     return;
                 }
             };
@@ -717,6 +843,7 @@ impl Importer {
             if registered.is_err() {
                 continue;
             }
+            log::debug!("{wire}: a client, connecting");
             self.links.insert(id, link);
             self.timers.after(CONNECT_TIMEOUT, id);
         }
@@ -818,6 +945,7 @@ fn advance_link(
                         relay
                     }
                 };
+                log::debug!("{}: relaying", link.path);
                 link.state = LinkState::Relaying(Box::new(relay));
             }
             LinkState::Relaying(relay) => {

@@ -80,10 +80,10 @@ pub enum SepError {
     #[error("unsupported protocol version \"{found}\"; this dipus speaks only SEP/1")]
     UnsupportedVersion { found: String },
 
-    #[error("request line has no verb after \"SEP/1\"; expected LIST, CONNECT, WATCH or PING")]
+    #[error("request line has no verb after \"SEP/1\"; expected LIST, CONNECT, WATCH, PING or FORWARD")]
     MissingVerb,
 
-    #[error("unknown verb \"{verb}\"; expected LIST, CONNECT, WATCH or PING (upper case)")]
+    #[error("unknown verb \"{verb}\"; expected LIST, CONNECT, WATCH, PING or FORWARD (upper case)")]
     UnknownVerb { verb: String },
 
     #[error("{verb} needs {expected}")]
@@ -238,6 +238,9 @@ pub enum Request {
     Watch(Option<String>),
     /// `PING`: a bare reachability check.
     Ping,
+    /// `FORWARD`: over ssh only, where the tree is and whether ssh may
+    /// forward to its sockets (see doc/sep.md).
+    Forward,
 }
 
 impl Request {
@@ -292,6 +295,10 @@ impl Request {
                 Some(argument) => Err(unexpected("PING", "no arguments", argument)),
                 None => Ok(Request::Ping),
             },
+            "FORWARD" => match argument {
+                Some(argument) => Err(unexpected("FORWARD", "no arguments", argument)),
+                None => Ok(Request::Forward),
+            },
             other => Err(SepError::UnknownVerb { verb: excerpt(other.as_bytes()) }),
         }
     }
@@ -303,6 +310,7 @@ impl Request {
             Request::Connect(_) => "CONNECT",
             Request::Watch(_) => "WATCH",
             Request::Ping => "PING",
+            Request::Forward => "FORWARD",
         }
     }
 
@@ -313,7 +321,7 @@ impl Request {
         match self {
             Request::List(Some(selector)) | Request::Watch(Some(selector)) => check_selector(selector),
             Request::Connect(path) => check_path(path),
-            Request::List(None) | Request::Watch(None) | Request::Ping => Ok(()),
+            Request::List(None) | Request::Watch(None) | Request::Ping | Request::Forward => Ok(()),
         }
     }
 
@@ -327,6 +335,7 @@ impl Request {
             Request::Watch(None) => format!("{VERSION} WATCH\n"),
             Request::Watch(Some(selector)) => format!("{VERSION} WATCH {selector}\n"),
             Request::Ping => format!("{VERSION} PING\n"),
+            Request::Forward => format!("{VERSION} FORWARD\n"),
         }
     }
 }
@@ -790,6 +799,7 @@ mod tests {
         assert!(matches!(request("SEP/1 LIST a b"), Err(SepError::UnexpectedArgument { verb: "LIST", .. })));
         assert!(matches!(request("SEP/1 WATCH a b"), Err(SepError::UnexpectedArgument { verb: "WATCH", .. })));
         assert!(matches!(request("SEP/1 PING x"), Err(SepError::UnexpectedArgument { verb: "PING", .. })));
+        assert!(matches!(request("SEP/1 FORWARD x"), Err(SepError::UnexpectedArgument { verb: "FORWARD", .. })));
     }
 
     #[test]
@@ -922,6 +932,7 @@ mod tests {
             Request::Watch(None),
             Request::Watch(Some("h\u{e9}".into())),
             Request::Ping,
+            Request::Forward,
         ] {
             let line = value.to_line();
             assert!(line.ends_with('\n') && line.starts_with("SEP/1 "));

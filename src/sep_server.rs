@@ -132,6 +132,7 @@ impl View {
             Some(libc::EACCES) | Some(libc::EPERM) => forbidden("permission denied"),
             Some(libc::ECONNREFUSED) => StatusLine::with_detail(Status::Unavailable, &format!("refused: {wire}")),
             Some(libc::EAGAIN) => StatusLine::with_detail(Status::Unavailable, &format!("busy: {wire}")),
+            Some(libc::EMFILE | libc::ENFILE) => StatusLine::with_detail(Status::Unavailable, "server overloaded"),
             _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
         })?;
         if !bound_within(&stream, &directory) {

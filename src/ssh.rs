@@ -16,14 +16,23 @@
 //!
 //! The child's stdin and stdout are pipes; ssh's stderr is ours, so its own
 //! messages (host key, authentication) reach the user unchanged.
+//!
+//! Imports go further where sshd allows it: `FORWARD` tells where the
+//! remote tree is and proves, through a probe socket, that sshd forwards to
+//! it; then each imported service is a socket the shared connection's
+//! master listens on (`ssh -O forward -L`) and ssh carries every
+//! connection by itself, as `ssh -L` does: no process and no remote
+//! command per connection.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::sep::{self, Request, SepError, StatusLine};
+use crate::sep::{self, Request, SepError, Status, StatusLine};
 use crate::tree::{Tree, TreeError};
 
 #[derive(Debug, Error)]
@@ -44,6 +53,50 @@ pub enum SshError {
     Protocol { target: String, source: SepError },
     #[error("{target} answered: {}", status.to_line().trim_end())]
     Refused { target: String, status: StatusLine },
+    #[error("{target}: ssh -O {operation} failed: {message}")]
+    Control { target: String, operation: String, message: String },
+    #[error("ssh cannot forward {path:?}: a path with ':' or '%' or not absolute")]
+    Unforwardable { path: String },
+    #[error("{target}: no answer within {} s", PROBE_TIMEOUT.as_secs())]
+    Timeout { target: String },
+}
+
+/// How long `ssh -O` may take: it only talks to the local master.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the forwarding probe may take in all, handshake included.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// ssh splits `-L` on ':' and expands '%' tokens in socket paths.
+fn forwardable(path: &str) -> bool {
+    path.starts_with('/') && path.len() <= 1024 && !path.chars().any(|c| c == ':' || c == '%' || c.is_control())
+}
+
+/// Runs `command` to its end, killed after `timeout`; its output is small.
+fn run_bounded(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
+    let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let mut output = child.wait_with_output()?;
+            output.stderr.extend_from_slice(b" (timed out)");
+            return Ok(output);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// The line the remote probe socket sends through a forward, if any.
+fn read_probe(listen: &Path, deadline: Instant) -> Option<Vec<u8>> {
+    let mut stream = std::os::unix::net::UnixStream::connect(listen).ok()?;
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(left)).ok()?;
+    sep::read_line(&mut stream, sep::MAX_REQUEST_LINE).ok()
 }
 
 /// ssh's exit status for its own failures (connection, authentication).
@@ -66,15 +119,15 @@ impl SshTarget {
         std::env::var("DIPUS_REMOTE").ok().filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "dipus".into())
     }
 
-    /// The ssh command line for one request.
-    pub fn command(&self, tree: &Tree) -> Result<Command, SshError> {
+    /// ssh with dipus's options and the target's port and user, without
+    /// the host: what both sessions and control commands (`-O`) need.
+    fn base_command(&self, tree: &Tree) -> Result<Command, SshError> {
         let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
         let ssh = std::env::var("DIPUS_SSH").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "ssh".into());
         let mut words = ssh.split_whitespace();
         let mut command = Command::new(words.next().unwrap_or("ssh"));
         command.args(words);
         command
-            .arg("-T")
             .arg("-o")
             .arg("ControlMaster=auto")
             .arg("-o")
@@ -87,9 +140,93 @@ impl SshTarget {
         if let Some(user) = &self.user {
             command.arg("-l").arg(user);
         }
-        // `--` ends ssh's options: a host can never be read as one.
-        command.arg("--").arg(&self.host).arg(format!("{} serve --stdio", Self::remote_command()));
         Ok(command)
+    }
+
+    /// The ssh command line for one request.
+    pub fn command(&self, tree: &Tree) -> Result<Command, SshError> {
+        let mut command = self.base_command(tree)?;
+        // `--` ends ssh's options: a host can never be read as one.
+        command.arg("-T").arg("--").arg(&self.host).arg(format!("{} serve --stdio", Self::remote_command()));
+        Ok(command)
+    }
+
+    /// Asks the shared connection's master to listen at `listen` and
+    /// forward each connection to the remote socket `remote` (`ssh -O
+    /// forward -L`): ssh alone then carries the bytes, as `ssh -L` does.
+    pub fn forward(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
+        self.control(tree, "forward", listen, remote)
+    }
+
+    /// Withdraws a forward made by [`SshTarget::forward`]; connections it
+    /// carries go on.
+    pub fn cancel(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
+        self.control(tree, "cancel", listen, remote)
+    }
+
+    fn control(&self, tree: &Tree, operation: &str, listen: &Path, remote: &str) -> Result<(), SshError> {
+        let listen = listen
+            .to_str()
+            .filter(|path| forwardable(path))
+            .ok_or_else(|| SshError::Unforwardable { path: listen.display().to_string() })?;
+        if !forwardable(remote) {
+            return Err(SshError::Unforwardable { path: remote.to_string() });
+        }
+        let mut command = self.base_command(tree)?;
+        command.arg("-O").arg(operation).arg("-L").arg(format!("{listen}:{remote}")).arg("--").arg(&self.host);
+        let described = format!("{command:?}");
+        let output = run_bounded(&mut command, CONTROL_TIMEOUT)
+            .map_err(|source| SshError::Spawn { command: described.clone(), source })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(SshError::Control {
+            target: self.uri(),
+            operation: operation.to_string(),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+
+    /// Whether this host's sshd forwards to sockets of the remote tree,
+    /// and where that tree is: FORWARD, then a forward to the probe socket
+    /// it names, and the status line read through it. `None` means no
+    /// (an older remote dipus, forwarding refused): use sessions.
+    pub fn probe_forwarding(&self, tree: &Tree) -> Result<Option<String>, SshError> {
+        let deadline = Instant::now() + PROBE_TIMEOUT;
+        let mut channel = self.open(tree, &Request::Forward)?;
+        let status = channel.read_status_by(deadline)?;
+        if status.status == Status::BadRequest {
+            log::info!("{}: the remote dipus does not offer FORWARD; one ssh session per connection", self.uri());
+            return Ok(None);
+        }
+        if !status.status.is_success() {
+            return Err(SshError::Refused { target: self.uri(), status });
+        }
+        let root = channel.read_path_by(deadline)?;
+        let probe = channel.read_path_by(deadline)?;
+        let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
+        static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let number = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let listen = control_dir.join(format!(".forward-probe-{}-{number}", std::process::id()));
+        let _ = std::fs::remove_file(&listen);
+        if let Err(error) = self.forward(tree, &listen, &probe) {
+            log::info!("{error}; one ssh session per connection");
+            return Ok(None);
+        }
+        let answer = read_probe(&listen, deadline);
+        let _ = self.cancel(tree, &listen, &probe);
+        let _ = std::fs::remove_file(&listen);
+        match answer {
+            Some(line) if StatusLine::parse(&line).is_ok_and(|s| s.status.is_success()) => Ok(Some(root)),
+            _ => {
+                log::info!(
+                    "{}: sshd does not forward to the remote tree's sockets (AllowStreamLocalForwarding?); \
+                     one ssh session per connection",
+                    self.uri()
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Starts ssh and sends `request`; the channel then carries the reply.
@@ -161,6 +298,68 @@ impl SshChannel {
             Ok(line) => StatusLine::parse(&line).map_err(|e| self.protocol(e)),
             Err(SepError::UnexpectedEof { .. }) => Err(self.failure()),
             Err(error) => Err(self.protocol(error)),
+        }
+    }
+
+    /// Waits until ssh's output has something to read, or `deadline`.
+    fn wait_readable(&self, deadline: Instant) -> Result<(), SshError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SshError::Timeout { target: self.target.uri() });
+            }
+            let mut fd = libc::pollfd { fd: self.output.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut fd, 1, left.as_millis().clamp(1, 60_000) as libc::c_int) };
+            if ready > 0 {
+                return Ok(());
+            }
+            if ready < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return Err(self.protocol(SepError::Io(io::Error::last_os_error())));
+            }
+        }
+    }
+
+    /// One line, a byte at a time, given up at `deadline`.
+    fn read_line_by(&mut self, deadline: Instant) -> Result<Vec<u8>, SshError> {
+        let mut line = Vec::new();
+        loop {
+            self.wait_readable(deadline)?;
+            let mut byte = 0u8;
+            // SAFETY: reads one byte into `byte` from our own pipe.
+            let count = unsafe { libc::read(self.output.as_raw_fd(), (&mut byte as *mut u8).cast(), 1) };
+            match count {
+                0 if line.is_empty() => return Err(self.failure()),
+                0 => return Err(self.protocol(SepError::UnexpectedEof { received: line.len() })),
+                1 => {
+                    line.push(byte);
+                    if byte == b'\n' {
+                        return Ok(line);
+                    }
+                    if line.len() > sep::MAX_REQUEST_LINE {
+                        let start = String::from_utf8_lossy(&line[..40]).into_owned();
+                        return Err(self.protocol(SepError::LineTooLong { limit: sep::MAX_REQUEST_LINE, start }));
+                    }
+                }
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                _ => return Err(self.protocol(SepError::Io(io::Error::last_os_error()))),
+            }
+        }
+    }
+
+    /// The status line, given up at `deadline`.
+    pub fn read_status_by(&mut self, deadline: Instant) -> Result<StatusLine, SshError> {
+        let line = self.read_line_by(deadline)?;
+        StatusLine::parse(&line).map_err(|e| self.protocol(e))
+    }
+
+    /// An absolute path line (FORWARD's answer), checked as ssh needs it.
+    fn read_path_by(&mut self, deadline: Instant) -> Result<String, SshError> {
+        let line = self.read_line_by(deadline)?;
+        let text = std::str::from_utf8(&line).ok().map(|text| text.trim_end_matches('\n').to_string());
+        match text {
+            Some(path) if forwardable(&path) && !path.split('/').any(|part| part == "..") => Ok(path),
+            _ => Err(SshError::Unforwardable { path: String::from_utf8_lossy(&line).trim_end().to_string() }),
         }
     }
 

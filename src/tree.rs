@@ -516,6 +516,69 @@ impl Drop for ServiceSocket {
     }
 }
 
+/// A service socket another process listens on (ssh's master, for a
+/// forward), put at its public path by us and removed again when dropped,
+/// but only while it is still the one we put there.
+#[derive(Debug)]
+pub struct PlacedSocket {
+    path: PathBuf,
+    id: FileId,
+    /// The hidden name the other process bound, gone once placed; it still
+    /// names the listener to that process (ssh's `-O cancel`).
+    bound_at: PathBuf,
+}
+
+impl PlacedSocket {
+    /// Has `make` bind a listening socket at a hidden name in the
+    /// directory of `path`, then links it to exactly `path`, replacing a
+    /// stale socket but never a live one, as [`ServiceSocket::bind_exact`].
+    pub fn place_exact(
+        tree: &Tree,
+        scope: &Scope,
+        path: &ServicePath,
+        make: &mut dyn FnMut(&Path) -> io::Result<()>,
+    ) -> Result<PlacedSocket, TreeError> {
+        let full = tree.service_path(scope, path);
+        name::check_socket_path(&full)?;
+        let mut attempts = 0;
+        loop {
+            let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
+            let temp = temporary_name(&dir);
+            name::check_socket_path(&temp)?;
+            let _ = fs::remove_file(&temp);
+            make(&temp).map_err(|source| TreeError::Bind { path: temp.clone(), source })?;
+            let result = link_into_place(&temp, &full);
+            let _ = fs::remove_file(&temp);
+            match result {
+                Ok(id) => return Ok(PlacedSocket { path: full, id, bound_at: temp }),
+                // The reaper pruned the new directory: once more.
+                Err(source) if source.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+                Err(source) => return Err(TreeError::Bind { path: full, source }),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn bound_at(&self) -> &Path {
+        &self.bound_at
+    }
+}
+
+impl Drop for PlacedSocket {
+    fn drop(&mut self) {
+        if let Err(error) = remove_if_same(&self.path, self.id) {
+            log::warn!("cannot remove {}: {error}", self.path.display());
+        }
+    }
+}
+
+fn temporary_name(dir: &Path) -> PathBuf {
+    dir.join(format!(".new-{}-{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)))
+}
+
 /// Runs `bind` again if the reaper pruned the protocol directory between
 /// its creation and the bind (it removes directories that are empty).
 fn retry_pruned(mut bind: impl FnMut() -> Result<ServiceSocket, TreeError>) -> Result<ServiceSocket, TreeError> {
@@ -533,7 +596,7 @@ fn retry_pruned(mut bind: impl FnMut() -> Result<ServiceSocket, TreeError>) -> R
 /// Binds and listens at a hidden name in `dir`, with the final mode and
 /// group already set, so the socket is complete before anyone can see it.
 fn bind_temporary(dir: &Path, options: &SocketOptions) -> Result<(UnixListener, PathBuf), TreeError> {
-    let temp = dir.join(format!(".new-{}-{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let temp = temporary_name(dir);
     name::check_socket_path(&temp)?;
     let bind_error = |source| TreeError::Bind { path: temp.clone(), source };
     let _ = fs::remove_file(&temp);

@@ -20,6 +20,7 @@ use common::*;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -43,7 +44,15 @@ impl Link {
     }
 
     fn with_binary(binary: PathBuf) -> Option<Link> {
-        let sshd = Sshd::start()?;
+        Link::with(binary, Sshd::start()?)
+    }
+
+    /// With `extra` lines in sshd's config.
+    fn with_sshd_config(extra: &str) -> Option<Link> {
+        Link::with(dipus_bin(), Sshd::start_with(extra)?)
+    }
+
+    fn with(binary: PathBuf, sshd: Sshd) -> Option<Link> {
         Some(Link {
             sshd,
             remote: TestRoot::new().with_host("remote"),
@@ -550,6 +559,119 @@ fn a_key_the_server_refuses_leaves_ssh_to_say_why() {
         "stderr: {stderr}"
     );
     assert_eq!(link.logins(), 0);
+}
+
+/// What one ssh import does with connections, whichever way it carries
+/// them: a reply after the request's EOF, a service that speaks first and
+/// closes while the client still could write, and eight connections open
+/// at once. Returns the ssh processes the importer ran while the eight
+/// were open.
+fn connections_through(link: &Link, importer: &Background) -> usize {
+    // sort answers only after EOF: half-close goes there, the reply back.
+    let sorter = link.scope().join("text/plain/sorter.remote..0");
+    let mut stream = UnixStream::connect(&sorter).expect("connect to the imported sorter");
+    stream.set_read_timeout(Some(SSH_TIMEOUT)).unwrap();
+    stream.write_all(b"pear\napple\n").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    if let Err(error) = stream.read_to_string(&mut reply) {
+        let log = std::fs::read_to_string(link.client.path().join("import.err")).unwrap_or_default();
+        panic!(
+            "no reply from sort ({error}, {reply:?} so far); the importer's log:\n{log}\nsshd's:\n{}",
+            link.sshd.log()
+        );
+    }
+    assert_eq!(reply, "apple\npear\n");
+
+    // The service closes first; the client never shuts down its side and
+    // must still see the end.
+    let greeter = link.scope().join("text/plain/greeter.remote..0");
+    let mut stream = UnixStream::connect(&greeter).expect("connect to the imported greeter");
+    stream.set_read_timeout(Some(SSH_TIMEOUT)).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("the greeter's words, then EOF");
+    assert_eq!(reply, "hello\n");
+
+    let echo = link.scope().join("application/octet-stream/echo.remote..0");
+    let mut open: Vec<UnixStream> = (0..8)
+        .map(|index| {
+            let mut stream = UnixStream::connect(&echo).expect("connect to the imported echo");
+            stream.set_read_timeout(Some(SSH_TIMEOUT)).unwrap();
+            let message = format!("message {index}\n");
+            stream.write_all(message.as_bytes()).unwrap();
+            let mut reply = vec![0; message.len()];
+            stream.read_exact(&mut reply).expect("echoed");
+            assert_eq!(reply, message.as_bytes());
+            stream
+        })
+        .collect();
+    let ssh_processes = proc::descendants(importer.pid()).iter().filter(|p| proc::name(p.pid) == "ssh").count();
+    for (index, stream) in open.iter_mut().enumerate() {
+        let message = format!("again {index}\n");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut reply = vec![0; message.len()];
+        stream.read_exact(&mut reply).expect("echoed again");
+        assert_eq!(reply, message.as_bytes());
+    }
+    ssh_processes
+}
+
+fn serve_for_connections(link: &Link) {
+    link.serve(&[], "LC_ALL=C sort", "sorter/text/plain");
+    link.serve(&[], "echo hello", "greeter/text/plain");
+    link.serve(&[], "cat", "echo/application/octet-stream");
+}
+
+#[test]
+fn an_ssh_import_lets_ssh_carry_its_connections() {
+    let Some(link) = Link::new() else { return };
+    serve_for_connections(&link);
+    let importer = import(&link, &link.uri("root"));
+    let ssh_processes = connections_through(&link, &importer);
+    // Forwarded by the shared connection's master, as `ssh -L` does: no
+    // ssh process (and no remote dipus) per connection, only the session's.
+    assert_eq!(ssh_processes, 1, "ssh processes of the importer with eight connections open");
+    // The master listens on the imported sockets, the importer does not.
+    let listeners = unix_listeners();
+    let greeter = link.scope().join("text/plain/greeter.remote..0");
+    let greeter_inode = std::fs::metadata(&greeter).unwrap().ino();
+    for service in services_under(&link.scope()) {
+        let inode = std::fs::metadata(link.scope().join(&service)).unwrap().ino();
+        let owner = listeners.get(&inode).map(String::as_str).unwrap_or("nobody");
+        assert!(
+            owner.contains("\"ssh\"") && !owner.contains(&format!("pid={},", importer.pid())),
+            "{service}: {owner}"
+        );
+    }
+    // A service removed remotely goes, and ssh stops listening for it.
+    std::fs::remove_file(link.remote.tree().join("local/text/plain/greeter.remote..0")).unwrap();
+    wait_until(SSH_TIMEOUT, "the removed service is gone locally", || !greeter.exists());
+    wait_until(SSH_TIMEOUT, "ssh stops listening for it", || !unix_listeners().contains_key(&greeter_inode));
+}
+
+/// Who listens on each listening UNIX socket, by the inode of its file
+/// (`ss -xlpe`: `… users:(("ssh",pid=7,fd=10)) <-> ino:1234 …`).
+fn unix_listeners() -> std::collections::HashMap<u64, String> {
+    let out = run_with_timeout(Command::new("ss").arg("-xlpe"), None, SSH_TIMEOUT);
+    assert!(out.status.success(), "ss -xlpe: {}", stderr_of(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let inode = line.split_whitespace().find_map(|word| word.strip_prefix("ino:"))?.parse().ok()?;
+            let users = line.split_whitespace().find(|word| word.starts_with("users:"))?;
+            Some((inode, users.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn where_sshd_refuses_forwarding_an_ssh_import_runs_a_session_per_connection() {
+    let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };
+    serve_for_connections(&link);
+    let importer = import(&link, &link.uri("root"));
+    let ssh_processes = connections_through(&link, &importer);
+    // One per connection open (one more may still be winding down).
+    assert!(ssh_processes >= 9, "{ssh_processes} ssh processes of the importer with eight connections open");
 }
 
 #[test]

@@ -2,9 +2,9 @@
 //!
 //! Usage: dipus serve --stdio
 //!
-//! Reads one request line on stdin (LIST, CONNECT, WATCH or PING, as in
-//! doc/sep.md) and answers on stdout; for CONNECT, stdin and stdout are then
-//! relayed to the service. This is what `ssh://` runs on the remote host,
+//! Reads one request line on stdin (LIST, CONNECT, WATCH, PING or FORWARD,
+//! as in doc/sep.md) and answers on stdout; for CONNECT, stdin and stdout
+//! are then relayed to the service. This is what `ssh://` runs on the remote host,
 //! as the authenticated user: it sees `local/`, `exported/` and that user's
 //! own scope, paths start with the scope directory (`local/text/x.h..0`),
 //! and the kernel checks every connect with the user's permissions.
@@ -18,7 +18,7 @@ use std::time::Duration;
 use argh::FromArgs;
 
 use crate::error::Error;
-use crate::relay::{self, Relay};
+use crate::relay::{self, Relay, Way};
 use crate::sep::{self, Event, Request, Status, StatusLine};
 use crate::sep_server::View;
 use crate::tree::Tree;
@@ -66,6 +66,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     };
     match request {
         Request::Ping => send(&StatusLine::new(Status::Ok).to_line()),
+        Request::Forward => forward(&tree),
         Request::List(argument) => {
             match View::selector(argument.as_deref()).and_then(|selector| view.list(&tree, &selector)) {
                 Ok(paths) => {
@@ -83,7 +84,14 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
                 send(&StatusLine::new(Status::Ok).to_line())?;
                 let socket = stream.as_raw_fd();
                 let mut relay = Relay::new(&[libc::STDIN_FILENO], socket, socket, libc::STDOUT_FILENO);
-                relay::run_until(&mut relay, Relay::is_done).map_err(|e| Error::io("relay failed", e))
+                // Done when both ways are, or when the service has closed
+                // its socket entirely: then nothing more can reach it, and
+                // only our exit lets ssh tell the client it ended (sshd
+                // sends EOF once the command's stdout and stderr are both
+                // closed). A service that only shut down its sending side
+                // still gets everything the client sends.
+                let finished = |relay: &Relay| relay.is_done() || (relay.way_done(Way::Backward) && hung_up(socket));
+                relay::run_until(&mut relay, finished).map_err(|e| Error::io("relay failed", e))
             }
             Err(status) => send(&status.to_line()),
         },
@@ -91,6 +99,74 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
             Ok(selector) => watch(&tree, &view, &selector),
             Err(status) => send(&status.to_line()),
         },
+    }
+}
+
+/// Whether the peer of `socket` has closed it both ways.
+fn hung_up(socket: i32) -> bool {
+    let mut fd = libc::pollfd { fd: socket, events: 0, revents: 0 };
+    // SAFETY: one valid pollfd; zero timeout.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & libc::POLLHUP != 0
+}
+
+/// How long a FORWARD probe waits for the client's forwarded connection.
+const PROBE_WAIT: Duration = Duration::from_secs(20);
+
+/// FORWARD: the tree's absolute root, then a probe socket in the user's
+/// own scope. The client forwards a local socket to the probe through its
+/// ssh connection (`ssh -O forward -L`) and connects; the status line it
+/// reads back proves that this sshd forwards to sockets in this tree, so
+/// the client may let ssh carry its connections without this process in
+/// the path. Ends at the first connection, when stdin closes, or after
+/// [`PROBE_WAIT`].
+fn forward(tree: &Tree) -> Result<(), Error> {
+    let scope = tree.ensure_scope(&Tree::own_scope()?)?;
+    let root = std::fs::canonicalize(tree.root()).map_err(|e| Error::io("cannot resolve the tree's root", e))?;
+    let probe = std::fs::canonicalize(&scope)
+        .map_err(|e| Error::io("cannot resolve the user's scope", e))?
+        .join(format!(".forward-probe-{}", std::process::id()));
+    let _ = std::fs::remove_file(&probe);
+    let listener = crate::net::unix_listen(&probe, 1).map_err(|e| Error::io("cannot make the probe socket", e))?;
+    struct Remove<'a>(&'a std::path::Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _remove = Remove(&probe);
+    let mut text = StatusLine::new(Status::Ok).to_line();
+    text.push_str(&format!("{}\n{}\n", root.display(), probe.display()));
+    send(&text)?;
+    let deadline = std::time::Instant::now() + PROBE_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        let mut fds = [
+            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: a valid array of two pollfds.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(60_000) as libc::c_int) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io("poll failed", error));
+        }
+        if fds[0].revents != 0 {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.write_all(StatusLine::new(Status::Ok).to_line().as_bytes());
+                return Ok(());
+            }
+        }
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
     }
 }
 

@@ -28,6 +28,11 @@ pub fn state(pid: u32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()
 }
 
+/// The command name (`comm`), empty when the pid is gone.
+pub fn name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|n| n.trim_end().to_string()).unwrap_or_default()
+}
+
 /// True while the process exists and is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
     matches!(state(pid), Some(s) if s != 'Z' && s != 'X')
@@ -128,6 +133,10 @@ impl Background {
 
     pub fn is_alive(&self) -> bool {
         proc_id(self.id.pid) == Some(self.id) && is_alive(self.id.pid)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.id.pid
     }
 
     /// SIGTERM; true if it is gone within `timeout`.

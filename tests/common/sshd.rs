@@ -30,6 +30,8 @@ pub struct Sshd {
     dir: PathBuf,
     port: u16,
     child: Option<ChildGuard>,
+    /// Appended to the config (e.g. `AllowStreamLocalForwarding no`).
+    extra: String,
 }
 
 /// Fails loudly: a test needing sshd cannot continue without this step.
@@ -64,6 +66,11 @@ impl Sshd {
     /// Starts sshd and waits until it serves; None (loud skip) without
     /// root, sshd, ssh or ssh-keygen. Panics with sshd's log if it fails.
     pub fn start() -> Option<Sshd> {
+        Sshd::start_with("")
+    }
+
+    /// As [`Sshd::start`], with `extra` lines added to the config.
+    pub fn start_with(extra: &str) -> Option<Sshd> {
         let tools = have_command(SSHD) && have_command("ssh") && have_command("ssh-keygen");
         if !require(have_root() && tools, "needs root, /usr/sbin/sshd, ssh, ssh-keygen") {
             return None;
@@ -72,7 +79,7 @@ impl Sshd {
         // system service, which may never have run here).
         let _ = fs::create_dir_all("/run/sshd");
         let _ = fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755));
-        let mut sshd = Sshd { dir: unique_temp_dir("dipus-sshd"), port: 0, child: None };
+        let mut sshd = Sshd { dir: unique_temp_dir("dipus-sshd"), port: 0, child: None, extra: extra.to_string() };
         let dir = sshd.dir.clone();
         // Users must traverse the dir to reach their keys file.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
@@ -136,8 +143,10 @@ impl Sshd {
              UseDNS no\n\
              MaxStartups 100\n\
              MaxSessions 100\n\
-             LogLevel INFO\n",
-            port = self.port
+             LogLevel INFO\n\
+             {extra}",
+            port = self.port,
+            extra = self.extra,
         )
     }
 

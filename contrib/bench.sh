@@ -24,8 +24,8 @@
 #   dipus 2 hop  dipus-import (tree "beta") of dipus-exporter on 127.0.0.1:
 #                UNIX -> importer -> TCP -> exporter -> UNIX
 #   socat 2 hop  socat UNIX-LISTEN -> TCP:127.0.0.1 and TCP-LISTEN -> UNIX-CONNECT
-#   ssh import   dipus-import ssh:// (one ssh session per connection, shared
-#                ssh connection) -> sshd -> dipus serve --stdio -> UNIX
+#   ssh import   dipus-import ssh://: the shared connection's ssh master
+#                forwards each imported socket (ssh -O forward) -> sshd -> UNIX
 #   ssh -L       ssh -L local.sock:service.sock on the same sshd and cipher
 #
 # Needs cargo and socat; the SSH rows need root, /usr/sbin/sshd, ssh and
@@ -493,16 +493,16 @@ if [[ -z $SSH_NOTE ]]; then
     r=$(ratio "$SSH_IMP" "$SSH_L")
     target "bulk, ssh import vs ssh -L" "$r" ">=" 0.9 "${r}× (≥ 0.9×)"
     bulk_row 3 "**dipus ssh import** (dipus bench send)" "$(with_errors "$(round "$SSH_IMP") MB/s" "$SSH_IMP_ERR")" "ssh -L" "${r}×" "≥ 0.9×" "$VERDICT"
-    # What one more session on the shared ssh connection costs: the ssh
-    # import and dcat ssh:// open one per connection, and each runs the
-    # remote user's login shell with its start-up files.
+    # What one more session on the shared ssh connection costs: dcat
+    # ssh:// opens one per request (an ssh import only where sshd refuses
+    # to forward), and each runs the remote user's login shell.
     quiesce
     start_time=$(now)
     for ((i = 0; i < 20; i++)); do
         $SSH -o ControlPath="$ROOT_S/root/.ssh-%C" -p "$SSH_PORT" root@127.0.0.1 true 2>>"$TMP/logs/ssh-session.log"
     done
     SESSION_MS=$(awk -v s="$(elapsed "$start_time" "$(now)")" 'BEGIN { printf "%.1f", s / 20 * 1000 }')
-    bulk_row 3 "one more ssh session on the shared connection (ssh … true: what the ssh import pays per connection, remote shell start-up included)" "$SESSION_MS ms" "" "" "" ""
+    bulk_row 3 "one more ssh session on the shared connection (ssh … true: what dcat ssh:// pays per request, remote shell start-up included)" "$SESSION_MS ms" "" "" "" ""
     bulk_row 3 "dcat into ssh -L's socket (whole process)" "$(round "$DCAT_L") MB/s" "ssh -L" "$(ratio "$DCAT_L" "$SSH_L")×" "" ""
     r=$(ratio "$DCAT_SSH" "$DCAT_L")
     target "bulk, dcat ssh:// vs dcat via ssh -L" "$r" ">=" 0.9 "${r}× (≥ 0.9×)"

@@ -662,7 +662,7 @@ impl Importer {
             let mut forward = |listen: &std::path::Path| {
                 ssh.forward(tree, listen, &remote).map_err(|error| io::Error::other(error.to_string()))
             };
-            match PlacedSocket::place_exact(tree, &self.config.scope, &path, &mut forward) {
+            match PlacedSocket::place_exact(tree, &self.config.scope, &path, &self.config.options, &mut forward) {
                 Ok(socket) => {
                     log::debug!("imported {} (forwarded by ssh)", socket.path().display());
                     self.proxies.insert(wire.to_string(), Proxy::Forwarded { socket, remote });

@@ -536,6 +536,7 @@ impl PlacedSocket {
         tree: &Tree,
         scope: &Scope,
         path: &ServicePath,
+        options: &SocketOptions,
         make: &mut dyn FnMut(&Path) -> io::Result<()>,
     ) -> Result<PlacedSocket, TreeError> {
         let full = tree.service_path(scope, path);
@@ -547,6 +548,10 @@ impl PlacedSocket {
             name::check_socket_path(&temp)?;
             let _ = fs::remove_file(&temp);
             make(&temp).map_err(|source| TreeError::Bind { path: temp.clone(), source })?;
+            if let Err(source) = adjust(&temp, options) {
+                let _ = fs::remove_file(&temp);
+                return Err(TreeError::Bind { path: temp, source });
+            }
             let result = link_into_place(&temp, &full);
             let _ = fs::remove_file(&temp);
             match result {
@@ -601,20 +606,22 @@ fn bind_temporary(dir: &Path, options: &SocketOptions) -> Result<(UnixListener, 
     let bind_error = |source| TreeError::Bind { path: temp.clone(), source };
     let _ = fs::remove_file(&temp);
     let listener = crate::net::unix_listen(&temp, BACKLOG).map_err(bind_error)?;
-    let adjust = || -> io::Result<()> {
-        if let Some(mode) = options.mode {
-            fs::set_permissions(&temp, fs::Permissions::from_mode(mode))?;
-        }
-        if options.group.is_some() || options.owner.is_some() {
-            std::os::unix::fs::lchown(&temp, options.owner, options.group)?;
-        }
-        Ok(())
-    };
-    if let Err(source) = adjust() {
+    if let Err(source) = adjust(&temp, options) {
         let _ = fs::remove_file(&temp);
         return Err(bind_error(source));
     }
     Ok((listener, temp))
+}
+
+/// Gives a new socket its final mode and group before anyone can see it.
+fn adjust(temp: &Path, options: &SocketOptions) -> io::Result<()> {
+    if let Some(mode) = options.mode {
+        fs::set_permissions(temp, fs::Permissions::from_mode(mode))?;
+    }
+    if options.group.is_some() || options.owner.is_some() {
+        std::os::unix::fs::lchown(temp, options.owner, options.group)?;
+    }
+    Ok(())
 }
 
 /// Links the listening socket at `temp` to `target`. A stale socket at

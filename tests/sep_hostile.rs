@@ -132,7 +132,8 @@ fn malformed_request_lines_get_400_and_a_close() {
         ),
         (
             b"SEP/1 BOGUS\n",
-            "SEP/1 400 bad request: unknown verb \"BOGUS\"; expected LIST, CONNECT, WATCH or PING (upper case)\n",
+            "SEP/1 400 bad request: unknown verb \"BOGUS\"; expected LIST, CONNECT, WATCH, PING or FORWARD \
+             (upper case)\n",
         ),
         (
             b"SEP/1 CONNECT\n",

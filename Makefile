@@ -37,12 +37,13 @@ test:
 	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test --release --no-fail-fast $(TEST_ARGS)
 
 # A fully static, stripped binary, optimised for size (the `static` profile
-# in Cargo.toml).
+# in Cargo.toml), with debug and trace messages compiled out (the `small`
+# feature): RUST_LOG=debug shows info and above there.
 static:
 	@if command -v rustup >/dev/null 2>&1; then \
 	  rustup target list --installed | grep -qx '$(MUSL_TARGET)' || rustup target add $(MUSL_TARGET); \
 	fi
-	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --profile static --target $(MUSL_TARGET)
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --profile static --target $(MUSL_TARGET) --features small
 	@size=$$(wc -c < $(STATIC_BIN) | tr -d ' '); \
 	echo "$(STATIC_BIN): $$size bytes (limit: under $(SIZE_LIMIT))"; \
 	if [ "$$size" -ge $(SIZE_LIMIT) ]; then \

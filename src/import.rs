@@ -185,8 +185,13 @@ enum Proxy {
 enum Forwarding {
     /// Not known yet (and never asked for sep://).
     Unknown,
-    /// Asked in a thread: the probe waits on ssh, the loop must not.
-    Probing(std::thread::JoinHandle<Result<Option<String>, String>>),
+    /// Asked by a child process, which writes its answer to `answer`: the
+    /// probe waits on ssh, the loop must not. (A process, not a thread:
+    /// std's threads cost the static binary some 25 KB.)
+    Probing {
+        child: nix::unistd::Pid,
+        answer: std::fs::File,
+    },
     /// Yes, to sockets under this remote root.
     Yes(String),
     No,
@@ -194,6 +199,32 @@ enum Forwarding {
 
 /// How often the loop looks at a running forwarding probe.
 const PROBE_POLL: Duration = Duration::from_millis(25);
+
+/// Forks a child that runs [`SshTarget::probe_forwarding`] and writes
+/// `yes ROOT`, `no` or `error MESSAGE` to a pipe before it exits.
+fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<Forwarding> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    // SAFETY: the importer's process is single-threaded; the child only
+    // runs the probe (spawning ssh) and leaves with _exit, so none of the
+    // parent's state is used or dropped twice.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Child => {
+            drop(read);
+            let text = match ssh.probe_forwarding(tree) {
+                Ok(Some(root)) => format!("yes {root}"),
+                Ok(None) => "no".to_string(),
+                Err(error) => format!("error {error}"),
+            };
+            let _ = std::fs::File::from(write).write_all(text.as_bytes());
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(write);
+            Ok(Forwarding::Probing { child, answer: std::fs::File::from(read) })
+        }
+    }
+}
 
 /// Holds `.import-HOST-PORT.lock` in the import scope locked while the
 /// importer runs, so a second importer of the same host is refused.
@@ -448,16 +479,12 @@ impl Importer {
         let retry = Session::Idle { retry_at: Instant::now() + PROBE_POLL };
         match std::mem::replace(&mut self.forwarding, Forwarding::Unknown) {
             Forwarding::Unknown => {
-                let Dialer::Ssh(ssh) = self.config.dialer.clone() else {
+                let Dialer::Ssh(ssh) = &self.config.dialer else {
                     return true;
                 };
-                let tree = self.tree.clone();
-                let probe = std::thread::Builder::new()
-                    .name("forwarding probe".into())
-                    .spawn(move || ssh.probe_forwarding(&tree).map_err(|error| error.to_string()));
-                match probe {
-                    Ok(handle) => {
-                        self.forwarding = Forwarding::Probing(handle);
+                match start_probe(ssh, &self.tree) {
+                    Ok(probing) => {
+                        self.forwarding = probing;
                         self.session = retry;
                         false
                     }
@@ -468,30 +495,40 @@ impl Importer {
                     }
                 }
             }
-            Forwarding::Probing(handle) if !handle.is_finished() => {
-                self.forwarding = Forwarding::Probing(handle);
-                self.session = retry;
-                false
+            Forwarding::Probing { child, mut answer } => {
+                use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+                if let Ok(WaitStatus::StillAlive) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                    self.forwarding = Forwarding::Probing { child, answer };
+                    self.session = retry;
+                    return false;
+                }
+                // Nonblocking: another importer's probe, forked meanwhile,
+                // may hold a copy of the write end; what ours wrote is
+                // there already.
+                set_nonblocking(answer.as_raw_fd());
+                let mut bytes = Vec::new();
+                let _ = answer.read_to_end(&mut bytes);
+                let text = String::from_utf8_lossy(&bytes);
+                match text.split_once(' ') {
+                    Some(("yes", root)) => {
+                        log::info!("{}: ssh forwards connections itself (remote tree {root})", self.uri());
+                        self.forwarding = Forwarding::Yes(root.to_string());
+                        true
+                    }
+                    Some(("error", message)) => {
+                        self.session_failed(registry, message.to_string());
+                        false
+                    }
+                    _ if text == "no" => {
+                        self.forwarding = Forwarding::No;
+                        true
+                    }
+                    _ => {
+                        self.session_failed(registry, format!("{}: the forwarding probe failed", self.uri()));
+                        false
+                    }
+                }
             }
-            Forwarding::Probing(handle) => match handle.join() {
-                Ok(Ok(Some(root))) => {
-                    log::info!("{}: ssh forwards connections itself (remote tree {root})", self.uri());
-                    self.forwarding = Forwarding::Yes(root);
-                    true
-                }
-                Ok(Ok(None)) => {
-                    self.forwarding = Forwarding::No;
-                    true
-                }
-                Ok(Err(message)) => {
-                    self.session_failed(registry, message);
-                    false
-                }
-                Err(_) => {
-                    self.forwarding = Forwarding::No;
-                    true
-                }
-            },
             known => {
                 self.forwarding = known;
                 true
@@ -883,6 +920,10 @@ impl Importer {
 
     /// Everything this importer made is removed (also on drop).
     pub fn shutdown(&mut self, registry: &Registry) {
+        if let Forwarding::Probing { child, .. } = std::mem::replace(&mut self.forwarding, Forwarding::Unknown) {
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, None);
+        }
         self.remove_all_proxies(registry);
         let links: Vec<usize> = self.links.keys().copied().collect();
         for id in links {

@@ -408,9 +408,25 @@ pub fn reap_if_dead(path: &Path, listening: Option<&HashSet<u64>>) -> io::Result
 /// dropped, but only while it is still ours.
 #[derive(Debug)]
 pub struct ServiceSocket {
+    /// First, so the name goes before the listener closes.
+    placement: Placement,
     listener: UnixListener,
+}
+
+/// A socket file we put at its public path: removed again when dropped,
+/// but only while it is still the one we put there.
+#[derive(Debug)]
+struct Placement {
     path: PathBuf,
     id: FileId,
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        if let Err(error) = remove_if_same(&self.path, self.id) {
+            log::warn!("cannot remove {}: {error}", self.path.display());
+        }
+    }
 }
 
 /// How a new service socket is made.
@@ -471,7 +487,7 @@ impl ServiceSocket {
         let result = link_into_place(&temp, &full);
         let _ = fs::remove_file(&temp);
         match result {
-            Ok(id) => Ok(ServiceSocket { listener, path: full, id }),
+            Ok(id) => Ok(ServiceSocket { placement: Placement { path: full, id }, listener }),
             Err(source) => Err(TreeError::Bind { path: full, source }),
         }
     }
@@ -488,7 +504,7 @@ impl ServiceSocket {
                 break Err(error.into());
             }
             match link_into_place(&temp, &full) {
-                Ok(id) => break Ok(ServiceSocket { listener, path: full, id }),
+                Ok(id) => break Ok(ServiceSocket { placement: Placement { path: full, id }, listener }),
                 Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
                     service.file.index += 1;
                 }
@@ -504,15 +520,7 @@ impl ServiceSocket {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for ServiceSocket {
-    fn drop(&mut self) {
-        if let Err(error) = remove_if_same(&self.path, self.id) {
-            log::warn!("cannot remove {}: {error}", self.path.display());
-        }
+        &self.placement.path
     }
 }
 
@@ -521,8 +529,7 @@ impl Drop for ServiceSocket {
 /// but only while it is still the one we put there.
 #[derive(Debug)]
 pub struct PlacedSocket {
-    path: PathBuf,
-    id: FileId,
+    placement: Placement,
     /// The hidden name the other process bound, gone once placed; it still
     /// names the listener to that process (ssh's `-O cancel`).
     bound_at: PathBuf,
@@ -555,7 +562,7 @@ impl PlacedSocket {
             let result = link_into_place(&temp, &full);
             let _ = fs::remove_file(&temp);
             match result {
-                Ok(id) => return Ok(PlacedSocket { path: full, id, bound_at: temp }),
+                Ok(id) => return Ok(PlacedSocket { placement: Placement { path: full, id }, bound_at: temp }),
                 // The reaper pruned the new directory: once more.
                 Err(source) if source.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
                 Err(source) => return Err(TreeError::Bind { path: full, source }),
@@ -564,19 +571,11 @@ impl PlacedSocket {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.placement.path
     }
 
     pub fn bound_at(&self) -> &Path {
         &self.bound_at
-    }
-}
-
-impl Drop for PlacedSocket {
-    fn drop(&mut self) {
-        if let Err(error) = remove_if_same(&self.path, self.id) {
-            log::warn!("cannot remove {}: {error}", self.path.display());
-        }
     }
 }
 

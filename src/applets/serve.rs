@@ -144,30 +144,39 @@ fn forward(tree: &Tree) -> Result<(), Error> {
         if left.is_zero() {
             return Ok(());
         }
-        let mut fds = [
-            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: a valid array of two pollfds.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(60_000) as libc::c_int) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io("poll failed", error));
-        }
-        if fds[0].revents != 0 {
+        let Some((probe_ready, stdin_ready)) = wait_for(listener.as_raw_fd(), left)? else {
+            continue;
+        };
+        if probe_ready {
             if let Ok((mut stream, _)) = listener.accept() {
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.write_all(StatusLine::new(Status::Ok).to_line().as_bytes());
                 return Ok(());
             }
         }
-        if fds[1].revents != 0 {
+        if stdin_ready {
             return Ok(());
         }
     }
+}
+
+/// Waits up to `timeout` for `fd` or stdin to be readable (or closed):
+/// which of the two are, or `None` if interrupted by a signal.
+fn wait_for(fd: i32, timeout: Duration) -> Result<Option<(bool, bool)>, Error> {
+    let mut fds = [
+        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: a valid array of two pollfds.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis().min(60_000) as libc::c_int) };
+    if ready < 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() == io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(Error::io("poll failed", error));
+    }
+    Ok(Some((fds[0].revents != 0, fds[1].revents != 0)))
 }
 
 /// The WATCH stream until the client goes away (stdin closes or stdout
@@ -189,26 +198,16 @@ fn watch(tree: &Tree, view: &View, selector: &crate::selector::Selector) -> Resu
     }
     let keepalive = Duration::from_secs(sep::KEEPALIVE_SECS);
     loop {
-        let mut fds = [
-            libc::pollfd { fd: watcher.fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: a valid array of two pollfds.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, keepalive.as_millis() as libc::c_int) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io("poll failed", error));
-        }
-        if fds[1].revents != 0 {
+        let Some((changed, stdin_ready)) = wait_for(watcher.fd(), keepalive)? else {
+            continue;
+        };
+        if stdin_ready {
             // The client has nothing to say on a WATCH: input or EOF on
             // stdin means it is going away.
             return Ok(());
         }
         let mut text = String::new();
-        if ready == 0 {
+        if !changed {
             text.push_str(&Event::Keepalive.to_line());
         }
         for change in watcher.read_changes().map_err(|e| Error::io("cannot read changes", e))? {

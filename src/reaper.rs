@@ -51,9 +51,10 @@ pub struct Reaper {
     /// Whether every live socket's holders could be watched.
     watching_all: bool,
     sweep_at: Option<Instant>,
-    /// A process holding a socket exited: sweep once more a little later,
-    /// for a socket that outlived it in a child caught between fork and
-    /// exec (it closes at exec, with no event of its own).
+    /// A process holding a socket exited, or sockets appeared: sweep once
+    /// more a little later, for a socket that outlived its server in a
+    /// child caught between fork and exec (it closes at exec, with no
+    /// event of its own).
     recheck: bool,
     map_at: Option<Instant>,
     next_slow: Instant,
@@ -150,9 +151,13 @@ impl Reaper {
             let changes = self.watcher.read_changes().unwrap_or_default();
             if changes.iter().any(|change| matches!(change, Change::Added(_))) {
                 // New sockets: learn who holds them; a successor may also
-                // have made an older one stale.
+                // have made an older one stale. Look once more a little
+                // later too: a server that died before it was mapped left
+                // no process to watch, and its socket may still have been
+                // held at the first look by a child between fork and exec.
                 self.map_at.get_or_insert(Instant::now() + DEBOUNCE);
                 self.schedule_sweep(DEBOUNCE);
+                self.recheck = true;
             }
         } else if id >= PIDFD_BASE {
             let pid = (id - PIDFD_BASE) as u32;

@@ -81,6 +81,12 @@ pub fn wait(poll: &mut mio::Poll, events: &mut mio::Events, timeout: Option<Dura
 
 /// What an event says a descriptor can do. Hang-ups and errors count as
 /// both: the next read or write reports them.
+/// Whether the peer has closed its sending side (or the descriptor broke):
+/// what [`crate::relay::Relay::set_read_closed`] wants to know.
+pub fn read_closed(event: &mio::event::Event) -> bool {
+    event.is_read_closed() || event.is_error()
+}
+
 pub fn readiness(event: &mio::event::Event) -> (bool, bool) {
     let broken = event.is_error();
     (event.is_readable() || event.is_read_closed() || broken, event.is_writable() || event.is_write_closed() || broken)

@@ -195,7 +195,8 @@ impl Exporter {
             let connection = (id - CONNECTION_BASE) / 2;
             let side = (id - CONNECTION_BASE) % 2;
             let (readable, writable) = event_loop::readiness(event);
-            self.connection_event(registry, connection, side, readable, writable);
+            let read_closed = event_loop::read_closed(event);
+            self.connection_event(registry, connection, side, [readable, writable, read_closed]);
         }
     }
 
@@ -253,7 +254,7 @@ impl Exporter {
             );
             // The request may already be there: edge-triggered events only
             // report what arrives after registration on some systems.
-            self.connection_event(registry, id, 0, true, false);
+            self.connection_event(registry, id, 0, [true, false, false]);
         }
     }
 
@@ -288,14 +289,16 @@ impl Exporter {
         }
     }
 
-    fn connection_event(&mut self, registry: &Registry, id: usize, side: usize, readable: bool, writable: bool) {
+    /// `ready`: readable, writable, and read closed (see `Relay::set_read_closed`).
+    fn connection_event(&mut self, registry: &Registry, id: usize, side: usize, ready: [bool; 3]) {
+        let [readable, ..] = ready;
         let Some(connection) = self.connections.get_mut(&id) else {
             return;
         };
         let outcome = match &mut connection.state {
             State::Request { .. } if readable => self.read_request(registry, id),
             State::Request { .. } => Ok(true),
-            _ => Self::progress(connection, registry, id, side, readable, writable),
+            _ => Self::progress(connection, registry, id, side, ready),
         };
         match outcome {
             Ok(true) => {}
@@ -373,7 +376,7 @@ impl Exporter {
         connection.state = State::Reply { out, written: 0 };
         connection.last_progress = Instant::now();
         self.timers.after(STALL, id);
-        Self::progress(connection, registry, id, 0, false, true)
+        Self::progress(connection, registry, id, 0, [false, true, false])
     }
 
     fn start_watch(&mut self, registry: &Registry, id: usize, selector: Selector) -> io::Result<bool> {
@@ -394,7 +397,7 @@ impl Exporter {
         connection.state = State::Watch { out, written: 0, selector, announced, last_sent: Instant::now() };
         connection.last_progress = Instant::now();
         self.timers.after(Duration::from_secs(sep::KEEPALIVE_SECS), id);
-        Self::progress(connection, registry, id, 0, false, true)
+        Self::progress(connection, registry, id, 0, [false, true, false])
     }
 
     fn start_relay(
@@ -410,7 +413,7 @@ impl Exporter {
         let relay = Relay::between(connection.tcp.as_raw_fd(), unix.as_raw_fd());
         let prefix = StatusLine::new(Status::Ok).to_line().into_bytes();
         connection.state = State::Relay { unix, prefix, written: 0, relay };
-        Self::progress(connection, registry, id, 0, true, true)
+        Self::progress(connection, registry, id, 0, [true, true, false])
     }
 
     /// Moves a connection along after readiness on `side` (0 TCP, 1 UNIX).
@@ -419,9 +422,9 @@ impl Exporter {
         _registry: &Registry,
         _id: usize,
         side: usize,
-        readable: bool,
-        writable: bool,
+        ready: [bool; 3],
     ) -> io::Result<bool> {
+        let [readable, writable, read_closed] = ready;
         let Connection { tcp, state, last_progress, .. } = connection;
         match state {
             State::Request { .. } => Ok(true),
@@ -460,6 +463,9 @@ impl Exporter {
             State::Relay { unix, prefix, written, relay } => {
                 let fd = if side == 0 { tcp.as_raw_fd() } else { unix.as_raw_fd() };
                 relay.set_ready(fd, readable, writable);
+                if read_closed {
+                    relay.set_read_closed(fd);
+                }
                 if *written < prefix.len() && !flush(tcp, prefix, written, last_progress)? {
                     return Ok(true);
                 }
@@ -526,7 +532,7 @@ impl Exporter {
                     out.extend_from_slice(sep::Event::Keepalive.to_line().as_bytes());
                     *last_sent = now;
                 }
-                if matches!(Self::progress(connection, registry, id, 0, false, true), Ok(true)) {
+                if matches!(Self::progress(connection, registry, id, 0, [false, true, false]), Ok(true)) {
                     self.timers.at(now + keepalive, id);
                 } else {
                     self.close(registry, id);
@@ -579,7 +585,7 @@ impl Exporter {
                 closing.push(id);
                 continue;
             }
-            if !matches!(Self::progress(connection, registry, id, 0, false, true), Ok(true)) {
+            if !matches!(Self::progress(connection, registry, id, 0, [false, true, false]), Ok(true)) {
                 closing.push(id);
             }
         }

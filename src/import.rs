@@ -412,12 +412,13 @@ impl Importer {
     pub fn handle_event(&mut self, registry: &Registry, event: &mio::event::Event) {
         let id = event_loop::id(event.token());
         let (readable, writable) = event_loop::readiness(event);
+        let ready = [readable, writable, event_loop::read_closed(event)];
         if id == SESSION {
             self.session_ready(registry);
         } else if id >= LINK_BASE {
             let link = LINK_BASE + (id - LINK_BASE) / LINK_STRIDE * LINK_STRIDE;
             let side = (id - LINK_BASE) % LINK_STRIDE;
-            self.link_ready(registry, link, side, readable, writable);
+            self.link_ready(registry, link, side, ready);
         } else if let Some(path) = self.proxy_paths.get(&id).cloned() {
             self.accept(registry, &path);
         }
@@ -902,12 +903,13 @@ impl Importer {
         }
     }
 
-    fn link_ready(&mut self, registry: &Registry, id: usize, side: usize, readable: bool, writable: bool) {
+    /// `ready`: readable, writable, and read closed (see `Relay::set_read_closed`).
+    fn link_ready(&mut self, registry: &Registry, id: usize, side: usize, ready: [bool; 3]) {
         let tokens = [self.token(id), self.token(id + 1), self.token(id + 2)];
         let Some(link) = self.links.get_mut(&id) else {
             return;
         };
-        let result = advance_link(link, registry, tokens, side, readable, writable);
+        let result = advance_link(link, registry, tokens, side, ready);
         match result {
             Ok(true) => {}
             Ok(false) => self.close_link(registry, id),
@@ -939,9 +941,9 @@ fn advance_link(
     registry: &Registry,
     tokens: [Token; 3],
     side: usize,
-    readable: bool,
-    writable: bool,
+    ready: [bool; 3],
 ) -> io::Result<bool> {
+    let [readable, writable, read_closed] = ready;
     loop {
         match &mut link.state {
             LinkState::Connecting => {
@@ -997,7 +999,12 @@ fn advance_link(
                     _ => None,
                 };
                 match fd {
-                    Some(fd) => relay.set_ready(fd, readable, writable),
+                    Some(fd) => {
+                        relay.set_ready(fd, readable, writable);
+                        if read_closed {
+                            relay.set_read_closed(fd);
+                        }
+                    }
                     None => relay.set_ready_all_writers(writable),
                 }
                 relay.pump()?;

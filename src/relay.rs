@@ -95,6 +95,9 @@ struct Endpoint {
     always_ready: bool,
     readable: bool,
     writable: bool,
+    /// The driver saw the peer's end of data (EPOLLRDHUP) or an error:
+    /// reads go on until they return 0, short or not.
+    read_closed: bool,
     /// Given to the relay (see [`Relay::adopt`]): a pipe sink is closed
     /// at EOF, since closing is the only way to end a pipe.
     owned: Option<OwnedFd>,
@@ -117,6 +120,7 @@ impl Endpoint {
             // Blocking descriptors wait for the poller's word first.
             readable: !one_shot,
             writable: !one_shot,
+            read_closed: false,
             owned: None,
         }
     }
@@ -392,6 +396,19 @@ impl Relay {
             if endpoint.fd == fd {
                 endpoint.readable |= readable;
                 endpoint.writable |= writable;
+            }
+        }
+    }
+
+    /// The poller reported that the peer of `fd` closed its sending side
+    /// (or an error). An edge-triggered driver must say so: the relay
+    /// takes a short read from a socket as "drained" (saving a read that
+    /// would fail with EAGAIN on every message), and the end of data can
+    /// arrive on the same edge as the last bytes.
+    pub fn set_read_closed(&mut self, fd: RawFd) {
+        for endpoint in &mut self.endpoints {
+            if endpoint.fd == fd {
+                endpoint.read_closed = true;
             }
         }
     }
@@ -750,9 +767,18 @@ impl Direction {
                 self.start = 0;
                 self.end = read;
                 self.bulk = read == BUFFER_SIZE && self.strategy == Strategy::Hybrid;
-                // A short read does not prove the socket drained (a UNIX
-                // socket stops at a message from another writer, TCP at
-                // urgent data): only EAGAIN does, so no shortcut here.
+                // A stream socket's read stops short only when its queue is
+                // empty (UNIX sockets also at passed credentials or
+                // descriptors, and at out-of-band data, which the peers
+                // of a relay do not send; TCP at urgent data, likewise):
+                // new bytes raise a new edge, so the read that would fail
+                // with EAGAIN is skipped, one syscall per message. Not
+                // once the end of data was seen: it may have come on the
+                // edge that brought these bytes, and only a read shows it.
+                let endpoint = &mut endpoints[source];
+                if read < BUFFER_SIZE && endpoint.kind == Kind::Socket && !endpoint.read_closed {
+                    endpoint.set_blocked_read();
+                }
                 Ok(Step::Progress)
             }
             Err(error) if would_block(&error) => {

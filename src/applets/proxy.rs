@@ -114,6 +114,9 @@ fn run(socket: &ServiceSocket, target: &std::path::Path, signals: &SignalPipe) -
                     let fd = if id % 2 == 0 { link.client.as_raw_fd() } else { link.target.as_raw_fd() };
                     let (readable, writable) = event_loop::readiness(event);
                     link.relay.set_ready(fd, readable, writable);
+                    if event_loop::read_closed(event) {
+                        link.relay.set_read_closed(fd);
+                    }
                     let done = match link.relay.pump() {
                         Ok(()) => link.relay.is_done(),
                         Err(error) => {

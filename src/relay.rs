@@ -1333,6 +1333,44 @@ mod tests {
         assert!(reader.join().unwrap() == data);
     }
 
+    /// The last bytes and the end of data on one edge: a short read is
+    /// taken as "drained" only while the peer has not closed, or the EOF
+    /// would never be read (no further edge comes).
+    #[test]
+    fn the_end_of_data_on_the_same_edge_as_the_last_bytes_is_read() {
+        use mio::unix::SourceFd;
+        use mio::{Events, Interest, Poll, Token};
+        let (mut client, a) = UnixStream::pair().unwrap();
+        let (b, mut server) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
+        let mut poll = Poll::new().unwrap();
+        let all = Interest::READABLE | Interest::WRITABLE;
+        for (index, fd) in [a.as_raw_fd(), b.as_raw_fd()].iter().enumerate() {
+            poll.registry().register(&mut SourceFd(fd), Token(index), all).unwrap();
+        }
+        let mut events = Events::with_capacity(8);
+        // Both arrive before the relay looks: one edge for the two.
+        client.write_all(b"hello").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        while !relay.way_done(Way::Forward) {
+            poll.poll(&mut events, Some(std::time::Duration::from_secs(5))).unwrap();
+            assert!(!events.is_empty(), "stalled: the end of data was never read");
+            for event in events.iter() {
+                let fd = [a.as_raw_fd(), b.as_raw_fd()][event.token().0];
+                relay.set_ready(fd, event.is_readable() || event.is_read_closed(), event.is_writable());
+                if event.is_read_closed() || event.is_error() {
+                    relay.set_read_closed(fd);
+                }
+            }
+            relay.pump().unwrap();
+        }
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello");
+    }
+
     /// Pipes in and out (as dcat sees them) and a file as a source.
     #[test]
     fn pipes_and_files() {

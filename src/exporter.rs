@@ -339,7 +339,7 @@ impl Exporter {
         log::debug!("{}: {}", connection.peer, request.verb());
         match request {
             Request::Ping => self.reply(registry, id, StatusLine::new(Status::Ok), &[]),
-            Request::Forward => {
+            Request::Forward(_) => {
                 // Where the tree is, and forwarding by ssh, mean nothing to
                 // an anonymous TCP peer.
                 let status = StatusLine::with_detail(Status::BadRequest, "FORWARD is only served over ssh");

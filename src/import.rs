@@ -210,8 +210,8 @@ fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<Forwarding> {
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             drop(read);
-            let text = match ssh.probe_forwarding(tree) {
-                Ok(Some(root)) => format!("yes {root}"),
+            let text = match ssh.probe_forwarding(tree, None) {
+                Ok(Some(forwarding)) => format!("yes {}", forwarding.root),
                 Ok(None) => "no".to_string(),
                 Err(error) => format!("error {error}"),
             };

@@ -238,9 +238,10 @@ pub enum Request {
     Watch(Option<String>),
     /// `PING`: a bare reachability check.
     Ping,
-    /// `FORWARD`: over ssh only, where the tree is and whether ssh may
-    /// forward to its sockets (see doc/sep.md).
-    Forward,
+    /// `FORWARD [SELECTOR]`: over ssh only, where the tree is, whether ssh
+    /// may forward to its sockets, and with a selector which of the
+    /// sockets it picks may be connected to (see doc/sep.md).
+    Forward(Option<String>),
 }
 
 impl Request {
@@ -295,10 +296,7 @@ impl Request {
                 Some(argument) => Err(unexpected("PING", "no arguments", argument)),
                 None => Ok(Request::Ping),
             },
-            "FORWARD" => match argument {
-                Some(argument) => Err(unexpected("FORWARD", "no arguments", argument)),
-                None => Ok(Request::Forward),
-            },
+            "FORWARD" => Ok(Request::Forward(selector("FORWARD")?)),
             other => Err(SepError::UnknownVerb { verb: excerpt(other.as_bytes()) }),
         }
     }
@@ -310,7 +308,7 @@ impl Request {
             Request::Connect(_) => "CONNECT",
             Request::Watch(_) => "WATCH",
             Request::Ping => "PING",
-            Request::Forward => "FORWARD",
+            Request::Forward(_) => "FORWARD",
         }
     }
 
@@ -319,9 +317,11 @@ impl Request {
     /// the server rejects.
     pub fn validate(&self) -> Result<(), SepError> {
         match self {
-            Request::List(Some(selector)) | Request::Watch(Some(selector)) => check_selector(selector),
+            Request::List(Some(selector)) | Request::Watch(Some(selector)) | Request::Forward(Some(selector)) => {
+                check_selector(selector)
+            }
             Request::Connect(path) => check_path(path),
-            Request::List(None) | Request::Watch(None) | Request::Ping | Request::Forward => Ok(()),
+            Request::List(None) | Request::Watch(None) | Request::Ping | Request::Forward(None) => Ok(()),
         }
     }
 
@@ -335,7 +335,8 @@ impl Request {
             Request::Watch(None) => format!("{VERSION} WATCH\n"),
             Request::Watch(Some(selector)) => format!("{VERSION} WATCH {selector}\n"),
             Request::Ping => format!("{VERSION} PING\n"),
-            Request::Forward => format!("{VERSION} FORWARD\n"),
+            Request::Forward(None) => format!("{VERSION} FORWARD\n"),
+            Request::Forward(Some(selector)) => format!("{VERSION} FORWARD {selector}\n"),
         }
     }
 }
@@ -799,7 +800,7 @@ mod tests {
         assert!(matches!(request("SEP/1 LIST a b"), Err(SepError::UnexpectedArgument { verb: "LIST", .. })));
         assert!(matches!(request("SEP/1 WATCH a b"), Err(SepError::UnexpectedArgument { verb: "WATCH", .. })));
         assert!(matches!(request("SEP/1 PING x"), Err(SepError::UnexpectedArgument { verb: "PING", .. })));
-        assert!(matches!(request("SEP/1 FORWARD x"), Err(SepError::UnexpectedArgument { verb: "FORWARD", .. })));
+        assert!(matches!(request("SEP/1 FORWARD x y"), Err(SepError::UnexpectedArgument { verb: "FORWARD", .. })));
     }
 
     #[test]
@@ -932,7 +933,8 @@ mod tests {
             Request::Watch(None),
             Request::Watch(Some("h\u{e9}".into())),
             Request::Ping,
-            Request::Forward,
+            Request::Forward(None),
+            Request::Forward(Some("sorter".into())),
         ] {
             let line = value.to_line();
             assert!(line.ends_with('\n') && line.starts_with("SEP/1 "));

@@ -102,6 +102,16 @@ fn read_probe(listen: &Path, deadline: Instant) -> Option<Vec<u8>> {
 /// ssh's exit status for its own failures (connection, authentication).
 const SSH_FAILED: i32 = 255;
 
+/// What FORWARD found out, once its probe went through.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    /// The remote tree's absolute root: a service at wire path P is ROOT/P.
+    pub root: String,
+    /// With a selector: the absolute paths of the sockets it picks that
+    /// listen and may be connected to, in preference order.
+    pub targets: Vec<String>,
+}
+
 /// Where to ssh to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SshTarget {
@@ -188,12 +198,14 @@ impl SshTarget {
     }
 
     /// Whether this host's sshd forwards to sockets of the remote tree,
-    /// and where that tree is: FORWARD, then a forward to the probe socket
-    /// it names, and the status line read through it. `None` means no
-    /// (an older remote dipus, forwarding refused): use sessions.
-    pub fn probe_forwarding(&self, tree: &Tree) -> Result<Option<String>, SshError> {
+    /// where that tree is, and (with a selector) the sockets it picks that
+    /// may be connected to: FORWARD, then a forward to the probe socket it
+    /// names, and the status line read through it. `None` means no (an
+    /// older remote dipus, forwarding refused): use sessions. A selector
+    /// that picks nothing usable is `Refused`, as a CONNECT would be.
+    pub fn probe_forwarding(&self, tree: &Tree, selector: Option<&str>) -> Result<Option<Forwarding>, SshError> {
         let deadline = Instant::now() + PROBE_TIMEOUT;
-        let mut channel = self.open(tree, &Request::Forward)?;
+        let mut channel = self.open(tree, &Request::Forward(selector.map(str::to_string)))?;
         let status = channel.read_status_by(deadline)?;
         if status.status == Status::BadRequest {
             log::info!("{}: the remote dipus does not offer FORWARD; one ssh session per connection", self.uri());
@@ -204,11 +216,11 @@ impl SshTarget {
         }
         let root = channel.read_path_by(deadline)?;
         let probe = channel.read_path_by(deadline)?;
-        let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
-        static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let number = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let listen = control_dir.join(format!(".forward-probe-{}-{number}", std::process::id()));
-        let _ = std::fs::remove_file(&listen);
+        let mut targets = Vec::new();
+        while let Some(path) = channel.read_path_or_end_by(deadline)? {
+            targets.push(path);
+        }
+        let listen = self.forward_socket_name(tree, "probe")?;
         if let Err(error) = self.forward(tree, &listen, &probe) {
             log::info!("{error}; one ssh session per connection");
             return Ok(None);
@@ -217,7 +229,9 @@ impl SshTarget {
         let _ = self.cancel(tree, &listen, &probe);
         let _ = std::fs::remove_file(&listen);
         match answer {
-            Some(line) if StatusLine::parse(&line).is_ok_and(|s| s.status.is_success()) => Ok(Some(root)),
+            Some(line) if StatusLine::parse(&line).is_ok_and(|s| s.status.is_success()) => {
+                Ok(Some(Forwarding { root, targets }))
+            }
             _ => {
                 log::info!(
                     "{}: sshd does not forward to the remote tree's sockets (AllowStreamLocalForwarding?); \
@@ -227,6 +241,28 @@ impl SshTarget {
                 Ok(None)
             }
         }
+    }
+
+    /// A fresh name in the user's private scope for a short-lived forward.
+    fn forward_socket_name(&self, tree: &Tree, what: &str) -> Result<std::path::PathBuf, SshError> {
+        static NUMBER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let number = NUMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
+        let listen = control_dir.join(format!(".forward-{what}-{}-{number}", std::process::id()));
+        let _ = std::fs::remove_file(&listen);
+        Ok(listen)
+    }
+
+    /// One connection to the remote socket `remote`, carried by the shared
+    /// connection's master: a forward just long enough to connect through
+    /// it (the connection outlives the forward).
+    pub fn connect_forwarded(&self, tree: &Tree, remote: &str) -> Result<std::os::unix::net::UnixStream, SshError> {
+        let listen = self.forward_socket_name(tree, "connect")?;
+        self.forward(tree, &listen, remote)?;
+        let stream = std::os::unix::net::UnixStream::connect(&listen);
+        let _ = self.cancel(tree, &listen, remote);
+        let _ = std::fs::remove_file(&listen);
+        stream.map_err(|source| SshError::Protocol { target: self.uri(), source: SepError::Io(source) })
     }
 
     /// Starts ssh and sends `request`; the channel then carries the reply.
@@ -356,11 +392,24 @@ impl SshChannel {
     /// An absolute path line (FORWARD's answer), checked as ssh needs it.
     fn read_path_by(&mut self, deadline: Instant) -> Result<String, SshError> {
         let line = self.read_line_by(deadline)?;
-        let text = std::str::from_utf8(&line).ok().map(|text| text.trim_end_matches('\n').to_string());
+        self.check_path(&line)
+    }
+
+    fn check_path(&self, line: &[u8]) -> Result<String, SshError> {
+        let text = std::str::from_utf8(line).ok().map(|text| text.trim_end_matches('\n').to_string());
         match text {
             Some(path) if forwardable(&path) && !path.split('/').any(|part| part == "..") => Ok(path),
-            _ => Err(SshError::Unforwardable { path: String::from_utf8_lossy(&line).trim_end().to_string() }),
+            _ => Err(SshError::Unforwardable { path: String::from_utf8_lossy(line).trim_end().to_string() }),
         }
+    }
+
+    /// An absolute path line, or `None` at FORWARD's closing `.`.
+    fn read_path_or_end_by(&mut self, deadline: Instant) -> Result<Option<String>, SshError> {
+        let line = self.read_line_by(deadline)?;
+        if line == b".\n" {
+            return Ok(None);
+        }
+        self.check_path(&line).map(Some)
     }
 
     /// Why ssh ended without answering.

@@ -71,9 +71,33 @@ fn connect_sep(server: &Server, selector: &Selector) -> Result<Connection, Error
     Err(Error::NoneAccepted { selector: selector.to_string(), last })
 }
 
-/// LIST over ssh, then CONNECT to each match in order until one accepts.
+/// Over ssh: where sshd forwards to the remote tree, FORWARD picks the
+/// first match that listens and that the ssh user may connect to, and the
+/// shared connection's master carries the connection itself (as `ssh -L`
+/// would). Otherwise LIST, then CONNECT to each match in order until one
+/// accepts, each a session with `dipus serve` relaying there.
 fn connect_ssh(ssh: &SshTarget, selector: &Selector) -> Result<Connection, Error> {
     let tree = Tree::from_env()?;
+    if let Some(argument) = selector_argument(selector) {
+        match ssh.probe_forwarding(&tree, Some(&argument)) {
+            Ok(Some(forwarding)) => {
+                if let Some(target) = forwarding.targets.first() {
+                    let stream = ssh.connect_forwarded(&tree, target)?;
+                    let wire = target.strip_prefix(&forwarding.root).unwrap_or(target).trim_start_matches('/');
+                    let description = format!("{}/{wire}", ssh.uri());
+                    return Ok(Connection { stream: Stream::Socket(stream.into()), description });
+                }
+            }
+            Ok(None) => {}
+            Err(SshError::Refused { status, .. }) if status.status == crate::sep::Status::NotFound => {
+                return Err(Error::NoService(format!("{}/{}", ssh.uri(), selector)));
+            }
+            Err(error @ SshError::Refused { .. }) => {
+                return Err(Error::NoneAccepted { selector: selector.to_string(), last: error.to_string() });
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
     let paths = ssh.list(&tree, selector_argument(selector).as_deref())?;
     if paths.is_empty() {
         return Err(Error::NoService(format!("{}/{}", ssh.uri(), selector)));

@@ -459,8 +459,8 @@ fn ten_requests_share_one_ssh_connection() {
         expected.sort();
         assert_eq!(link.ask(&[&uri], input.as_bytes()), expected.join("\n") + "\n");
     }
-    // Each dcat ran two ssh sessions (LIST, CONNECT): twenty sessions, one
-    // authentication.
+    // Each dcat ran one ssh session (FORWARD) and its forwards: ten
+    // sessions, one authentication.
     assert_eq!(link.logins(), 1, "sshd log:\n{}", link.sshd.log());
     let sockets = link.control_sockets();
     assert_eq!(sockets.len(), 1, "control sockets: {sockets:?}");
@@ -662,6 +662,46 @@ fn unix_listeners() -> std::collections::HashMap<u64, String> {
             Some((inode, users.to_string()))
         })
         .collect()
+}
+
+/// While `dcat ssh://…/echo` is connected: the ssh sessions running
+/// `dipus serve --stdio` on this link's remote tree (each one is a remote
+/// `dipus serve` relaying, or answering a request).
+fn serve_sessions_during_dcat(link: &Link) -> Vec<u32> {
+    let mut echo = Streaming::spawn(link.cmd("dcat").arg(format!("{}/echo", link.uri("root"))));
+    echo.write(b"ping\n");
+    let mut reply = Vec::new();
+    let deadline = Instant::now() + SSH_TIMEOUT;
+    while reply.len() < 5 && Instant::now() < deadline {
+        reply.extend(echo.arrived(Duration::from_millis(100)));
+    }
+    assert_eq!(reply, b"ping\n");
+    // FORWARD's session ends once its probe is through.
+    std::thread::sleep(Duration::from_millis(300));
+    let remote = format!("DIPUS_ROOT={} ", link.remote.tree().display());
+    let sessions: Vec<u32> = proc::with_command_line(&remote)
+        .into_iter()
+        .filter(|pid| proc::name(*pid) == "ssh" && proc::with_command_line("serve --stdio").contains(pid))
+        .collect();
+    let (rest, status) = echo.finish(SSH_TIMEOUT);
+    assert_eq!((rest, status.code()), (Vec::new(), Some(0)));
+    sessions
+}
+
+#[test]
+fn dcat_over_ssh_lets_ssh_carry_the_bytes() {
+    let Some(link) = Link::new() else { return };
+    link.serve(&[], "cat", "echo/application/octet-stream");
+    let sessions = serve_sessions_during_dcat(&link);
+    assert!(sessions.is_empty(), "ssh sessions running dipus serve during a forwarded dcat: {sessions:?}");
+}
+
+#[test]
+fn where_sshd_refuses_forwarding_dcat_over_ssh_relays_through_a_session() {
+    let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };
+    link.serve(&[], "cat", "echo/application/octet-stream");
+    let sessions = serve_sessions_during_dcat(&link);
+    assert_eq!(sessions.len(), 1, "ssh sessions running dipus serve for one dcat");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use argh::FromArgs;
@@ -66,7 +67,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     };
     match request {
         Request::Ping => send(&StatusLine::new(Status::Ok).to_line()),
-        Request::Forward => forward(&tree),
+        Request::Forward(selector) => forward(&tree, &view, selector.as_deref()),
         Request::List(argument) => {
             match View::selector(argument.as_deref()).and_then(|selector| view.list(&tree, &selector)) {
                 Ok(paths) => {
@@ -102,6 +103,39 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     }
 }
 
+/// The wire paths of the services `argument` picks that listen and that
+/// this user may connect to (write permission on the socket, as connect
+/// checks), or why there are none: what a CONNECT of each would answer,
+/// without connecting (a connection would start an inetd-style service).
+fn forward_targets(tree: &Tree, view: &View, argument: &str) -> Result<Vec<String>, StatusLine> {
+    let selector = View::selector(Some(argument))?;
+    let services = tree.list().map_err(|error| StatusLine::with_detail(Status::Internal, &error.to_string()))?;
+    let listening = crate::probe::listening_inodes();
+    let mut refusal = StatusLine::with_detail(Status::NotFound, argument);
+    let mut paths = Vec::new();
+    for service in services.iter().filter(|service| selector.matches(&service.path, &service.full)) {
+        let Some(wire) = view.wire_path(service) else {
+            continue;
+        };
+        let Ok(meta) = std::fs::symlink_metadata(&service.full) else {
+            continue;
+        };
+        if nix::unistd::access(&service.full, nix::unistd::AccessFlags::W_OK).is_err() {
+            refusal = StatusLine::with_detail(Status::Forbidden, &format!("permission denied: {wire}"));
+        } else if listening.as_ref().is_some_and(|set| !set.contains(&meta.ino())) {
+            if refusal.status == Status::NotFound {
+                refusal = StatusLine::with_detail(Status::Unavailable, &format!("refused: {wire}"));
+            }
+        } else {
+            paths.push(wire);
+        }
+    }
+    if paths.is_empty() {
+        return Err(refusal);
+    }
+    Ok(paths)
+}
+
 /// Whether the peer of `socket` has closed it both ways.
 fn hung_up(socket: i32) -> bool {
     let mut fd = libc::pollfd { fd: socket, events: 0, revents: 0 };
@@ -113,16 +147,25 @@ fn hung_up(socket: i32) -> bool {
 /// How long a FORWARD probe waits for the client's forwarded connection.
 const PROBE_WAIT: Duration = Duration::from_secs(20);
 
-/// FORWARD: the tree's absolute root, then a probe socket in the user's
-/// own scope. The client forwards a local socket to the probe through its
-/// ssh connection (`ssh -O forward -L`) and connects; the status line it
-/// reads back proves that this sshd forwards to sockets in this tree, so
-/// the client may let ssh carry its connections without this process in
-/// the path. Ends at the first connection, when stdin closes, or after
-/// [`PROBE_WAIT`].
-fn forward(tree: &Tree) -> Result<(), Error> {
+/// FORWARD [SELECTOR]: the tree's absolute root, then a probe socket in
+/// the user's own scope, then (with a selector) the absolute paths of the
+/// services it picks that are listening and that this user may connect
+/// to, in preference order, then `.`. The client forwards a local socket
+/// to the probe through its ssh connection (`ssh -O forward -L`) and
+/// connects; the status line it reads back proves that this sshd forwards
+/// to sockets in this tree, so the client may let ssh carry its
+/// connections without this process in the path. Ends at the first
+/// connection, when stdin closes, or after [`PROBE_WAIT`].
+fn forward(tree: &Tree, view: &View, selector: Option<&str>) -> Result<(), Error> {
     let scope = tree.ensure_scope(&Tree::own_scope()?)?;
     let root = std::fs::canonicalize(tree.root()).map_err(|e| Error::io("cannot resolve the tree's root", e))?;
+    let targets = match selector {
+        Some(argument) => match forward_targets(tree, view, argument) {
+            Ok(paths) => paths.iter().map(|wire| format!("{}/{wire}\n", root.display())).collect(),
+            Err(status) => return send(&status.to_line()),
+        },
+        None => String::new(),
+    };
     let probe = std::fs::canonicalize(&scope)
         .map_err(|e| Error::io("cannot resolve the user's scope", e))?
         .join(format!(".forward-probe-{}", std::process::id()));
@@ -136,7 +179,7 @@ fn forward(tree: &Tree) -> Result<(), Error> {
     }
     let _remove = Remove(&probe);
     let mut text = StatusLine::new(Status::Ok).to_line();
-    text.push_str(&format!("{}\n{}\n", root.display(), probe.display()));
+    text.push_str(&format!("{}\n{}\n{targets}.\n", root.display(), probe.display()));
     send(&text)?;
     let deadline = std::time::Instant::now() + PROBE_WAIT;
     loop {

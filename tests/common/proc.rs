@@ -28,6 +28,22 @@ pub fn state(pid: u32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()
 }
 
+/// Processes whose command line (arguments joined by spaces) contains
+/// `needle`.
+pub fn with_command_line(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&line).replace('\0', " ").contains(needle)
+        })
+        .collect()
+}
+
 /// The command name (`comm`), empty when the pid is gone.
 pub fn name(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|n| n.trim_end().to_string()).unwrap_or_default()

@@ -1156,6 +1156,37 @@ mod tests {
         }
     }
 
+    /// Drives a relay as the daemons do: mio, edge-triggered, with every
+    /// readiness and every closed read side passed on, pumping after each
+    /// batch of events. Five seconds without an event is a stall.
+    fn drive_edge_triggered(relay: &mut Relay, fds: &[RawFd], done: impl Fn(&Relay) -> bool) {
+        use mio::unix::SourceFd;
+        use mio::{Events, Interest, Poll, Token};
+        let mut poll = Poll::new().unwrap();
+        for (index, fd) in fds.iter().enumerate() {
+            poll.registry().register(&mut SourceFd(fd), Token(index), Interest::READABLE | Interest::WRITABLE).unwrap();
+        }
+        let mut events = Events::with_capacity(8);
+        while !done(relay) {
+            poll.poll(&mut events, Some(std::time::Duration::from_secs(5))).unwrap();
+            let (out, back) = (relay.bytes(Way::Forward), relay.bytes(Way::Backward));
+            assert!(!events.is_empty(), "stalled after {out} bytes out, {back} back");
+            for event in events.iter() {
+                let fd = fds[event.token().0];
+                let broken = event.is_error();
+                relay.set_ready(
+                    fd,
+                    event.is_readable() || event.is_read_closed() || broken,
+                    event.is_writable() || broken,
+                );
+                if event.is_read_closed() || broken {
+                    relay.set_read_closed(fd);
+                }
+            }
+            relay.pump().unwrap();
+        }
+    }
+
     fn pattern(length: usize, seed: u64) -> Vec<u8> {
         let mut state = seed | 1;
         (0..length)
@@ -1249,8 +1280,6 @@ mod tests {
     /// for an edge that never comes is a stall here, not a pass.
     #[test]
     fn edge_triggered_socket_through_slow_pipes() {
-        use mio::unix::SourceFd;
-        use mio::{Events, Interest, Poll, Token};
         let (mut client, a) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let (in_read, in_write) = nix::unistd::pipe().unwrap();
@@ -1301,31 +1330,8 @@ mod tests {
         });
         let mut relay = Relay::new(&[a.as_raw_fd()], in_write.as_raw_fd(), out_read.as_raw_fd(), a.as_raw_fd());
         relay.adopt(in_write);
-        let mut poll = Poll::new().unwrap();
-        let all = Interest::READABLE | Interest::WRITABLE;
         let fds = [a.as_raw_fd(), relay.endpoints[1].fd, out_read.as_raw_fd()];
-        for (index, fd) in fds.iter().enumerate() {
-            poll.registry().register(&mut SourceFd(fd), Token(index), all).unwrap();
-        }
-        let mut events = Events::with_capacity(8);
-        while !relay.is_done() {
-            relay.pump().unwrap();
-            if relay.is_done() {
-                break;
-            }
-            poll.poll(&mut events, Some(std::time::Duration::from_secs(5))).unwrap();
-            assert!(
-                !events.is_empty(),
-                "stalled after {} bytes out, {} back",
-                relay.bytes(Way::Forward),
-                relay.bytes(Way::Backward)
-            );
-            for event in events.iter() {
-                let writable = event.is_writable() || event.is_error();
-                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                relay.set_ready(fds[event.token().0], readable, writable);
-            }
-        }
+        drive_edge_triggered(&mut relay, &fds, Relay::is_done);
         writer.join().unwrap();
         remote.join().unwrap();
         drop(relay);
@@ -1338,34 +1344,15 @@ mod tests {
     /// would never be read (no further edge comes).
     #[test]
     fn the_end_of_data_on_the_same_edge_as_the_last_bytes_is_read() {
-        use mio::unix::SourceFd;
-        use mio::{Events, Interest, Poll, Token};
         let (mut client, a) = UnixStream::pair().unwrap();
         let (b, mut server) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
         let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
-        let mut poll = Poll::new().unwrap();
-        let all = Interest::READABLE | Interest::WRITABLE;
-        for (index, fd) in [a.as_raw_fd(), b.as_raw_fd()].iter().enumerate() {
-            poll.registry().register(&mut SourceFd(fd), Token(index), all).unwrap();
-        }
-        let mut events = Events::with_capacity(8);
         // Both arrive before the relay looks: one edge for the two.
         client.write_all(b"hello").unwrap();
         client.shutdown(std::net::Shutdown::Write).unwrap();
-        while !relay.way_done(Way::Forward) {
-            poll.poll(&mut events, Some(std::time::Duration::from_secs(5))).unwrap();
-            assert!(!events.is_empty(), "stalled: the end of data was never read");
-            for event in events.iter() {
-                let fd = [a.as_raw_fd(), b.as_raw_fd()][event.token().0];
-                relay.set_ready(fd, event.is_readable() || event.is_read_closed(), event.is_writable());
-                if event.is_read_closed() || event.is_error() {
-                    relay.set_read_closed(fd);
-                }
-            }
-            relay.pump().unwrap();
-        }
+        drive_edge_triggered(&mut relay, &[a.as_raw_fd(), b.as_raw_fd()], |relay| relay.way_done(Way::Forward));
         let mut got = Vec::new();
         server.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"hello");

@@ -227,48 +227,74 @@ fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<Forwarding> {
 }
 
 /// Holds `.import-HOST-PORT.lock` in the import scope locked while the
-/// importer runs, so a second importer of the same host is refused.
+/// importer runs, so a second importer of the same host is refused. For
+/// sep:// there is one lock per address the host name resolves to, so
+/// `sep://localhost:P` and `sep://127.0.0.1:P` are the same exporter; an
+/// ssh:// host is taken as spelled (ssh's own configuration may alias it).
 pub struct HostLock {
+    _files: Vec<LockFile>,
+}
+
+struct LockFile {
     _file: std::fs::File,
     path: std::path::PathBuf,
 }
 
 impl HostLock {
-    /// Takes the lock file for `dialer`'s host, or says who holds it. The
-    /// file is removed again on drop; a taker that locked a file just
+    /// Takes the lock files for `dialer`'s host, or says who holds one.
+    pub fn acquire(directory: &std::path::Path, dialer: &Dialer) -> Result<HostLock, ImportError> {
+        let uri = dialer.uri();
+        let mut keys: Vec<String> = match dialer {
+            Dialer::Sep(server) => server
+                .addresses()
+                .map(|addresses| addresses.iter().map(SocketAddr::to_string).collect())
+                .unwrap_or_default(),
+            Dialer::Ssh(_) => Vec::new(),
+        };
+        if keys.is_empty() {
+            keys.push(uri.trim_start_matches("sep://").to_string());
+        }
+        keys.sort();
+        keys.dedup();
+        let mut files = Vec::with_capacity(keys.len());
+        for key in keys {
+            let key: String =
+                key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+            // Taken ones are let go again (and removed) if a later one is held.
+            files.push(LockFile::take(&directory.join(format!(".import-{key}.lock")), &uri)?);
+        }
+        Ok(HostLock { _files: files })
+    }
+}
+
+impl LockFile {
+    /// The file is removed again on drop; a taker that locked a file just
     /// removed (its path now names another file, or none) tries again, so
     /// two importers never both hold "the" lock.
-    pub fn acquire(directory: &std::path::Path, dialer: &Dialer) -> Result<HostLock, ImportError> {
+    fn take(path: &std::path::Path, uri: &str) -> Result<LockFile, ImportError> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
-        let uri = dialer.uri();
-        let key: String = uri
-            .trim_start_matches("sep://")
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
-            .collect();
-        let path = directory.join(format!(".import-{key}.lock"));
         loop {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .open(&path)
-                .map_err(|source| ImportError::Lock { path: path.clone(), source })?;
+                .open(path)
+                .map_err(|source| ImportError::Lock { path: path.to_path_buf(), source })?;
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                return Err(ImportError::AlreadyImported { uri, lock: path });
+                return Err(ImportError::AlreadyImported { uri: uri.to_string(), lock: path.to_path_buf() });
             }
             let locked = file.metadata().map(|meta| (meta.dev(), meta.ino())).ok();
-            let named = std::fs::symlink_metadata(&path).map(|meta| (meta.dev(), meta.ino())).ok();
+            let named = std::fs::symlink_metadata(path).map(|meta| (meta.dev(), meta.ino())).ok();
             if locked.is_some() && locked == named {
-                return Ok(HostLock { _file: file, path });
+                return Ok(LockFile { _file: file, path: path.to_path_buf() });
             }
         }
     }
 }
 
-impl Drop for HostLock {
+impl Drop for LockFile {
     fn drop(&mut self) {
         // Removed while still locked, so nobody can lock this file after us
         // and believe it is the current one.

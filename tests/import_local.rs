@@ -161,6 +161,13 @@ fn importing_the_same_exporter_twice_is_refused() {
             )
         );
     }
+    // The same exporter by another name: localhost is 127.0.0.1 too.
+    let out = import_cmd(&b, &["-f", &format!("sep://localhost:{port}")]);
+    let stderr = assert_error(&out, 1, "dipus-import", &[]);
+    assert_eq!(
+        stderr,
+        format!("dipus-import: sep://localhost:{port} is already being imported (lock {} is held)\n", lock.display())
+    );
     // The first import goes on unharmed.
     assert!(first.is_alive());
     assert_eq!(imported(&b), ["text/plain/sorter.hosta..0"]);

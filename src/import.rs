@@ -819,6 +819,11 @@ impl Importer {
             log::info!("{message}; retrying in {:?}", self.backoff);
         }
         self.remove_all_proxies(registry);
+        // Ask again with the next session: the remote tree, or sshd's
+        // mind about forwarding, may have changed meanwhile.
+        if matches!(self.forwarding, Forwarding::Yes(_) | Forwarding::No) {
+            self.forwarding = Forwarding::Unknown;
+        }
         self.synced = false;
         self.events.push(SessionEvent::Lost(message));
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);

@@ -13,6 +13,12 @@ MUSL_TARGET ?= x86_64-unknown-linux-musl
 STATIC_BIN  := target/$(MUSL_TARGET)/static/dipus
 # The static binary must stay under 1 MiB.
 SIZE_LIMIT  := 1048576
+# rustup ships rust-lld; linked with it, identical functions are folded
+# into one (--icf=all), about 13 KB off the static binary. Without it (a
+# distribution's rustc), the default linker is used.
+comma       := ,
+GCC_LD      := $(shell rustc --print sysroot 2>/dev/null)/lib/rustlib/$(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')/bin/gcc-ld
+STATIC_LINK := $(if $(wildcard $(GCC_LD)/ld.lld),-C link-arg=-fuse-ld=lld -C link-arg=-B$(GCC_LD) -C link-arg=-Wl$(comma)--icf=all)
 
 # Tests run the real binary, so `cargo test --release`: the 256 MiB data
 # tests take seconds instead of minutes. Two test threads suit a 2-core
@@ -36,14 +42,14 @@ $(BIN):
 test:
 	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test --release --no-fail-fast $(TEST_ARGS)
 
-# A fully static, stripped binary, optimised for size (the `static` profile
-# in Cargo.toml), with debug and trace messages compiled out (the `small`
-# feature): RUST_LOG=debug shows info and above there.
+# A fully static (static-pie), stripped binary, optimised for size (the
+# `static` profile in Cargo.toml), with debug and trace messages compiled
+# out (the `small` feature): RUST_LOG=debug shows info and above there.
 static:
 	@if command -v rustup >/dev/null 2>&1; then \
 	  rustup target list --installed | grep -qx '$(MUSL_TARGET)' || rustup target add $(MUSL_TARGET); \
 	fi
-	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --profile static --target $(MUSL_TARGET) --features small
+	RUSTFLAGS='-C target-feature=+crt-static $(STATIC_LINK)' $(CARGO) build --profile static --target $(MUSL_TARGET) --features small
 	@size=$$(wc -c < $(STATIC_BIN) | tr -d ' '); \
 	echo "$(STATIC_BIN): $$size bytes (limit: under $(SIZE_LIMIT))"; \
 	if [ "$$size" -ge $(SIZE_LIMIT) ]; then \

@@ -71,24 +71,55 @@ fn forwardable(path: &str) -> bool {
     path.starts_with('/') && path.len() <= 1024 && !path.chars().any(|c| c == ':' || c == '%' || c.is_control())
 }
 
-/// Runs `command` to its end, killed after `timeout`; its output is small.
-fn run_bounded(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
-    let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_micros(200);
+/// Whether `fd` has something to read (or its end) before `deadline`.
+fn readable_by(fd: std::os::fd::RawFd, deadline: Instant) -> io::Result<bool> {
     loop {
-        if child.try_wait()?.is_some() {
-            return child.wait_with_output();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let mut output = child.wait_with_output()?;
-            output.stderr.extend_from_slice(b" (timed out)");
-            return Ok(output);
+        let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, left.as_millis().clamp(1, 60_000) as libc::c_int) };
+        if ready > 0 {
+            return Ok(true);
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
     }
+}
+
+/// Runs `command` to its end, killed after `timeout`: its exit status and
+/// its stderr (a line or two). The end of stderr is the event waited for.
+fn run_bounded(command: &mut Command, timeout: Duration) -> io::Result<(ExitStatus, Vec<u8>)> {
+    use std::io::Read;
+    let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let deadline = Instant::now() + timeout;
+    let mut message = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if !readable_by(stderr.as_raw_fd(), deadline)? {
+            let _ = child.kill();
+            message.extend_from_slice(b" (timed out)");
+            break;
+        }
+        match stderr.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(count) => message.extend_from_slice(&chunk[..count]),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(error);
+            }
+        }
+    }
+    Ok((child.wait()?, message))
 }
 
 /// The line the remote probe socket sends through a forward, if any.
@@ -185,15 +216,15 @@ impl SshTarget {
         let mut command = self.base_command(tree)?;
         command.arg("-O").arg(operation).arg("-L").arg(format!("{listen}:{remote}")).arg("--").arg(&self.host);
         let described = format!("{command:?}");
-        let output = run_bounded(&mut command, CONTROL_TIMEOUT)
+        let (status, message) = run_bounded(&mut command, CONTROL_TIMEOUT)
             .map_err(|source| SshError::Spawn { command: described.clone(), source })?;
-        if output.status.success() {
+        if status.success() {
             return Ok(());
         }
         Err(SshError::Control {
             target: self.uri(),
             operation: operation.to_string(),
-            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            message: String::from_utf8_lossy(&message).trim().to_string(),
         })
     }
 
@@ -339,20 +370,10 @@ impl SshChannel {
 
     /// Waits until ssh's output has something to read, or `deadline`.
     fn wait_readable(&self, deadline: Instant) -> Result<(), SshError> {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(SshError::Timeout { target: self.target.uri() });
-            }
-            let mut fd = libc::pollfd { fd: self.output.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let ready = unsafe { libc::poll(&mut fd, 1, left.as_millis().clamp(1, 60_000) as libc::c_int) };
-            if ready > 0 {
-                return Ok(());
-            }
-            if ready < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                return Err(self.protocol(SepError::Io(io::Error::last_os_error())));
-            }
+        match readable_by(self.output.as_raw_fd(), deadline) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SshError::Timeout { target: self.target.uri() }),
+            Err(error) => Err(self.protocol(SepError::Io(error))),
         }
     }
 
@@ -462,4 +483,25 @@ impl Drop for SshChannel {
 pub fn importable(wire: &str) -> Option<&str> {
     let (scope, rest) = wire.split_once('/')?;
     matches!(scope, "local" | "exported").then_some(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bounded_command_reports_its_status_and_message() {
+        let (status, message) =
+            run_bounded(Command::new("sh").args(["-c", "echo refused >&2; exit 3"]), Duration::from_secs(10)).unwrap();
+        assert_eq!((status.code(), message.as_slice()), (Some(3), &b"refused\n"[..]));
+    }
+
+    #[test]
+    fn a_bounded_command_that_hangs_is_killed_at_its_deadline() {
+        let started = Instant::now();
+        let (status, message) =
+            run_bounded(Command::new("sh").args(["-c", "exec sleep 30"]), Duration::from_millis(200)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "not killed: {:?}", started.elapsed());
+        assert!(!status.success() && message.ends_with(b"(timed out)"), "{status:?} {message:?}");
+    }
 }

@@ -185,24 +185,46 @@ enum Proxy {
 enum Forwarding {
     /// Not known yet (and never asked for sep://).
     Unknown,
-    /// Asked by a child process, which writes its answer to `answer`: the
-    /// probe waits on ssh, the loop must not. (A process, not a thread:
-    /// std's threads cost the static binary some 25 KB.)
+    /// Asked by a child process, which writes its answer, one line, to
+    /// `answer` (watched by the loop): the probe waits on ssh, the loop
+    /// must not. (A process, not a thread: std's threads cost the static
+    /// binary some 25 KB.)
     Probing {
         child: nix::unistd::Pid,
         answer: std::fs::File,
+        /// What has arrived of the answer.
+        text: Vec<u8>,
+        since: Instant,
     },
     /// Yes, to sockets under this remote root.
     Yes(String),
     No,
 }
 
-/// How often the loop looks at a running forwarding probe.
-const PROBE_POLL: Duration = Duration::from_millis(25);
+/// The probe's answer pipe, among the importer's tokens.
+const PROBE: usize = LINK_BASE - 1;
+/// A probe without an answer by then is stuck (its own bounds are 20 s
+/// for the session and 10 s for each `ssh -O`): killed, and the session
+/// counts as failed.
+const PROBE_LIMIT: Duration = Duration::from_secs(60);
 
-/// Forks a child that runs [`SshTarget::probe_forwarding`] and writes
-/// `yes ROOT`, `no` or `error MESSAGE` to a pipe before it exits.
-fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<Forwarding> {
+/// Appends what `answer` has to `text`; true once it has ended.
+fn read_available(answer: &mut std::fs::File, text: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match answer.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(count) => text.extend_from_slice(&chunk[..count]),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return !would_block(&error),
+        }
+    }
+}
+
+/// Forks a child that runs [`SshTarget::probe_forwarding`] and writes one
+/// line, `yes ROOT`, `no` or `error MESSAGE`, to a pipe before it exits;
+/// the pipe's read end (nonblocking) is returned.
+fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<(nix::unistd::Pid, std::fs::File)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     // SAFETY: the importer's process is single-threaded; the child only
     // runs the probe (spawning ssh) and leaves with _exit, so none of the
@@ -213,15 +235,17 @@ fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<Forwarding> {
             let text = match ssh.probe_forwarding(tree, None) {
                 Ok(Some(forwarding)) => format!("yes {}", forwarding.root),
                 Ok(None) => "no".to_string(),
-                Err(error) => format!("error {error}"),
+                Err(error) => format!("error {}", error.to_string().replace('\n', " ")),
             };
-            let _ = std::fs::File::from(write).write_all(text.as_bytes());
+            // One write of a short line: it arrives whole.
+            let _ = std::fs::File::from(write).write_all(format!("{text}\n").as_bytes());
             // SAFETY: ends the child without running the parent's destructors.
             unsafe { libc::_exit(0) }
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(write);
-            Ok(Forwarding::Probing { child, answer: std::fs::File::from(read) })
+            set_nonblocking(read.as_raw_fd());
+            Ok((child, std::fs::File::from(read)))
         }
     }
 }
@@ -441,6 +465,9 @@ impl Importer {
         let ready = [readable, writable, event_loop::read_closed(event)];
         if id == SESSION {
             self.session_ready(registry);
+        } else if id == PROBE {
+            // The probe answered (or ended): the session goes on at once.
+            self.retry_now();
         } else if id >= LINK_BASE {
             let link = LINK_BASE + (id - LINK_BASE) / LINK_STRIDE * LINK_STRIDE;
             let side = (id - LINK_BASE) % LINK_STRIDE;
@@ -501,18 +528,30 @@ impl Importer {
     }
 
     /// Whether ssh may forward is known (asking first if not; the session
-    /// waits). A probe that failed counts as a failed session.
+    /// waits for the answer, which the loop sees arrive). A probe that
+    /// failed counts as a failed session.
     fn forwarding_known(&mut self, registry: &Registry) -> bool {
-        let retry = Session::Idle { retry_at: Instant::now() + PROBE_POLL };
         match std::mem::replace(&mut self.forwarding, Forwarding::Unknown) {
             Forwarding::Unknown => {
                 let Dialer::Ssh(ssh) = &self.config.dialer else {
                     return true;
                 };
-                match start_probe(ssh, &self.tree) {
-                    Ok(probing) => {
-                        self.forwarding = probing;
-                        self.session = retry;
+                let started = start_probe(ssh, &self.tree).and_then(|(child, answer)| {
+                    let fd = answer.as_raw_fd();
+                    match registry.register(&mut mio::unix::SourceFd(&fd), self.token(PROBE), Interest::READABLE) {
+                        Ok(()) => Ok((child, answer)),
+                        Err(error) => {
+                            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                            let _ = nix::sys::wait::waitpid(child, None);
+                            Err(error)
+                        }
+                    }
+                });
+                match started {
+                    Ok((child, answer)) => {
+                        let since = Instant::now();
+                        self.forwarding = Forwarding::Probing { child, answer, text: Vec::new(), since };
+                        self.session = Session::Idle { retry_at: since + PROBE_LIMIT };
                         false
                     }
                     Err(error) => {
@@ -522,31 +561,33 @@ impl Importer {
                     }
                 }
             }
-            Forwarding::Probing { child, mut answer } => {
-                use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-                if let Ok(WaitStatus::StillAlive) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-                    self.forwarding = Forwarding::Probing { child, answer };
-                    self.session = retry;
+            Forwarding::Probing { child, mut answer, mut text, since } => {
+                let ended = read_available(&mut answer, &mut text);
+                let complete = text.contains(&b'\n');
+                if !complete && !ended && since.elapsed() < PROBE_LIMIT {
+                    self.forwarding = Forwarding::Probing { child, answer, text, since };
+                    self.session = Session::Idle { retry_at: since + PROBE_LIMIT };
                     return false;
                 }
-                // Nonblocking: another importer's probe, forked meanwhile,
-                // may hold a copy of the write end; what ours wrote is
-                // there already.
-                set_nonblocking(answer.as_raw_fd());
-                let mut bytes = Vec::new();
-                let _ = answer.read_to_end(&mut bytes);
-                let text = String::from_utf8_lossy(&bytes);
-                match text.split_once(' ') {
-                    Some(("yes", root)) => {
+                let _ = registry.deregister(&mut mio::unix::SourceFd(&answer.as_raw_fd()));
+                if !complete {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                }
+                // It has answered and is leaving, or was just killed.
+                let _ = nix::sys::wait::waitpid(child, None);
+                let line = String::from_utf8_lossy(&text);
+                let line = line.trim_end_matches('\n');
+                match line.split_once(' ') {
+                    Some(("yes", root)) if complete => {
                         log::info!("{}: ssh forwards connections itself (remote tree {root})", self.uri());
                         self.forwarding = Forwarding::Yes(root.to_string());
                         true
                     }
-                    Some(("error", message)) => {
+                    Some(("error", message)) if complete => {
                         self.session_failed(registry, message.to_string());
                         false
                     }
-                    _ if text == "no" => {
+                    _ if complete && line == "no" => {
                         self.forwarding = Forwarding::No;
                         true
                     }
@@ -953,7 +994,9 @@ impl Importer {
 
     /// Everything this importer made is removed (also on drop).
     pub fn shutdown(&mut self, registry: &Registry) {
-        if let Forwarding::Probing { child, .. } = std::mem::replace(&mut self.forwarding, Forwarding::Unknown) {
+        if let Forwarding::Probing { child, answer, .. } = std::mem::replace(&mut self.forwarding, Forwarding::Unknown)
+        {
+            let _ = registry.deregister(&mut mio::unix::SourceFd(&answer.as_raw_fd()));
             let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(child, None);
         }

@@ -14,7 +14,7 @@ mod common;
 use common::data::Random;
 use common::proc;
 use common::proc::Background;
-use common::service::{assert_error, assert_success, euid, is_socket, listen_at, stop, wait_for_socket};
+use common::service::{assert_error, assert_success, euid, is_socket, listen_at, stale_at, stop, wait_for_socket};
 use common::sshd::Sshd;
 use common::*;
 use std::fs::File;
@@ -664,10 +664,10 @@ fn unix_listeners() -> std::collections::HashMap<u64, String> {
         .collect()
 }
 
-/// While `dcat ssh://…/echo` is connected: the ssh sessions running
-/// `dipus serve --stdio` on this link's remote tree (each one is a remote
-/// `dipus serve` relaying, or answering a request).
-fn serve_sessions_during_dcat(link: &Link) -> Vec<u32> {
+/// While `dcat ssh://…/echo` is connected, the ssh sessions running
+/// `dipus serve --stdio` on this link's remote tree (each one a remote
+/// `dipus serve` relaying, or answering a request) come to `expected`.
+fn assert_serve_sessions_during_dcat(link: &Link, expected: usize) {
     let mut echo = Streaming::spawn(link.cmd("dcat").arg(format!("{}/echo", link.uri("root"))));
     echo.write(b"ping\n");
     let mut reply = Vec::new();
@@ -676,32 +676,56 @@ fn serve_sessions_during_dcat(link: &Link) -> Vec<u32> {
         reply.extend(echo.arrived(Duration::from_millis(100)));
     }
     assert_eq!(reply, b"ping\n");
-    // FORWARD's session ends once its probe is through.
-    std::thread::sleep(Duration::from_millis(300));
     let remote = format!("DIPUS_ROOT={} ", link.remote.tree().display());
-    let sessions: Vec<u32> = proc::with_command_line(&remote)
-        .into_iter()
-        .filter(|pid| proc::name(*pid) == "ssh" && proc::with_command_line("serve --stdio").contains(pid))
-        .collect();
+    let sessions = || -> Vec<u32> {
+        proc::with_command_line(&remote)
+            .into_iter()
+            .filter(|pid| proc::name(*pid) == "ssh" && proc::with_command_line("serve --stdio").contains(pid))
+            .collect()
+    };
+    // FORWARD's own session ends once its probe is through.
+    wait_until(DEFAULT_TIMEOUT, &format!("{expected} ssh sessions running dipus serve"), || {
+        sessions().len() == expected
+    });
+    // And stays so while the bytes flow.
+    echo.write(b"pong\n");
+    let mut reply = Vec::new();
+    while reply.len() < 5 && Instant::now() < deadline {
+        reply.extend(echo.arrived(Duration::from_millis(100)));
+    }
+    assert_eq!((reply.as_slice(), sessions().len()), (&b"pong\n"[..], expected));
     let (rest, status) = echo.finish(SSH_TIMEOUT);
     assert_eq!((rest, status.code()), (Vec::new(), Some(0)));
-    sessions
 }
 
 #[test]
 fn dcat_over_ssh_lets_ssh_carry_the_bytes() {
     let Some(link) = Link::new() else { return };
     link.serve(&[], "cat", "echo/application/octet-stream");
-    let sessions = serve_sessions_during_dcat(&link);
-    assert!(sessions.is_empty(), "ssh sessions running dipus serve during a forwarded dcat: {sessions:?}");
+    assert_serve_sessions_during_dcat(&link, 0);
 }
 
 #[test]
 fn where_sshd_refuses_forwarding_dcat_over_ssh_relays_through_a_session() {
     let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };
     link.serve(&[], "cat", "echo/application/octet-stream");
-    let sessions = serve_sessions_during_dcat(&link);
-    assert_eq!(sessions.len(), 1, "ssh sessions running dipus serve for one dcat");
+    assert_serve_sessions_during_dcat(&link, 1);
+}
+
+/// FORWARD judges without connecting: a socket nobody listens on is
+/// refused as CONNECT would refuse it; once a server has the name again,
+/// it is reached.
+#[test]
+fn dcat_over_ssh_passes_over_a_dead_socket() {
+    let Some(link) = Link::new() else { return };
+    let path = stale_at(&link.remote, "local/text/plain/gone.remote..0");
+    assert!(is_socket(&path));
+    let out = link.run("dcat", &[&format!("{}/gone", link.uri("root"))], Some(b"x\n"));
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(69), "stderr: {stderr}");
+    assert!(stderr.contains("503 service unavailable: refused: local/text/plain/gone.remote..0"), "{stderr}");
+    link.serve(&[], "cat", "gone/text/plain");
+    assert_eq!(link.ask(&[&format!("{}/gone", link.uri("root"))], b"back\n"), "back\n");
 }
 
 #[test]

@@ -599,6 +599,9 @@ pub fn run_until(relay: &mut Relay, finished: impl Fn(&Relay) -> bool) -> io::Re
         if finished(relay) || relay.is_done() {
             return Ok(());
         }
+        // A descriptor epoll refuses (/dev/null) is always ready from now
+        // on: pump again before sleeping, or nothing may ever wake us.
+        let mut newly_ready = false;
         for interest in relay.interests() {
             let event = polling::Event::new(interest.fd as usize, interest.read, interest.write);
             if registered.contains(&interest.fd) {
@@ -610,9 +613,15 @@ pub fn run_until(relay: &mut Relay, finished: impl Fn(&Relay) -> bool) -> io::Re
             // before this function returns.
             match unsafe { poller.add(interest.fd, event) } {
                 Ok(()) => registered.push(interest.fd),
-                Err(error) if error.raw_os_error() == Some(libc::EPERM) => relay.set_always_ready(interest.fd),
+                Err(error) if error.raw_os_error() == Some(libc::EPERM) => {
+                    relay.set_always_ready(interest.fd);
+                    newly_ready = true;
+                }
                 Err(error) => return Err(error),
             }
+        }
+        if newly_ready {
+            continue;
         }
         events.clear();
         match poller.wait(&mut events, None) {

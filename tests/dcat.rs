@@ -286,6 +286,21 @@ fn stdin_from_dev_null() {
     assert_eq!((text(&out.stdout), text(&out.stderr)), ("hi\n", ""));
 }
 
+/// Nothing but the service's answer can wake dcat here: stdin is
+/// /dev/null (epoll refuses it) and stdout a file (always writable).
+#[test]
+fn stdin_from_dev_null_and_stdout_to_a_file() {
+    let root = TestRoot::new();
+    sorter(&root);
+    let output = root.path().join("output");
+    let mut cmd = root.cmd("dcat");
+    cmd.arg("sorter").stdin(Stdio::null()).stdout(File::create(&output).unwrap()).stderr(Stdio::piped());
+    let mut child = ChildGuard::spawn(&mut cmd);
+    let status = child.wait_timeout(DEFAULT_TIMEOUT).expect("dcat sorter </dev/null >file hangs");
+    assert!(status.success(), "dcat sorter </dev/null >file: {status}");
+    assert_eq!(std::fs::read(&output).unwrap(), b"");
+}
+
 #[test]
 fn stdout_to_a_regular_file_and_to_dev_null() {
     let root = TestRoot::new();

@@ -134,13 +134,17 @@ fn read_probe(listen: &Path, deadline: Instant) -> Option<Vec<u8>> {
 const SSH_FAILED: i32 = 255;
 
 /// What FORWARD found out, once its probe went through.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Forwarding {
     /// The remote tree's absolute root: a service at wire path P is ROOT/P.
     pub root: String,
     /// With a selector: the absolute paths of the sockets it picks that
     /// listen and may be connected to, in preference order.
     pub targets: Vec<String>,
+    /// With a selector that picked some: a connection to the first target,
+    /// carried by the shared connection's master (forwarded in the same
+    /// `ssh -O` calls as the probe, which is one call less each way).
+    pub connection: Option<std::os::unix::net::UnixStream>,
 }
 
 /// Where to ssh to.
@@ -196,25 +200,30 @@ impl SshTarget {
     /// forward each connection to the remote socket `remote` (`ssh -O
     /// forward -L`): ssh alone then carries the bytes, as `ssh -L` does.
     pub fn forward(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
-        self.control(tree, "forward", listen, remote)
+        self.control(tree, "forward", &[(listen, remote)])
     }
 
     /// Withdraws a forward made by [`SshTarget::forward`]; connections it
     /// carries go on.
     pub fn cancel(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
-        self.control(tree, "cancel", listen, remote)
+        self.control(tree, "cancel", &[(listen, remote)])
     }
 
-    fn control(&self, tree: &Tree, operation: &str, listen: &Path, remote: &str) -> Result<(), SshError> {
-        let listen = listen
-            .to_str()
-            .filter(|path| forwardable(path))
-            .ok_or_else(|| SshError::Unforwardable { path: listen.display().to_string() })?;
-        if !forwardable(remote) {
-            return Err(SshError::Unforwardable { path: remote.to_string() });
-        }
+    /// One `ssh -O OPERATION` for all of `forwards` (listen, remote).
+    fn control(&self, tree: &Tree, operation: &str, forwards: &[(&Path, &str)]) -> Result<(), SshError> {
         let mut command = self.base_command(tree)?;
-        command.arg("-O").arg(operation).arg("-L").arg(format!("{listen}:{remote}")).arg("--").arg(&self.host);
+        command.arg("-O").arg(operation);
+        for &(listen, remote) in forwards {
+            let listen = listen
+                .to_str()
+                .filter(|path| forwardable(path))
+                .ok_or_else(|| SshError::Unforwardable { path: listen.display().to_string() })?;
+            if !forwardable(remote) {
+                return Err(SshError::Unforwardable { path: remote.to_string() });
+            }
+            command.arg("-L").arg(format!("{listen}:{remote}"));
+        }
+        command.arg("--").arg(&self.host);
         let described = format!("{command:?}");
         let (status, message) = run_bounded(&mut command, CONTROL_TIMEOUT)
             .map_err(|source| SshError::Spawn { command: described.clone(), source })?;
@@ -252,26 +261,43 @@ impl SshTarget {
             targets.push(path);
         }
         let listen = self.forward_socket_name(tree, "probe")?;
-        if let Err(error) = self.forward(tree, &listen, &probe) {
+        let mut forwards = vec![(listen.as_path(), probe.as_str())];
+        let connect_at = match targets.first() {
+            Some(target) => Some((self.forward_socket_name(tree, "connect")?, target.as_str())),
+            None => None,
+        };
+        if let Some((at, target)) = &connect_at {
+            forwards.push((at.as_path(), target));
+        }
+        if let Err(error) = self.control(tree, "forward", &forwards) {
             log::info!("{error}; one ssh session per connection");
             return Ok(None);
         }
         let answer = read_probe(&listen, deadline);
-        let _ = self.cancel(tree, &listen, &probe);
-        let _ = std::fs::remove_file(&listen);
-        match answer {
-            Some(line) if StatusLine::parse(&line).is_ok_and(|s| s.status.is_success()) => {
-                Ok(Some(Forwarding { root, targets }))
-            }
-            _ => {
-                log::info!(
-                    "{}: sshd does not forward to the remote tree's sockets (AllowStreamLocalForwarding?); \
-                     one ssh session per connection",
-                    self.uri()
-                );
-                Ok(None)
-            }
+        let forwarded =
+            answer.as_deref().is_some_and(|line| StatusLine::parse(line).is_ok_and(|s| s.status.is_success()));
+        // Connected before the cancel: the connection outlives the forward.
+        let connection = match &connect_at {
+            Some((at, _)) if forwarded => Some(
+                std::os::unix::net::UnixStream::connect(at)
+                    .map_err(|source| SshError::Protocol { target: self.uri(), source: SepError::Io(source) }),
+            ),
+            _ => None,
+        };
+        let _ = self.control(tree, "cancel", &forwards);
+        for (at, _) in &forwards {
+            let _ = std::fs::remove_file(at);
         }
+        let connection = connection.transpose()?;
+        if forwarded {
+            return Ok(Some(Forwarding { root, targets, connection }));
+        }
+        log::info!(
+            "{}: sshd does not forward to the remote tree's sockets (AllowStreamLocalForwarding?); \
+             one ssh session per connection",
+            self.uri()
+        );
+        Ok(None)
     }
 
     /// A fresh name in the user's private scope for a short-lived forward.
@@ -282,18 +308,6 @@ impl SshTarget {
         let listen = control_dir.join(format!(".forward-{what}-{}-{number}", std::process::id()));
         let _ = std::fs::remove_file(&listen);
         Ok(listen)
-    }
-
-    /// One connection to the remote socket `remote`, carried by the shared
-    /// connection's master: a forward just long enough to connect through
-    /// it (the connection outlives the forward).
-    pub fn connect_forwarded(&self, tree: &Tree, remote: &str) -> Result<std::os::unix::net::UnixStream, SshError> {
-        let listen = self.forward_socket_name(tree, "connect")?;
-        self.forward(tree, &listen, remote)?;
-        let stream = std::os::unix::net::UnixStream::connect(&listen);
-        let _ = self.cancel(tree, &listen, remote);
-        let _ = std::fs::remove_file(&listen);
-        stream.map_err(|source| SshError::Protocol { target: self.uri(), source: SepError::Io(source) })
     }
 
     /// Starts ssh and sends `request`; the channel then carries the reply.

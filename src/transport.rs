@@ -81,8 +81,7 @@ fn connect_ssh(ssh: &SshTarget, selector: &Selector) -> Result<Connection, Error
     if let Some(argument) = selector_argument(selector) {
         match ssh.probe_forwarding(&tree, Some(&argument)) {
             Ok(Some(forwarding)) => {
-                if let Some(target) = forwarding.targets.first() {
-                    let stream = ssh.connect_forwarded(&tree, target)?;
+                if let (Some(target), Some(stream)) = (forwarding.targets.first(), forwarding.connection) {
                     let wire = target.strip_prefix(&forwarding.root).unwrap_or(target).trim_start_matches('/');
                     let description = format!("{}/{wire}", ssh.uri());
                     return Ok(Connection { stream: Stream::Socket(stream.into()), description });

@@ -233,33 +233,55 @@ runs() {
     done
 }
 
-# throughput NAME TARGET — TPUT: median MB/s of `dipus bench send`;
-# TPUT_ERRORS: errors over all runs (a run that printed nothing is one).
-throughput() {
-    local lines
-    quiesce
-    lines=$(runs "$1" "$BIN" bench send --connect "$2" --bytes "$BYTES")
-    TPUT_ERRORS=$(field errors <<<"$lines" | total)
-    TPUT_ERRORS=$((TPUT_ERRORS + BENCH_RUNS - $(field mbps <<<"$lines" | wc -l)))
-    TPUT=$(field mbps <<<"$lines" | median)
+# throughputs NAME TARGET [NAME TARGET…] — `dipus bench send` to each
+# TARGET, the cases taken in turn, BENCH_RUNS rounds: a slow spell of the
+# shared machine then falls on every case of a comparison, not on one of
+# them (run back to back, a case and its reference drifted apart by up
+# to 20% between runs of the bench). TPUTS[NAME]: the median MB/s;
+# TPUT_ERRORS[NAME]: errors over all runs (a run that printed nothing is
+# one).
+declare -A TPUTS TPUT_ERRORS
+throughputs() {
+    local cases=("$@") i k name line
+    local -A lines=()
+    for ((i = 0; i < BENCH_RUNS; i++)); do
+        for ((k = 0; k < ${#cases[@]}; k += 2)); do
+            name=${cases[k]}
+            quiesce
+            line=$(timeout 600 "$BIN" bench send --connect "${cases[k + 1]}" --bytes "$BYTES" 2>>"$TMP/logs/$name.log" | tail -1)
+            [[ -n $line ]] && lines[$name]+="$line"$'\n'
+        done
+    done
+    for ((k = 0; k < ${#cases[@]}; k += 2)); do
+        name=${cases[k]}
+        line=${lines[$name]-}
+        TPUT_ERRORS[$name]=$(($(field errors <<<"$line" | total) + BENCH_RUNS - $(field mbps <<<"$line" | total_lines)))
+        TPUTS[$name]=$(field mbps <<<"$line" | median)
+    done
+}
+total_lines() { grep -c . || true; }
+
+# whole_sample NAME INPUT OUTPUT CMD… — MB/s of BYTES through one whole
+# process (startup included) reading INPUT, writing OUTPUT; nothing if it
+# failed or the sink counted something else.
+whole_sample() {
+    local name=$1 input=$2 output=$3 start end
+    shift 3
+    start=$(now)
+    timeout 600 "$@" <"$input" >"$output" 2>>"$TMP/logs/$name.log" || return 0
+    end=$(now)
+    if [[ $output == /dev/null ]] || [[ $(tr -d '\n' <"$output") == "$BYTES" ]]; then
+        awk -v b="$BYTES" -v s="$(elapsed "$start" "$end")" 'BEGIN { printf "%.1f\n", b / s / 1e6 }'
+    fi
 }
 
-# whole_mbps NAME INPUT OUTPUT CMD… — median MB/s of BYTES through a whole
-# process (startup included) reading INPUT, writing OUTPUT.
+# whole_mbps NAME INPUT OUTPUT CMD… — the median of BENCH_RUNS whole_samples.
 whole_mbps() {
-    local name=$1 input=$2 output=$3 i start end samples=()
-    shift 3
+    local i
     quiesce
     for ((i = 0; i < BENCH_RUNS; i++)); do
-        start=$(now)
-        if timeout 600 "$@" <"$input" >"$output" 2>>"$TMP/logs/$name.log"; then
-            end=$(now)
-            if [[ $output == /dev/null ]] || [[ $(tr -d '\n' <"$output") == "$BYTES" ]]; then
-                samples+=("$(awk -v b="$BYTES" -v s="$(elapsed "$start" "$end")" 'BEGIN { printf "%.1f", b / s / 1e6 }')")
-            fi
-        fi
-    done
-    printf '%s\n' "${samples[@]}" | grep . | median
+        whole_sample "$@"
+    done | median
 }
 
 # per_run_us NAME CMD… — median µs per run of CMD (one byte in, one back),
@@ -445,15 +467,12 @@ fi
 
 # ------------------------------------------------------------------ bulk
 
-log "1. one hop, $BENCH_BYTES per run, $BENCH_RUNS runs each"
-throughput direct "$SINK"
-DIRECT=$TPUT DIRECT_ERR=$TPUT_ERRORS
-throughput hop "$HOP_SINK"
-HOP=$TPUT HOP_ERR=$TPUT_ERRORS
-throughput socat1 "$SOCAT1_SINK"
-SOCAT1=$TPUT SOCAT1_ERR=$TPUT_ERRORS
-throughput socat1b "$SOCAT1B_SINK"
-SOCAT1B=$TPUT SOCAT1B_ERR=$TPUT_ERRORS
+log "1. one hop, $BENCH_BYTES per run, $BENCH_RUNS runs each, in turn"
+throughputs direct "$SINK" hop "$HOP_SINK" socat1 "$SOCAT1_SINK" socat1b "$SOCAT1B_SINK"
+DIRECT=${TPUTS[direct]} DIRECT_ERR=${TPUT_ERRORS[direct]}
+HOP=${TPUTS[hop]} HOP_ERR=${TPUT_ERRORS[hop]}
+SOCAT1=${TPUTS[socat1]} SOCAT1_ERR=${TPUT_ERRORS[socat1]}
+SOCAT1B=${TPUTS[socat1b]} SOCAT1B_ERR=${TPUT_ERRORS[socat1b]}
 
 # with_errors FIGURE ERRORS — "FIGURE", or "FIGURE (N errors)".
 with_errors() { if [[ $2 == 0 ]]; then echo "$1"; else echo "$1 ($2 errors)"; fi; }
@@ -471,10 +490,9 @@ r=$(ratio "$HOP" "$SOCAT1B")
 bulk_row 1 "dipus one hop vs socat -b 65536" "" "socat -b 65536" "${r}×" "" ""
 
 log "2. TCP two-hop"
-throughput import "$IMP_SINK"
-TWO=$TPUT TWO_ERR=$TPUT_ERRORS
-throughput socat2 "$SOCAT2_SINK"
-SOCAT2=$TPUT SOCAT2_ERR=$TPUT_ERRORS
+throughputs import "$IMP_SINK" socat2 "$SOCAT2_SINK"
+TWO=${TPUTS[import]} TWO_ERR=${TPUT_ERRORS[import]}
+SOCAT2=${TPUTS[socat2]} SOCAT2_ERR=${TPUT_ERRORS[socat2]}
 r=$(ratio "$TWO" "$SOCAT2")
 target "bulk, TCP two-hop vs socat two-hop" "$r" ">=" 5 "${r}× (≥ 5×)"
 bulk_row 2 "**dipus two hops** (dipus-import of dipus-exporter on 127.0.0.1: UNIX → TCP → UNIX)" "$(with_errors "$(round "$TWO") MB/s" "$TWO_ERR")" "socat two hops" "${r}×" "≥ 5×" "$VERDICT"
@@ -483,12 +501,19 @@ bulk_row 2 "socat two hops (UNIX-LISTEN → TCP → TCP-LISTEN → UNIX-CONNECT)
 
 if [[ -z $SSH_NOTE ]]; then
     log "3. over SSH ($SSH_CIPHER)"
-    throughput ssh-L "$L_SINK"
-    SSH_L=$TPUT SSH_L_ERR=$TPUT_ERRORS
-    throughput ssh-import "$SSHI_SINK"
-    SSH_IMP=$TPUT SSH_IMP_ERR=$TPUT_ERRORS
-    DCAT_SSH=$(DIPUS_ROOT=$ROOT_S whole_mbps dcat-ssh "$PAYLOAD" "$TMP/out" "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")
-    DCAT_L=$(whole_mbps dcat-L "$PAYLOAD" "$TMP/out" "$BIN" cat "$L_SINK")
+    throughputs ssh-L "$L_SINK" ssh-import "$SSHI_SINK"
+    SSH_L=${TPUTS[ssh-L]} SSH_L_ERR=${TPUT_ERRORS[ssh-L]}
+    SSH_IMP=${TPUTS[ssh-import]} SSH_IMP_ERR=${TPUT_ERRORS[ssh-import]}
+    # In turn, as throughputs does.
+    DCAT_SSH_SAMPLES="" DCAT_L_SAMPLES=""
+    for ((i = 0; i < BENCH_RUNS; i++)); do
+        quiesce
+        DCAT_SSH_SAMPLES+=$(DIPUS_ROOT=$ROOT_S whole_sample dcat-ssh "$PAYLOAD" "$TMP/out" "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")$'\n'
+        quiesce
+        DCAT_L_SAMPLES+=$(whole_sample dcat-L "$PAYLOAD" "$TMP/out" "$BIN" cat "$L_SINK")$'\n'
+    done
+    DCAT_SSH=$(grep . <<<"$DCAT_SSH_SAMPLES" | median)
+    DCAT_L=$(grep . <<<"$DCAT_L_SAMPLES" | median)
     bulk_row 3 "ssh -L local.sock:service.sock (dipus bench send)" "$(with_errors "$(round "$SSH_L") MB/s" "$SSH_L_ERR")" "direct" "$(ratio "$SSH_L" "$DIRECT")×" "" ""
     r=$(ratio "$SSH_IMP" "$SSH_L")
     target "bulk, ssh import vs ssh -L" "$r" ">=" 0.9 "${r}× (≥ 0.9×)"

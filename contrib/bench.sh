@@ -239,10 +239,10 @@ runs() {
 # them (run back to back, a case and its reference drifted apart by up
 # to 20% between runs of the bench). TPUTS[NAME]: the median MB/s;
 # TPUT_ERRORS[NAME]: errors over all runs (a run that printed nothing is
-# one).
-declare -A TPUTS TPUT_ERRORS
+# one); SAMPLES[NAME]: each round's MB/s ("-" for none), for `paired`.
+declare -A TPUTS TPUT_ERRORS SAMPLES
 throughputs() {
-    local cases=("$@") i k name line
+    local cases=("$@") i k name line sample
     local -A lines=()
     for ((i = 0; i < BENCH_RUNS; i++)); do
         for ((k = 0; k < ${#cases[@]}; k += 2)); do
@@ -250,6 +250,8 @@ throughputs() {
             quiesce
             line=$(timeout 600 "$BIN" bench send --connect "${cases[k + 1]}" --bytes "$BYTES" 2>>"$TMP/logs/$name.log" | tail -1)
             [[ -n $line ]] && lines[$name]+="$line"$'\n'
+            sample=$(field mbps <<<"$line")
+            SAMPLES[$name]+="${sample:--} "
         done
     done
     for ((k = 0; k < ${#cases[@]}; k += 2)); do
@@ -260,6 +262,23 @@ throughputs() {
     done
 }
 total_lines() { grep -c . || true; }
+
+# paired NAME REFERENCE — NAME's MB/s over REFERENCE's, round by round
+# (see throughputs): PAIRED, their median; PAIRED_RANGE, "lowest–highest".
+# Each ratio compares two runs made moments apart.
+paired() {
+    local -a subject=(${SAMPLES[$1]-}) reference=(${SAMPLES[$2]-})
+    local i ratios=""
+    for ((i = 0; i < ${#subject[@]}; i++)); do
+        if isnum "${subject[i]}" && isnum "${reference[i]-}"; then
+            ratios+=$(ratio "${subject[i]}" "${reference[i]}")$'\n'
+        fi
+    done
+    PAIRED=$(grep . <<<"$ratios" | median)
+    PAIRED_RANGE=$(grep . <<<"$ratios" | sort -g | awk 'NR == 1 { low = $1 } { high = $1 } END { if (NR) printf "%s–%s", low, high }')
+}
+# with_range RATIO — "RATIO×", with the rounds' range when there is one.
+with_range() { if [[ -n $PAIRED_RANGE ]]; then echo "$1× ($PAIRED_RANGE)"; else echo "$1×"; fi; }
 
 # whole_sample NAME INPUT OUTPUT CMD… — MB/s of BYTES through one whole
 # process (startup included) reading INPUT, writing OUTPUT; nothing if it
@@ -478,24 +497,27 @@ SOCAT1B=${TPUTS[socat1b]} SOCAT1B_ERR=${TPUT_ERRORS[socat1b]}
 with_errors() { if [[ $2 == 0 ]]; then echo "$1"; else echo "$1 ($2 errors)"; fi; }
 
 bulk_row 1 "direct UNIX connection (no relay)" "$(with_errors "$(round "$DIRECT") MB/s" "$DIRECT_ERR")" "—" "—" "—" ""
-r=$(ratio "$HOP" "$DIRECT")
-target "bulk, one hop vs direct" "$r" ">=" 0.8 "${r}× (≥ 0.8×)"
-bulk_row 1 "**dipus one hop** (dipus-local-proxy: UNIX → relay → UNIX)" "$(with_errors "$(round "$HOP") MB/s" "$HOP_ERR")" "direct" "${r}×" "≥ 0.8×" "$VERDICT"
-r=$(ratio "$HOP" "$SOCAT1")
-target "bulk, one hop vs socat default" "$r" ">=" 2 "${r}× (≥ 2×)"
-bulk_row 1 "″" "" "socat default" "${r}×" "≥ 2×" "$VERDICT"
+paired hop direct
+r=$PAIRED
+target "bulk, one hop vs direct" "$r" ">=" 0.8 "$(with_range "$r") (≥ 0.8×)"
+bulk_row 1 "**dipus one hop** (dipus-local-proxy: UNIX → relay → UNIX)" "$(with_errors "$(round "$HOP") MB/s" "$HOP_ERR")" "direct" "$(with_range "$r")" "≥ 0.8×" "$VERDICT"
+paired hop socat1
+r=$PAIRED
+target "bulk, one hop vs socat default" "$r" ">=" 2 "$(with_range "$r") (≥ 2×)"
+bulk_row 1 "″" "" "socat default" "$(with_range "$r")" "≥ 2×" "$VERDICT"
 bulk_row 1 "socat UNIX-LISTEN,fork,backlog=512 UNIX-CONNECT (default 8 KiB buffer)" "$(with_errors "$(round "$SOCAT1") MB/s" "$SOCAT1_ERR")" "direct" "$(ratio "$SOCAT1" "$DIRECT")×" "" ""
 bulk_row 1 "socat -b 65536, same" "$(with_errors "$(round "$SOCAT1B") MB/s" "$SOCAT1B_ERR")" "direct" "$(ratio "$SOCAT1B" "$DIRECT")×" "" ""
-r=$(ratio "$HOP" "$SOCAT1B")
-bulk_row 1 "dipus one hop vs socat -b 65536" "" "socat -b 65536" "${r}×" "" ""
+paired hop socat1b
+bulk_row 1 "dipus one hop vs socat -b 65536" "" "socat -b 65536" "$(with_range "$PAIRED")" "" ""
 
 log "2. TCP two-hop"
 throughputs import "$IMP_SINK" socat2 "$SOCAT2_SINK"
 TWO=${TPUTS[import]} TWO_ERR=${TPUT_ERRORS[import]}
 SOCAT2=${TPUTS[socat2]} SOCAT2_ERR=${TPUT_ERRORS[socat2]}
-r=$(ratio "$TWO" "$SOCAT2")
-target "bulk, TCP two-hop vs socat two-hop" "$r" ">=" 5 "${r}× (≥ 5×)"
-bulk_row 2 "**dipus two hops** (dipus-import of dipus-exporter on 127.0.0.1: UNIX → TCP → UNIX)" "$(with_errors "$(round "$TWO") MB/s" "$TWO_ERR")" "socat two hops" "${r}×" "≥ 5×" "$VERDICT"
+paired import socat2
+r=$PAIRED
+target "bulk, TCP two-hop vs socat two-hop" "$r" ">=" 5 "$(with_range "$r") (≥ 5×)"
+bulk_row 2 "**dipus two hops** (dipus-import of dipus-exporter on 127.0.0.1: UNIX → TCP → UNIX)" "$(with_errors "$(round "$TWO") MB/s" "$TWO_ERR")" "socat two hops" "$(with_range "$r")" "≥ 5×" "$VERDICT"
 bulk_row 2 "″" "" "direct" "$(ratio "$TWO" "$DIRECT")×" "" ""
 bulk_row 2 "socat two hops (UNIX-LISTEN → TCP → TCP-LISTEN → UNIX-CONNECT)" "$(with_errors "$(round "$SOCAT2") MB/s" "$SOCAT2_ERR")" "direct" "$(ratio "$SOCAT2" "$DIRECT")×" "" ""
 
@@ -505,19 +527,21 @@ if [[ -z $SSH_NOTE ]]; then
     SSH_L=${TPUTS[ssh-L]} SSH_L_ERR=${TPUT_ERRORS[ssh-L]}
     SSH_IMP=${TPUTS[ssh-import]} SSH_IMP_ERR=${TPUT_ERRORS[ssh-import]}
     # In turn, as throughputs does.
-    DCAT_SSH_SAMPLES="" DCAT_L_SAMPLES=""
     for ((i = 0; i < BENCH_RUNS; i++)); do
         quiesce
-        DCAT_SSH_SAMPLES+=$(DIPUS_ROOT=$ROOT_S whole_sample dcat-ssh "$PAYLOAD" "$TMP/out" "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")$'\n'
+        sample=$(DIPUS_ROOT=$ROOT_S whole_sample dcat-ssh "$PAYLOAD" "$TMP/out" "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")
+        SAMPLES[dcat-ssh]+="${sample:--} "
         quiesce
-        DCAT_L_SAMPLES+=$(whole_sample dcat-L "$PAYLOAD" "$TMP/out" "$BIN" cat "$L_SINK")$'\n'
+        sample=$(whole_sample dcat-L "$PAYLOAD" "$TMP/out" "$BIN" cat "$L_SINK")
+        SAMPLES[dcat-L]+="${sample:--} "
     done
-    DCAT_SSH=$(grep . <<<"$DCAT_SSH_SAMPLES" | median)
-    DCAT_L=$(grep . <<<"$DCAT_L_SAMPLES" | median)
+    DCAT_SSH=$(tr ' ' '\n' <<<"${SAMPLES[dcat-ssh]}" | grep '^[0-9]' | median)
+    DCAT_L=$(tr ' ' '\n' <<<"${SAMPLES[dcat-L]}" | grep '^[0-9]' | median)
     bulk_row 3 "ssh -L local.sock:service.sock (dipus bench send)" "$(with_errors "$(round "$SSH_L") MB/s" "$SSH_L_ERR")" "direct" "$(ratio "$SSH_L" "$DIRECT")×" "" ""
-    r=$(ratio "$SSH_IMP" "$SSH_L")
-    target "bulk, ssh import vs ssh -L" "$r" ">=" 0.9 "${r}× (≥ 0.9×)"
-    bulk_row 3 "**dipus ssh import** (dipus bench send)" "$(with_errors "$(round "$SSH_IMP") MB/s" "$SSH_IMP_ERR")" "ssh -L" "${r}×" "≥ 0.9×" "$VERDICT"
+    paired ssh-import ssh-L
+    r=$PAIRED
+    target "bulk, ssh import vs ssh -L" "$r" ">=" 0.9 "$(with_range "$r") (≥ 0.9×)"
+    bulk_row 3 "**dipus ssh import** (dipus bench send)" "$(with_errors "$(round "$SSH_IMP") MB/s" "$SSH_IMP_ERR")" "ssh -L" "$(with_range "$r")" "≥ 0.9×" "$VERDICT"
     # What one more session on the shared ssh connection costs: dcat
     # ssh:// opens one per request (an ssh import only where sshd refuses
     # to forward), and each runs the remote user's login shell.
@@ -529,9 +553,10 @@ if [[ -z $SSH_NOTE ]]; then
     SESSION_MS=$(awk -v s="$(elapsed "$start_time" "$(now)")" 'BEGIN { printf "%.1f", s / 20 * 1000 }')
     bulk_row 3 "one more ssh session on the shared connection (ssh … true: what dcat ssh:// pays per request, remote shell start-up included)" "$SESSION_MS ms" "" "" "" ""
     bulk_row 3 "dcat into ssh -L's socket (whole process)" "$(round "$DCAT_L") MB/s" "ssh -L" "$(ratio "$DCAT_L" "$SSH_L")×" "" ""
-    r=$(ratio "$DCAT_SSH" "$DCAT_L")
-    target "bulk, dcat ssh:// vs dcat via ssh -L" "$r" ">=" 0.9 "${r}× (≥ 0.9×)"
-    bulk_row 3 "**dcat ssh://…/sink** (whole process)" "$(round "$DCAT_SSH") MB/s" "dcat via ssh -L" "${r}×" "≥ 0.9×" "$VERDICT"
+    paired dcat-ssh dcat-L
+    r=$PAIRED
+    target "bulk, dcat ssh:// vs dcat via ssh -L" "$r" ">=" 0.9 "$(with_range "$r") (≥ 0.9×)"
+    bulk_row 3 "**dcat ssh://…/sink** (whole process)" "$(round "$DCAT_SSH") MB/s" "dcat via ssh -L" "$(with_range "$r")" "≥ 0.9×" "$VERDICT"
 else
     bulk_row 3 "over SSH" "$SSH_NOTE" "" "" "" ""
 fi
@@ -850,7 +875,7 @@ mkdir -p target/bench
     echo
     echo "$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), Linux $(uname -r), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?');"
     echo "$(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/socat \1/p'), $(ssh -V 2>&1 | cut -d, -f1) (cipher $SSH_CIPHER)."
-    echo "BENCH_BYTES=$BENCH_BYTES ($BYTES bytes) per bulk run; medians of $BENCH_RUNS runs; request/response and connect runs of ${BENCH_SECONDS} s;"
+    echo "BENCH_BYTES=$BENCH_BYTES ($BYTES bytes) per bulk run; medians of $BENCH_RUNS runs, bulk comparisons run in turn and their ratios the median of each round's ratio (lowest–highest in brackets); request/response and connect runs of ${BENCH_SECONDS} s;"
     echo "latency over $BENCH_LATENCY_RUNS whole-process runs. MB/s = 10^6 bytes/s. Client, proxies and servers share the cores; all on loopback."
     echo
     echo "### Bulk, latency, scale, footprint (issue 6)"

@@ -840,9 +840,10 @@ impl Direction {
                     self.bytes += written as u64;
                     if self.start == self.end {
                         self.release_buffer();
-                        if self.bulk {
-                            self.take_carrier(endpoints);
-                        }
+                        // Only if there is more to read now: a short read
+                        // said the source was dry, and a paused stream must
+                        // not sit on a carrier others need.
+                        self.retake_carrier(endpoints);
                     }
                     return Ok(Step::Progress);
                 }
@@ -1518,17 +1519,25 @@ mod tests {
         assert!(collector.join().unwrap() == expected);
     }
 
+    /// client <-> [a  relay  b] <-> server, a UNIX pair on the client's
+    /// side and a loopback TCP connection on the server's; a and b
+    /// nonblocking.
+    fn unix_to_tcp() -> (UnixStream, UnixStream, std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (client, a) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        (client, a, b, server)
+    }
+
     /// Bulk into TCP is copied through a bulk buffer (cheaper than
     /// splicing there), bulk out of TCP is spliced; both byte-identical,
     /// and the buffer goes back when the stream ends.
     #[test]
     fn bulk_into_tcp_goes_through_a_bulk_buffer() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let b = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
-        b.set_nonblocking(true).unwrap();
-        let (mut client, a) = UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
+        let (mut client, a, b, mut server) = unix_to_tcp();
         let length = 8 * 1024 * 1024 + 3;
         let (up, down) = (pattern(length, 11), pattern(length, 12));
         let (sent_up, sent_down) = (up.clone(), down.clone());
@@ -1560,6 +1569,35 @@ mod tests {
         assert!(reader.join().unwrap() == down, "bytes out of TCP differ");
         assert_eq!(bulk_buffers_live(), 1, "the direction into TCP took no bulk buffer, or kept it");
         assert!(relay.directions.iter().all(|d| d.buffer.is_none() && d.pipe.is_none()));
+    }
+
+    /// A bulk stream into TCP that pauses holds no bulk buffer while it
+    /// waits: the buffers are few, and idle connections must not keep
+    /// them from busy ones.
+    #[test]
+    fn a_paused_stream_into_tcp_gives_its_bulk_buffer_back() {
+        let (mut client, a, b, mut server) = unix_to_tcp();
+        let burst = pattern(4 * 1024 * 1024, 13);
+        let sent = burst.clone();
+        let writer = std::thread::spawn(move || {
+            client.write_all(&sent).unwrap();
+            client
+        });
+        let length = burst.len();
+        let far = std::thread::spawn(move || {
+            let mut got = vec![0; length];
+            server.read_exact(&mut got).unwrap();
+            (server, got)
+        });
+        let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
+        let forwarded = |relay: &Relay| relay.bytes(Way::Forward) == length as u64;
+        drive_edge_triggered(&mut relay, &[a.as_raw_fd(), b.as_raw_fd()], forwarded);
+        let (_server, got) = far.join().unwrap();
+        assert!(got == burst, "bytes into TCP differ");
+        assert!(bulk_buffers_live() >= 1, "the burst never went through a bulk buffer");
+        let forward = &relay.directions[0];
+        assert!(forward.buffer.is_none() && forward.pipe.is_none(), "a paused stream holds its carrier");
+        drop(writer.join().unwrap());
     }
 
     /// Idle connections hold no pipes and no buffers; bulk ones give their

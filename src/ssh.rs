@@ -270,6 +270,8 @@ impl SshTarget {
             forwards.push((at.as_path(), target));
         }
         if let Err(error) = self.control(tree, "forward", &forwards) {
+            // One of the two may have been made before the other failed.
+            self.withdraw(tree, &forwards);
             log::info!("{error}; one ssh session per connection");
             return Ok(None);
         }
@@ -284,10 +286,7 @@ impl SshTarget {
             ),
             _ => None,
         };
-        let _ = self.control(tree, "cancel", &forwards);
-        for (at, _) in &forwards {
-            let _ = std::fs::remove_file(at);
-        }
+        self.withdraw(tree, &forwards);
         let connection = connection.transpose()?;
         if forwarded {
             return Ok(Some(Forwarding { root, targets, connection }));
@@ -298,6 +297,15 @@ impl SshTarget {
             self.uri()
         );
         Ok(None)
+    }
+
+    /// Cancels short-lived forwards and removes their sockets, as far as
+    /// it can: what is left is only a stale name in the user's own scope.
+    fn withdraw(&self, tree: &Tree, forwards: &[(&Path, &str)]) {
+        let _ = self.control(tree, "cancel", forwards);
+        for (listen, _) in forwards {
+            let _ = std::fs::remove_file(listen);
+        }
     }
 
     /// A fresh name in the user's private scope for a short-lived forward.

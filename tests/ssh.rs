@@ -597,23 +597,23 @@ fn connections_through(link: &Link, importer: &Background) -> usize {
         .map(|index| {
             let mut stream = UnixStream::connect(&echo).expect("connect to the imported echo");
             stream.set_read_timeout(Some(SSH_TIMEOUT)).unwrap();
-            let message = format!("message {index}\n");
-            stream.write_all(message.as_bytes()).unwrap();
-            let mut reply = vec![0; message.len()];
-            stream.read_exact(&mut reply).expect("echoed");
-            assert_eq!(reply, message.as_bytes());
+            echo_back(&mut stream, &format!("message {index}\n"));
             stream
         })
         .collect();
     let ssh_processes = proc::descendants(importer.pid()).iter().filter(|p| proc::name(p.pid) == "ssh").count();
     for (index, stream) in open.iter_mut().enumerate() {
-        let message = format!("again {index}\n");
-        stream.write_all(message.as_bytes()).unwrap();
-        let mut reply = vec![0; message.len()];
-        stream.read_exact(&mut reply).expect("echoed again");
-        assert_eq!(reply, message.as_bytes());
+        echo_back(stream, &format!("again {index}\n"));
     }
     ssh_processes
+}
+
+/// Sends `message` and checks that the echo service sends it back.
+fn echo_back(stream: &mut UnixStream, message: &str) {
+    stream.write_all(message.as_bytes()).unwrap();
+    let mut reply = vec![0; message.len()];
+    stream.read_exact(&mut reply).unwrap_or_else(|error| panic!("{message:?} not echoed: {error}"));
+    assert_eq!(reply, message.as_bytes());
 }
 
 fn serve_for_connections(link: &Link) {

@@ -7,6 +7,7 @@
 # Environment (defaults in brackets):
 #   BENCH_BYTES         bytes per bulk run, K/M/G suffixes [2G]; 256M is a quick run
 #   BENCH_RUNS          runs per case; the median is reported [3]
+#   BENCH_BULK_ROUNDS   rounds of each bulk comparison (cases in turn) [5]
 #   BENCH_SECONDS       seconds per request/response or connect run [2]
 #   BENCH_LATENCY_RUNS  whole-process dcat/socat runs per latency sample [200]
 #   BENCH_SERVICES      services for dls and the import mirror [10000]
@@ -39,6 +40,7 @@ export LC_ALL=C
 
 BENCH_BYTES=${BENCH_BYTES:-2G}
 BENCH_RUNS=${BENCH_RUNS:-3}
+BENCH_BULK_ROUNDS=${BENCH_BULK_ROUNDS:-5}
 BENCH_SECONDS=${BENCH_SECONDS:-2}
 BENCH_LATENCY_RUNS=${BENCH_LATENCY_RUNS:-200}
 BENCH_SERVICES=${BENCH_SERVICES:-10000}
@@ -234,7 +236,7 @@ runs() {
 }
 
 # throughputs NAME TARGET [NAME TARGET…] — `dipus bench send` to each
-# TARGET, the cases taken in turn, BENCH_RUNS rounds: a slow spell of the
+# TARGET, the cases taken in turn, BENCH_BULK_ROUNDS rounds: a slow spell of the
 # shared machine then falls on every case of a comparison, not on one of
 # them (run back to back, a case and its reference drifted apart by up
 # to 20% between runs of the bench). TPUTS[NAME]: the median MB/s;
@@ -244,7 +246,7 @@ declare -A TPUTS TPUT_ERRORS SAMPLES
 throughputs() {
     local cases=("$@") i k name line sample
     local -A lines=()
-    for ((i = 0; i < BENCH_RUNS; i++)); do
+    for ((i = 0; i < BENCH_BULK_ROUNDS; i++)); do
         for ((k = 0; k < ${#cases[@]}; k += 2)); do
             name=${cases[k]}
             quiesce
@@ -257,7 +259,7 @@ throughputs() {
     for ((k = 0; k < ${#cases[@]}; k += 2)); do
         name=${cases[k]}
         line=${lines[$name]-}
-        TPUT_ERRORS[$name]=$(($(field errors <<<"$line" | total) + BENCH_RUNS - $(field mbps <<<"$line" | total_lines)))
+        TPUT_ERRORS[$name]=$(($(field errors <<<"$line" | total) + BENCH_BULK_ROUNDS - $(field mbps <<<"$line" | total_lines)))
         TPUTS[$name]=$(field mbps <<<"$line" | median)
     done
 }
@@ -374,12 +376,14 @@ log "starting the services (dipus bench sink, source, echo) in $SERVICES"
 # umask 0: the exporter offers only sockets that "other" may connect to.
 for role in sink source echo; do
     start "$role" sh -c 'umask 000; exec "$@"' sh "$BIN" bench "$role" --listen "$SERVICES/$role.alpha..0"
+    [[ $role == echo ]] && ECHO_PID=$STARTED
 done
 wait_for is_socket "$SINK" && wait_for is_socket "$SOURCE" && wait_for is_socket "$ECHO" || die "the bench servers did not start"
 
 log "starting the one-hop proxies (dipus-local-proxy, socat)"
 start hop-sink "$BIN" local-proxy "$SINK" hopsink/bench
 start hop-echo "$BIN" local-proxy "$ECHO" hopecho/bench
+HOP_ECHO_PID=$STARTED
 HOP_SINK=$ROOT_A/local/bench/hopsink.alpha..0
 HOP_ECHO=$ROOT_A/local/bench/hopecho.alpha..0
 SOCAT1_SINK=$TMP/socat1-sink.sock
@@ -486,7 +490,7 @@ fi
 
 # ------------------------------------------------------------------ bulk
 
-log "1. one hop, $BENCH_BYTES per run, $BENCH_RUNS runs each, in turn"
+log "1. one hop, $BENCH_BYTES per run, $BENCH_BULK_ROUNDS rounds, cases in turn"
 throughputs direct "$SINK" hop "$HOP_SINK" socat1 "$SOCAT1_SINK" socat1b "$SOCAT1B_SINK"
 DIRECT=${TPUTS[direct]} DIRECT_ERR=${TPUT_ERRORS[direct]}
 HOP=${TPUTS[hop]} HOP_ERR=${TPUT_ERRORS[hop]}
@@ -527,7 +531,7 @@ if [[ -z $SSH_NOTE ]]; then
     SSH_L=${TPUTS[ssh-L]} SSH_L_ERR=${TPUT_ERRORS[ssh-L]}
     SSH_IMP=${TPUTS[ssh-import]} SSH_IMP_ERR=${TPUT_ERRORS[ssh-import]}
     # In turn, as throughputs does.
-    for ((i = 0; i < BENCH_RUNS; i++)); do
+    for ((i = 0; i < BENCH_BULK_ROUNDS; i++)); do
         quiesce
         sample=$(DIPUS_ROOT=$ROOT_S whole_sample dcat-ssh "$PAYLOAD" "$TMP/out" "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")
         SAMPLES[dcat-ssh]+="${sample:--} "
@@ -687,6 +691,35 @@ for path in "${PATHS[@]}"; do
     done
 done
 
+# The one-hop ceiling: the relay on a core of its own and the client and
+# echo server on another, so that only the relay's own work limits it,
+# and what each exchange costs the relay and the echo server in CPU time.
+CEILING="not measured: needs taskset and two cores"
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
+if command -v taskset >/dev/null && (($(nproc) >= 2)); then
+    log "small exchanges: one hop at N=50, the relay on a core of its own"
+    taskset -a -p -c 1 "$HOP_ECHO_PID" >/dev/null && taskset -a -p -c 0 "$ECHO_PID" >/dev/null
+    quiesce
+    relay_before=$(cpu_ticks "$HOP_ECHO_PID") echo_before=$(cpu_ticks "$ECHO_PID") start_time=$(now)
+    line=$(timeout 600 taskset -c 0 "$BIN" bench rr --connect "$HOP_ECHO" --connections 50 --seconds "$BENCH_SECONDS" 2>>"$TMP/logs/rr-ceiling.log" | tail -1)
+    relay_after=$(cpu_ticks "$HOP_ECHO_PID") echo_after=$(cpu_ticks "$ECHO_PID") wall=$(elapsed "$start_time" "$(now)")
+    taskset -a -p -c "0-$(($(nproc) - 1))" "$HOP_ECHO_PID" >/dev/null
+    taskset -a -p -c "0-$(($(nproc) - 1))" "$ECHO_PID" >/dev/null
+    requests=$(field requests <<<"$line")
+    if isnum "${requests:-}" && ((requests > 0)); then
+        CEILING=$(awk -v rps="$(field rps <<<"$line")" -v direct="${RPS[direct,50]}" -v hop="${RPS[hop,50]}" \
+            -v n="$requests" -v wall="$wall" -v hz="$(getconf CLK_TCK)" \
+            -v relay="$((relay_after - relay_before))" -v echo_="$((echo_after - echo_before))" 'BEGIN {
+            printf "%d req/s, %s× direct (%s× the one hop above), errors %s; ", rps, of(rps, direct), of(rps, hop), "ERRORS"
+            printf "the relay busy %d%% of its core, %.1f µs of CPU per exchange (two receives and two sends); ", 100 * relay / hz / wall, relay / hz * 1e6 / n
+            printf "the echo server %.1f µs (one of each)", echo_ / hz * 1e6 / n }
+            function of(a, b) { return (b + 0 > 0) ? sprintf("%.2f", a / b) : "n/a" }')
+        CEILING=${CEILING/ERRORS/$(field errors <<<"$line")}
+    else
+        CEILING="the run failed (see rr-ceiling.log)"
+    fi
+fi
+
 declare -A REFERENCE=([hop]=socat1 [import]=socat2 [ssh-import]=ssh-L)
 for path in "${PATHS[@]}"; do
     for n in 1 50 500; do
@@ -738,7 +771,8 @@ target "N=500: importer RSS" "$r" "<" 32 "$r MiB (< 32 MiB)"
 SMALL+=("Importer at N=500 (rr through the import): peak RSS $r MiB (< 32 MiB: $VERDICT); most descriptors $IMPORT_FDS, ${IMPORT_IDLE_FDS:-n/a} just after.  ")
 r=$(mib "$EXPORT_PEAK")
 target "N=500: exporter RSS" "$r" "<" 32 "$r MiB (< 32 MiB)"
-SMALL+=("Exporter at N=500: peak RSS $r MiB (< 32 MiB: $VERDICT); most descriptors $EXPORT_FDS, ${EXPORT_IDLE_FDS:-n/a} just after.")
+SMALL+=("Exporter at N=500: peak RSS $r MiB (< 32 MiB: $VERDICT); most descriptors $EXPORT_FDS, ${EXPORT_IDLE_FDS:-n/a} just after.  ")
+SMALL+=("One hop at N=50 with the relay on a core of its own (taskset: the relay on CPU 1, client and echo server on CPU 0): $CEILING.")
 
 # Section 5, continued: what each proxy adds to one connection's setup.
 for path in hop import socat1 socat2 ssh-import ssh-L; do
@@ -875,7 +909,7 @@ mkdir -p target/bench
     echo
     echo "$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), Linux $(uname -r), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?');"
     echo "$(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/socat \1/p'), $(ssh -V 2>&1 | cut -d, -f1) (cipher $SSH_CIPHER)."
-    echo "BENCH_BYTES=$BENCH_BYTES ($BYTES bytes) per bulk run; medians of $BENCH_RUNS runs, bulk comparisons run in turn and their ratios the median of each round's ratio (lowest–highest in brackets); request/response and connect runs of ${BENCH_SECONDS} s;"
+    echo "BENCH_BYTES=$BENCH_BYTES ($BYTES bytes) per bulk run; bulk comparisons in $BENCH_BULK_ROUNDS rounds, their cases in turn, each figure the median of its rounds and each ratio the median of the rounds' ratios (lowest–highest in brackets); other figures medians of $BENCH_RUNS runs; request/response and connect runs of ${BENCH_SECONDS} s;"
     echo "latency over $BENCH_LATENCY_RUNS whole-process runs. MB/s = 10^6 bytes/s. Client, proxies and servers share the cores; all on loopback."
     echo
     echo "### Bulk, latency, scale, footprint (issue 6)"

@@ -296,6 +296,29 @@ whole_sample() {
     fi
 }
 
+# empty_seconds NAME CMD… — seconds CMD takes with nothing to send: a
+# call's fixed cost. Nothing if it failed.
+empty_seconds() {
+    local name=$1 start end
+    shift
+    start=$(now)
+    timeout 60 "$@" </dev/null >/dev/null 2>>"$TMP/logs/$name.log" || return 0
+    end=$(now)
+    elapsed "$start" "$end"
+}
+
+# transfer_mbps MBPS EMPTY_SECONDS — MB/s of BYTES over the time a whole
+# process took (at MBPS) less a call's fixed cost; "-" when either is
+# missing.
+transfer_mbps() {
+    if isnum "${1:-}" && isnum "${2:-}"; then
+        awk -v b="$BYTES" -v r="$1" -v e="$2" 'BEGIN { t = b / (r * 1e6) - e; if (t > 0) printf "%.1f\n", b / t / 1e6; else print "-" }'
+    else
+        echo -
+    fi
+}
+milliseconds() { if isnum "${1:-}"; then awk -v s="$1" 'BEGIN { printf "%.1f", s * 1000 }'; else echo n/a; fi; }
+
 # whole_mbps NAME INPUT OUTPUT CMD… — the median of BENCH_RUNS whole_samples.
 whole_mbps() {
     local i
@@ -531,13 +554,22 @@ if [[ -z $SSH_NOTE ]]; then
     SSH_L=${TPUTS[ssh-L]} SSH_L_ERR=${TPUT_ERRORS[ssh-L]}
     SSH_IMP=${TPUTS[ssh-import]} SSH_IMP_ERR=${TPUT_ERRORS[ssh-import]}
     # In turn, as throughputs does.
+    # Each round also times an empty call of each (nothing to send: the
+    # fixed cost of a call) and so the transfer alone, the whole
+    # process's time less that.
     for ((i = 0; i < BENCH_BULK_ROUNDS; i++)); do
         quiesce
         sample=$(DIPUS_ROOT=$ROOT_S whole_sample dcat-ssh "$PAYLOAD" "$TMP/out" "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")
         SAMPLES[dcat-ssh]+="${sample:--} "
+        empty=$(DIPUS_ROOT=$ROOT_S empty_seconds dcat-ssh "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")
+        SAMPLES[dcat-ssh-empty]+="${empty:--} "
+        SAMPLES[dcat-ssh-transfer]+="$(transfer_mbps "$sample" "$empty") "
         quiesce
         sample=$(whole_sample dcat-L "$PAYLOAD" "$TMP/out" "$BIN" cat "$L_SINK")
         SAMPLES[dcat-L]+="${sample:--} "
+        empty=$(empty_seconds dcat-L "$BIN" cat "$L_SINK")
+        SAMPLES[dcat-L-empty]+="${empty:--} "
+        SAMPLES[dcat-L-transfer]+="$(transfer_mbps "$sample" "$empty") "
     done
     DCAT_SSH=$(tr ' ' '\n' <<<"${SAMPLES[dcat-ssh]}" | grep '^[0-9]' | median)
     DCAT_L=$(tr ' ' '\n' <<<"${SAMPLES[dcat-L]}" | grep '^[0-9]' | median)
@@ -561,6 +593,12 @@ if [[ -z $SSH_NOTE ]]; then
     r=$PAIRED
     target "bulk, dcat ssh:// vs dcat via ssh -L" "$r" ">=" 0.9 "$(with_range "$r") (≥ 0.9×)"
     bulk_row 3 "**dcat ssh://…/sink** (whole process)" "$(round "$DCAT_SSH") MB/s" "dcat via ssh -L" "$(with_range "$r")" "≥ 0.9×" "$VERDICT"
+    empty_ssh=$(tr ' ' '\n' <<<"${SAMPLES[dcat-ssh-empty]}" | grep '^[0-9]' | median)
+    empty_l=$(tr ' ' '\n' <<<"${SAMPLES[dcat-L-empty]}" | grep '^[0-9]' | median)
+    bulk_row 3 "″ its fixed cost: an empty call (one ssh session for FORWARD, then ssh -O forward and cancel)" "$(milliseconds "$empty_ssh") ms" "dcat via ssh -L, empty" "$(milliseconds "$empty_l") ms" "" ""
+    paired dcat-ssh-transfer dcat-L-transfer
+    transfer_ssh=$(tr ' ' '\n' <<<"${SAMPLES[dcat-ssh-transfer]}" | grep '^[0-9]' | median)
+    bulk_row 3 "″ the transfer alone (whole process less an empty call)" "$(round "$transfer_ssh") MB/s" "dcat via ssh -L, likewise" "$(with_range "$PAIRED")" "" ""
 else
     bulk_row 3 "over SSH" "$SSH_NOTE" "" "" "" ""
 fi

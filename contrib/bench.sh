@@ -538,15 +538,22 @@ paired hop socat1b
 bulk_row 1 "dipus one hop vs socat -b 65536" "" "socat -b 65536" "$(with_range "$PAIRED")" "" ""
 
 log "2. TCP two-hop"
-throughputs import "$IMP_SINK" socat2 "$SOCAT2_SINK"
+# The TCP leg alone, the bench client sending straight into the exporter
+# (no importer): what two hops could reach if the importer cost nothing.
+throughputs import "$IMP_SINK" socat2 "$SOCAT2_SINK" tcp-leg "sep://127.0.0.1:$SEP_PORT/bench/sink"
 TWO=${TPUTS[import]} TWO_ERR=${TPUT_ERRORS[import]}
 SOCAT2=${TPUTS[socat2]} SOCAT2_ERR=${TPUT_ERRORS[socat2]}
+TCP_LEG=${TPUTS[tcp-leg]} TCP_LEG_ERR=${TPUT_ERRORS[tcp-leg]}
 paired import socat2
 r=$PAIRED
 target "bulk, TCP two-hop vs socat two-hop" "$r" ">=" 5 "$(with_range "$r") (≥ 5×)"
 bulk_row 2 "**dipus two hops** (dipus-import of dipus-exporter on 127.0.0.1: UNIX → TCP → UNIX)" "$(with_errors "$(round "$TWO") MB/s" "$TWO_ERR")" "socat two hops" "$(with_range "$r")" "≥ 5×" "$VERDICT"
 bulk_row 2 "″" "" "direct" "$(ratio "$TWO" "$DIRECT")×" "" ""
 bulk_row 2 "socat two hops (UNIX-LISTEN → TCP → TCP-LISTEN → UNIX-CONNECT)" "$(with_errors "$(round "$SOCAT2") MB/s" "$SOCAT2_ERR")" "direct" "$(ratio "$SOCAT2" "$DIRECT")×" "" ""
+paired tcp-leg socat2
+bulk_row 2 "the TCP leg alone: dipus bench send straight into dipus-exporter (no importer; what two hops would reach if the importer cost nothing)" "$(with_errors "$(round "$TCP_LEG") MB/s" "$TCP_LEG_ERR")" "socat two hops" "$(with_range "$PAIRED")" "" ""
+paired import tcp-leg
+bulk_row 2 "dipus two hops vs the TCP leg alone" "" "TCP leg alone" "$(with_range "$PAIRED")" "" ""
 
 if [[ -z $SSH_NOTE ]]; then
     log "3. over SSH ($SSH_CIPHER)"

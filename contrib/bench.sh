@@ -279,6 +279,8 @@ paired() {
     PAIRED=$(grep . <<<"$ratios" | median)
     PAIRED_RANGE=$(grep . <<<"$ratios" | sort -g | awk 'NR == 1 { low = $1 } { high = $1 } END { if (NR) printf "%s–%s", low, high }')
 }
+# samples_median NAME — the median of NAME's SAMPLES, rounds without one left out.
+samples_median() { tr ' ' '\n' <<<"${SAMPLES[$1]-}" | grep '^[0-9]' | median; }
 # with_range RATIO — "RATIO×", with the rounds' range when there is one.
 with_range() { if [[ -n $PAIRED_RANGE ]]; then echo "$1× ($PAIRED_RANGE)"; else echo "$1×"; fi; }
 
@@ -578,8 +580,8 @@ if [[ -z $SSH_NOTE ]]; then
         SAMPLES[dcat-L-empty]+="${empty:--} "
         SAMPLES[dcat-L-transfer]+="$(transfer_mbps "$sample" "$empty") "
     done
-    DCAT_SSH=$(tr ' ' '\n' <<<"${SAMPLES[dcat-ssh]}" | grep '^[0-9]' | median)
-    DCAT_L=$(tr ' ' '\n' <<<"${SAMPLES[dcat-L]}" | grep '^[0-9]' | median)
+    DCAT_SSH=$(samples_median dcat-ssh)
+    DCAT_L=$(samples_median dcat-L)
     bulk_row 3 "ssh -L local.sock:service.sock (dipus bench send)" "$(with_errors "$(round "$SSH_L") MB/s" "$SSH_L_ERR")" "direct" "$(ratio "$SSH_L" "$DIRECT")×" "" ""
     paired ssh-import ssh-L
     r=$PAIRED
@@ -600,11 +602,11 @@ if [[ -z $SSH_NOTE ]]; then
     r=$PAIRED
     target "bulk, dcat ssh:// vs dcat via ssh -L" "$r" ">=" 0.9 "$(with_range "$r") (≥ 0.9×)"
     bulk_row 3 "**dcat ssh://…/sink** (whole process)" "$(round "$DCAT_SSH") MB/s" "dcat via ssh -L" "$(with_range "$r")" "≥ 0.9×" "$VERDICT"
-    empty_ssh=$(tr ' ' '\n' <<<"${SAMPLES[dcat-ssh-empty]}" | grep '^[0-9]' | median)
-    empty_l=$(tr ' ' '\n' <<<"${SAMPLES[dcat-L-empty]}" | grep '^[0-9]' | median)
+    empty_ssh=$(samples_median dcat-ssh-empty)
+    empty_l=$(samples_median dcat-L-empty)
     bulk_row 3 "″ its fixed cost: an empty call (one ssh session for FORWARD, then ssh -O forward and cancel)" "$(milliseconds "$empty_ssh") ms" "dcat via ssh -L, empty" "$(milliseconds "$empty_l") ms" "" ""
     paired dcat-ssh-transfer dcat-L-transfer
-    transfer_ssh=$(tr ' ' '\n' <<<"${SAMPLES[dcat-ssh-transfer]}" | grep '^[0-9]' | median)
+    transfer_ssh=$(samples_median dcat-ssh-transfer)
     bulk_row 3 "″ the transfer alone (whole process less an empty call)" "$(round "$transfer_ssh") MB/s" "dcat via ssh -L, likewise" "$(with_range "$PAIRED")" "" ""
 else
     bulk_row 3 "over SSH" "$SSH_NOTE" "" "" "" ""

@@ -743,16 +743,15 @@ done
 # and what each exchange costs the relay and the echo server in CPU time.
 CEILING="not measured: needs taskset and two cores"
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
-# The CPUs this script may use ("0-3,6" from taskset), one per line.
-allowed_cpus() {
-    taskset -cp $$ | sed 's/.*: //' | tr ',' '\n' |
-        awk -F- '{ if (NF == 2) for (c = $1; c <= $2; c++) print c; else print $1 }'
-}
-CPUS=()
-command -v taskset >/dev/null && mapfile -t CPUS < <(allowed_cpus)
+# cpu_list LIST — a taskset CPU list ("0-3,6") one CPU per line.
+cpu_list() { tr ',' '\n' <<<"$1" | awk -F- '{ if (NF == 2) for (c = $1; c <= $2; c++) print c; else print $1 }'; }
+CPUS=() all=""
+if command -v taskset >/dev/null; then
+    all=$(taskset -cp $$ | sed 's/.*: //')
+    mapfile -t CPUS < <(cpu_list "$all")
+fi
 if ((${#CPUS[@]} >= 2)); then
     log "small exchanges: one hop at N=50, the relay on a core of its own"
-    all=$(taskset -cp $$ | sed 's/.*: //')
     line="" pinned=0
     if taskset -a -p -c "${CPUS[1]}" "$HOP_ECHO_PID" >/dev/null && taskset -a -p -c "${CPUS[0]}" "$ECHO_PID" >/dev/null; then
         pinned=1

@@ -58,9 +58,18 @@ pub const KEEPALIVE_PROBES: u32 = 3;
 /// noticed even though our writes still fit in the send buffer. Longer
 /// than any blip we ride out.
 pub const USER_TIMEOUT_MS: u32 = 20_000;
+/// Unsent bytes a TCP leg may queue before it stops reporting writable.
+/// Without a limit the kernel lets a bulk relay park megabytes in the send
+/// queue, cold by the time the far side reads them: two hops on one host
+/// (an import of a local exporter, each side on a CPU of its own) took a
+/// median 0.55 s per 2 GiB without the cap and 0.44 s with it. Only unsent
+/// data is limited, not data in flight, so a long fat link still fills its
+/// window, and many concurrent streams cannot each hold megabytes.
+pub const NOTSENT_LOWAT: libc::c_int = 128 * 1024;
 
 /// Every TCP leg: no Nagle delay (small request/response traffic would
-/// wait for delayed ACKs), and keepalive so a vanished peer is noticed.
+/// wait for delayed ACKs), keepalive so a vanished peer is noticed, and a
+/// short unsent queue ([`NOTSENT_LOWAT`]).
 pub fn tune_tcp(fd: RawFd) -> io::Result<()> {
     // SAFETY: the caller owns `fd` for the duration of the call; we only
     // borrow it to set options.
@@ -73,6 +82,20 @@ pub fn tune_tcp(fd: RawFd) -> io::Result<()> {
         setsockopt(&fd, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS).map_err(to_io)?;
         setsockopt(&fd, sockopt::TcpKeepCount, &KEEPALIVE_PROBES).map_err(to_io)?;
         setsockopt(&fd, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS).map_err(to_io)?;
+        // nix has no TCP_NOTSENT_LOWAT.
+        // SAFETY: setsockopt reads one c_int from a live local.
+        let set = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&NOTSENT_LOWAT as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }
@@ -123,5 +146,37 @@ impl DescriptorReserve {
         let refused = accept_and_refuse();
         self.spare = std::fs::File::open("/dev/null").ok();
         refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::getsockopt;
+
+    fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into a live local.
+        let got = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+        assert_eq!(got, 0, "getsockopt: {}", io::Error::last_os_error());
+        value
+    }
+
+    #[test]
+    fn tune_tcp_sets_every_option_it_promises() {
+        let listener = tcp_listen("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        tune_tcp(stream.as_raw_fd()).unwrap();
+        let fd = stream.as_raw_fd();
+        // SAFETY: `stream` outlives the borrow.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        assert!(getsockopt(&borrowed, sockopt::TcpNoDelay).unwrap());
+        assert!(getsockopt(&borrowed, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&borrowed, sockopt::TcpKeepIdle).unwrap(), KEEPALIVE_IDLE_SECS);
+        assert_eq!(getsockopt(&borrowed, sockopt::TcpKeepInterval).unwrap(), KEEPALIVE_INTERVAL_SECS);
+        assert_eq!(getsockopt(&borrowed, sockopt::TcpKeepCount).unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(getsockopt(&borrowed, sockopt::TcpUserTimeout).unwrap(), USER_TIMEOUT_MS);
+        assert_eq!(int_option(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT), NOTSENT_LOWAT);
     }
 }

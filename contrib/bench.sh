@@ -242,7 +242,9 @@ runs() {
 # to 20% between runs of the bench). TPUTS[NAME]: the median MB/s;
 # TPUT_ERRORS[NAME]: errors over all runs (a run that printed nothing is
 # one); SAMPLES[NAME]: each round's MB/s ("-" for none), for `paired`.
+# SEND_PREFIX: what the client runs under (taskset, to pin it).
 declare -A TPUTS TPUT_ERRORS SAMPLES
+SEND_PREFIX=()
 throughputs() {
     local cases=("$@") i k name line sample
     local -A lines=()
@@ -250,7 +252,7 @@ throughputs() {
         for ((k = 0; k < ${#cases[@]}; k += 2)); do
             name=${cases[k]}
             quiesce
-            line=$(timeout 600 "$BIN" bench send --connect "${cases[k + 1]}" --bytes "$BYTES" 2>>"$TMP/logs/$name.log" | tail -1)
+            line=$(timeout 600 "${SEND_PREFIX[@]}" "$BIN" bench send --connect "${cases[k + 1]}" --bytes "$BYTES" 2>>"$TMP/logs/$name.log" | tail -1)
             [[ -n $line ]] && lines[$name]+="$line"$'\n'
             sample=$(field mbps <<<"$line")
             SAMPLES[$name]+="${sample:--} "
@@ -402,6 +404,7 @@ log "starting the services (dipus bench sink, source, echo) in $SERVICES"
 for role in sink source echo; do
     start "$role" sh -c 'umask 000; exec "$@"' sh "$BIN" bench "$role" --listen "$SERVICES/$role.alpha..0"
     [[ $role == echo ]] && ECHO_PID=$STARTED
+    [[ $role == sink ]] && SINK_PID=$STARTED
 done
 wait_for is_socket "$SINK" && wait_for is_socket "$SOURCE" && wait_for is_socket "$ECHO" || die "the bench servers did not start"
 
@@ -443,11 +446,13 @@ for role in sink echo; do
         port=$(free_port)
         start "socat2-$role-tcp" socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr,backlog=512" \
             "UNIX-CONNECT:$SERVICES/$role.alpha..0"
+        [[ $role == sink ]] && SOCAT2_TCP_PID=$STARTED
         wait_for listening_tcp "$port" && break
         stop "$STARTED"
         ((attempt < 3)) || die "socat TCP-LISTEN did not start: $(tail -3 "$TMP/logs/socat2-$role-tcp.log")"
     done
     start "socat2-$role-unix" socat "UNIX-LISTEN:$TMP/socat2-$role.sock,fork,backlog=512" "TCP:127.0.0.1:$port"
+    [[ $role == sink ]] && SOCAT2_UNIX_PID=$STARTED
     wait_for accepts "$TMP/socat2-$role.sock" || die "socat UNIX-LISTEN did not start"
 done
 
@@ -513,6 +518,27 @@ if [[ -z $SSH_NOTE ]]; then
 fi
 [[ -n $SSH_NOTE ]] && note "SSH rows $SSH_NOTE"
 
+# Pinning, for the rows that place processes on CPUs of their own: CPUS,
+# the CPUs this bench may use; ALL_CPUS, the same as a taskset list.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
+# cpu_list LIST — a taskset CPU list ("0-3,6") one CPU per line.
+cpu_list() { tr ',' '\n' <<<"$1" | awk -F- '{ if (NF == 2) for (c = $1; c <= $2; c++) print c; else print $1 }'; }
+CPUS=() ALL_CPUS=""
+if command -v taskset >/dev/null; then
+    ALL_CPUS=$(taskset -cp $$ | sed 's/.*: //')
+    mapfile -t CPUS < <(cpu_list "$ALL_CPUS")
+fi
+# pin CPU PID… — every thread of each PID onto CPU (or back onto
+# ALL_CPUS); fails if any could not be moved.
+pin() {
+    local cpu=$1 pid status=0
+    shift
+    for pid in "$@"; do
+        taskset -a -p -c "$cpu" "$pid" >/dev/null || status=1
+    done
+    return $status
+}
+
 # ------------------------------------------------------------------ bulk
 
 log "1. one hop, $BENCH_BYTES per run, $BENCH_BULK_ROUNDS rounds, cases in turn"
@@ -548,14 +574,43 @@ SOCAT2=${TPUTS[socat2]} SOCAT2_ERR=${TPUT_ERRORS[socat2]}
 TCP_LEG=${TPUTS[tcp-leg]} TCP_LEG_ERR=${TPUT_ERRORS[tcp-leg]}
 paired import socat2
 r=$PAIRED
-target "bulk, TCP two-hop vs socat two-hop" "$r" ">=" 5 "$(with_range "$r") (≥ 5×)"
-bulk_row 2 "**dipus two hops** (dipus-import of dipus-exporter on 127.0.0.1: UNIX → TCP → UNIX)" "$(with_errors "$(round "$TWO") MB/s" "$TWO_ERR")" "socat two hops" "$(with_range "$r")" "≥ 5×" "$VERDICT"
+target "bulk, TCP two-hop vs socat two-hop, placed by the scheduler" "$r" ">=" 5 "$(with_range "$r") (≥ 5×)"
+bulk_row 2 "**dipus two hops** (dipus-import of dipus-exporter on 127.0.0.1: UNIX → TCP → UNIX; placed by the scheduler)" "$(with_errors "$(round "$TWO") MB/s" "$TWO_ERR")" "socat two hops" "$(with_range "$r")" "≥ 5×" "$VERDICT"
 bulk_row 2 "″" "" "direct" "$(ratio "$TWO" "$DIRECT")×" "" ""
 bulk_row 2 "socat two hops (UNIX-LISTEN → TCP → TCP-LISTEN → UNIX-CONNECT)" "$(with_errors "$(round "$SOCAT2") MB/s" "$SOCAT2_ERR")" "direct" "$(ratio "$SOCAT2" "$DIRECT")×" "" ""
 paired tcp-leg socat2
 bulk_row 2 "the TCP leg alone: dipus bench send straight into dipus-exporter (no importer; what two hops would reach if the importer cost nothing)" "$(with_errors "$(round "$TCP_LEG") MB/s" "$TCP_LEG_ERR")" "socat two hops" "$(with_range "$PAIRED")" "" ""
 paired import tcp-leg
 bulk_row 2 "dipus two hops vs the TCP leg alone" "" "TCP leg alone" "$(with_range "$PAIRED")" "" ""
+
+# Two hosts of one CPU each: the client and the importing side (importer,
+# socat UNIX-LISTEN) on one CPU, the exporting side (exporter, socat
+# TCP-LISTEN, the sink) on the other, as the path is deployed. Left to
+# the scheduler, four busy processes on two CPUs land either way from run
+# to run, and where the importer lands alone every byte is copied cold on
+# both sides of it: the same binary took 0.44 s or 0.88 s for 2 GiB.
+TWO_HOSTS="not measured: needs taskset and two CPUs"
+if ((${#CPUS[@]} >= 2)); then
+    log "2. TCP two-hop, as two hosts of one CPU each"
+    if pin "${CPUS[0]}" "$IMPORTER" "$SOCAT2_UNIX_PID" && pin "${CPUS[1]}" "$EXPORTER" "$SOCAT2_TCP_PID" "$SINK_PID"; then
+        SEND_PREFIX=(taskset -c "${CPUS[0]}")
+        throughputs import-2h "$IMP_SINK" socat2-2h "$SOCAT2_SINK"
+        SEND_PREFIX=()
+        TWO_HOSTS=""
+    else
+        TWO_HOSTS="not measured: taskset could not pin the two sides"
+    fi
+    pin "$ALL_CPUS" "$IMPORTER" "$SOCAT2_UNIX_PID" "$EXPORTER" "$SOCAT2_TCP_PID" "$SINK_PID" || true
+fi
+if [[ -z $TWO_HOSTS ]]; then
+    paired import-2h socat2-2h
+    r=$PAIRED
+    target "bulk, TCP two-hop vs socat two-hop, as two hosts of one CPU each" "$r" ">=" 5 "$(with_range "$r") (≥ 5×)"
+    bulk_row 2 "**dipus two hops, as two hosts of one CPU each** (taskset: client and importer on one CPU, exporter and sink on the other)" "$(with_errors "$(round "${TPUTS[import-2h]}") MB/s" "${TPUT_ERRORS[import-2h]}")" "socat two hops, placed the same" "$(with_range "$r")" "≥ 5×" "$VERDICT"
+    bulk_row 2 "socat two hops, as two hosts of one CPU each (client and socat UNIX-LISTEN on one CPU, socat TCP-LISTEN and sink on the other)" "$(with_errors "$(round "${TPUTS[socat2-2h]}") MB/s" "${TPUT_ERRORS[socat2-2h]}")" "socat two hops, unplaced" "$(ratio "${TPUTS[socat2-2h]}" "$SOCAT2")×" "" ""
+else
+    bulk_row 2 "dipus two hops, as two hosts of one CPU each" "$TWO_HOSTS" "" "" "" ""
+fi
 
 if [[ -z $SSH_NOTE ]]; then
     log "3. over SSH ($SSH_CIPHER)"
@@ -742,26 +797,17 @@ done
 # echo server on another, so that only the relay's own work limits it,
 # and what each exchange costs the relay and the echo server in CPU time.
 CEILING="not measured: needs taskset and two cores"
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
-# cpu_list LIST — a taskset CPU list ("0-3,6") one CPU per line.
-cpu_list() { tr ',' '\n' <<<"$1" | awk -F- '{ if (NF == 2) for (c = $1; c <= $2; c++) print c; else print $1 }'; }
-CPUS=() all=""
-if command -v taskset >/dev/null; then
-    all=$(taskset -cp $$ | sed 's/.*: //')
-    mapfile -t CPUS < <(cpu_list "$all")
-fi
 if ((${#CPUS[@]} >= 2)); then
     log "small exchanges: one hop at N=50, the relay on a core of its own"
     line="" pinned=0
-    if taskset -a -p -c "${CPUS[1]}" "$HOP_ECHO_PID" >/dev/null && taskset -a -p -c "${CPUS[0]}" "$ECHO_PID" >/dev/null; then
+    if pin "${CPUS[1]}" "$HOP_ECHO_PID" && pin "${CPUS[0]}" "$ECHO_PID"; then
         pinned=1
         quiesce
         relay_before=$(cpu_ticks "$HOP_ECHO_PID") echo_before=$(cpu_ticks "$ECHO_PID") start_time=$(now)
         line=$(timeout 600 taskset -c "${CPUS[0]}" "$BIN" bench rr --connect "$HOP_ECHO" --connections 50 --seconds "$BENCH_SECONDS" 2>>"$TMP/logs/rr-ceiling.log" | tail -1)
         relay_after=$(cpu_ticks "$HOP_ECHO_PID") echo_after=$(cpu_ticks "$ECHO_PID") wall=$(elapsed "$start_time" "$(now)")
     fi
-    taskset -a -p -c "$all" "$HOP_ECHO_PID" >/dev/null
-    taskset -a -p -c "$all" "$ECHO_PID" >/dev/null
+    pin "$ALL_CPUS" "$HOP_ECHO_PID" "$ECHO_PID"
     requests=$(field requests <<<"$line")
     if isnum "${requests:-}" && ((requests > 0)); then
         CEILING=$(awk -v rps="$(field rps <<<"$line")" -v direct="${RPS[direct,50]}" -v hop="${RPS[hop,50]}" \

@@ -283,13 +283,17 @@ fn server_racer(root: Arc<TestRoot>, racer: usize, deadline: Instant, tally: Arc
         let mut server = ChildGuard::spawn(root.cmd("dipus-local-pipe").args(["cat", &spec]).stdin(Stdio::null()));
         let appeared = Instant::now() + DEFAULT_TIMEOUT;
         // Inode numbers are reused at once on tmpfs: the successor's socket
-        // is the one that does not refuse.
+        // is the one that does not refuse, and still the file at the path
+        // after the connect (read before it, the inode may have been the
+        // stale socket's, replaced while we connected).
         let mine = loop {
             if let Some(status) = server.try_status() {
                 panic!("round {round}: the server exited ({status}) before taking {}", path.display());
             }
             match inode(&path) {
-                Some(current) if is_socket(&path) && connect_errno(&path).is_ok() => break current,
+                Some(current) if is_socket(&path) && connect_errno(&path).is_ok() && inode(&path) == Some(current) => {
+                    break current
+                }
                 _ if Instant::now() >= appeared => panic!(
                     "round {round}: {} was not taken over within {DEFAULT_TIMEOUT:?}; the directory holds {:?}; \
                      the server is in {:?}: {}; inode {:?}; fds {:?}",

@@ -1,7 +1,7 @@
 //! Socket helpers every applet shares: listening and connecting UNIX and TCP
 //! sockets the way dipus wants them (close-on-exec, a real backlog,
-//! TCP_NODELAY and keepalive on every TCP leg), and raising the descriptor
-//! limit of long-running applets.
+//! TCP_NODELAY, keepalive and a short unsent queue on every TCP leg), and
+//! raising the descriptor limit of long-running applets.
 
 use std::io;
 use std::net::SocketAddr;

@@ -1034,8 +1034,14 @@ impl Direction {
             }
             Err(error) if peer_gone(&error) => {
                 // Which end broke? A broken sink loses data; a reset
-                // source just ends.
-                if endpoints[sink].kind == Kind::Pipe || is_write_error(endpoints[sink].fd) {
+                // source just ends. A pipe refuses a write only with
+                // EPIPE: a reset or a timeout came from the socket read
+                // (a service that closed without reading all we sent).
+                let sink_broke = match endpoints[sink].kind {
+                    Kind::Pipe => error.raw_os_error() == Some(libc::EPIPE),
+                    _ => is_write_error(endpoints[sink].fd),
+                };
+                if sink_broke {
                     self.break_off(endpoints, &error);
                 } else {
                     self.source_finished(endpoints);
@@ -1471,6 +1477,34 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"hello");
+    }
+
+    /// A service that answers and closes without reading what it was
+    /// sent: the kernel resets our side (its queue held unread bytes), and
+    /// the reset comes out of the splice into stdout's pipe after the
+    /// answer. The pipe did not break; the answer was delivered whole.
+    #[test]
+    fn a_reset_source_spliced_into_a_pipe_is_an_end_not_a_broken_sink() {
+        let (relay_side, mut service) = UnixStream::pair().unwrap();
+        relay_side.set_nonblocking(true).unwrap();
+        (&relay_side).write_all(b"never read").unwrap();
+        service.write_all(b"hi\n").unwrap();
+        drop(service);
+        let (stdin_read, _stdin_write) = nix::unistd::pipe().unwrap();
+        let (stdout_read, stdout_write) = nix::unistd::pipe().unwrap();
+        let mut relay = Relay::new(
+            &[stdin_read.as_raw_fd()],
+            relay_side.as_raw_fd(),
+            relay_side.as_raw_fd(),
+            stdout_write.as_raw_fd(),
+        );
+        drive(&mut relay, |r| r.way_done(Way::Backward));
+        assert_eq!(relay.broken(Way::Backward), None);
+        drop(relay);
+        drop(stdout_write);
+        let mut got = Vec::new();
+        std::fs::File::from(stdout_read).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hi\n");
     }
 
     /// Pipes in and out (as dcat sees them) and a file as a source.

@@ -80,13 +80,21 @@ fn make_dir(dir: &Path, mode: u32) {
 
 /// A live foreign socket at `<tree>/<relative>` (directories made as by
 /// [`make_dirs`]): a listener the test holds, as socat or any other
-/// server would hold one.
+/// server would hold one. A reaper that has just removed the last socket
+/// of the directory prunes it, maybe between our mkdir and our bind: then
+/// the directory is made again, as dipus's own servers do.
 pub fn listen_at(root: &TestRoot, relative: &str) -> (UnixListener, PathBuf) {
     let path = root.tree().join(relative);
     let (dir, _) = relative.rsplit_once('/').expect("relative path has a directory");
-    make_dirs(root, dir);
-    let listener = UnixListener::bind(&path).unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
-    (listener, path)
+    let mut attempts = 0;
+    loop {
+        make_dirs(root, dir);
+        match UnixListener::bind(&path) {
+            Ok(listener) => return (listener, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+            Err(e) => panic!("bind {}: {e}", path.display()),
+        }
+    }
 }
 
 /// A stale socket at `<tree>/<relative>`: bound, then closed without being

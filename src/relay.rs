@@ -901,8 +901,10 @@ impl Direction {
                 Ok(Step::Blocked)
             }
             Err(error) if interrupted(&error) => Ok(Step::Progress),
-            Err(error) if peer_gone(&error) => {
-                // A reset source has said all it will: pass EOF on.
+            // A reset source has said all it will: pass EOF on. A file
+            // has no peer: its error (EIO) is a failure, and passing it
+            // on as EOF would truncate what the sink gets.
+            Err(error) if peer_gone(&error) && endpoints[source].kind != Kind::File => {
                 self.source_finished(endpoints);
                 Ok(Step::Progress)
             }
@@ -1078,7 +1080,9 @@ impl Direction {
                 self.strategy = Strategy::Buffered;
                 Ok(Step::Progress)
             }
-            Err(error) if peer_gone(&error) => {
+            // The sink is a socket, which does not fail with EIO: the
+            // file did, and that is a failure, not a gone peer.
+            Err(error) if peer_gone(&error) && error.raw_os_error() != Some(libc::EIO) => {
                 self.break_off(endpoints, &error);
                 Ok(Step::Progress)
             }
@@ -1505,6 +1509,21 @@ mod tests {
         let mut got = Vec::new();
         std::fs::File::from(stdout_read).read_to_end(&mut got).unwrap();
         assert_eq!(got, b"hi\n");
+    }
+
+    /// A file that fails to read (EIO, as a bad disk gives it; reading
+    /// /proc/self/mem at address 0 gives it too) is a failure, not an end
+    /// of data: passing it on as EOF would hand the service a truncated
+    /// input and let dcat exit 0.
+    #[test]
+    fn a_file_that_fails_to_read_fails_the_relay() {
+        let file = std::fs::File::open("/proc/self/mem").unwrap();
+        let (relay_side, _service) = nonblocking_pair();
+        let (_stdout_read, stdout_write) = nix::unistd::pipe().unwrap();
+        let mut relay =
+            Relay::new(&[file.as_raw_fd()], relay_side.as_raw_fd(), relay_side.as_raw_fd(), stdout_write.as_raw_fd());
+        let result = run_until(&mut relay, |r| r.way_done(Way::Forward));
+        assert_eq!(result.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
     }
 
     /// Pipes in and out (as dcat sees them) and a file as a source.

@@ -170,6 +170,20 @@ fn no_such_service_is_69() {
     assert_error(&dcat(&empty, &["sorter"], None), 69, "dcat", &["sorter"]);
 }
 
+/// A file that fails while being read (EIO: a bad disk; dcat's own
+/// /proc/self/mem at address 0 fails the same way) must not reach the
+/// service as a shorter input: `wc -c` would count what got through and
+/// dcat would exit 0.
+#[test]
+fn a_file_that_fails_while_read_is_an_error_not_a_short_input() {
+    let root = TestRoot::new();
+    serve(&root, "wc -c", "count/text/plain", "local/text/plain/count.testhost..0");
+    let good = root.path().join("good");
+    std::fs::write(&good, "data\n").unwrap();
+    let out = dcat(&root, &["count", good.to_str().unwrap(), "/proc/self/mem"], None);
+    assert_error(&out, 74, "dcat", &["Input/output error"]);
+}
+
 #[test]
 fn an_unreadable_file_fails_with_74_before_anything_is_sent() {
     let root = TestRoot::new();

@@ -399,6 +399,8 @@ struct Direction {
     bytes: u64,
     /// The sink refused data (peer gone, EPIPE): bytes were lost.
     broken: Option<io::ErrorKind>,
+    /// The endpoint whose read failed the relay, to name it.
+    failed_source: Option<usize>,
 }
 
 /// What moving one direction returned.
@@ -571,6 +573,12 @@ impl Relay {
         self.directions[way as usize].broken
     }
 
+    /// The source whose read failed the relay (a file that gave EIO), if
+    /// a read did, so that the error can name it.
+    pub fn failed_source(&self) -> Option<RawFd> {
+        self.directions.iter().find_map(|direction| direction.failed_source).map(|source| self.endpoints[source].fd)
+    }
+
     /// Whether a direction currently splices through a pool pipe.
     #[cfg(test)]
     fn is_spliced(&self, way: Way) -> bool {
@@ -682,6 +690,7 @@ impl Direction {
             refusals: 0,
             bytes: 0,
             broken: None,
+            failed_source: None,
         }
     }
 
@@ -908,7 +917,10 @@ impl Direction {
                 self.source_finished(endpoints);
                 Ok(Step::Progress)
             }
-            Err(error) => Err(error),
+            Err(error) => {
+                self.failed_source = Some(source);
+                Err(error)
+            }
         }
     }
 
@@ -1086,7 +1098,12 @@ impl Direction {
                 self.break_off(endpoints, &error);
                 Ok(Step::Progress)
             }
-            Err(error) => Err(error),
+            Err(error) => {
+                if error.raw_os_error() == Some(libc::EIO) {
+                    self.failed_source = Some(source);
+                }
+                Err(error)
+            }
         }
     }
 }
@@ -1524,6 +1541,7 @@ mod tests {
             Relay::new(&[file.as_raw_fd()], relay_side.as_raw_fd(), relay_side.as_raw_fd(), stdout_write.as_raw_fd());
         let result = run_until(&mut relay, |r| r.way_done(Way::Forward));
         assert_eq!(result.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+        assert_eq!(relay.failed_source(), Some(file.as_raw_fd()));
     }
 
     /// Pipes in and out (as dcat sees them) and a file as a source.

@@ -181,7 +181,7 @@ fn a_file_that_fails_while_read_is_an_error_not_a_short_input() {
     let good = root.path().join("good");
     std::fs::write(&good, "data\n").unwrap();
     let out = dcat(&root, &["count", good.to_str().unwrap(), "/proc/self/mem"], None);
-    assert_error(&out, 74, "dcat", &["Input/output error"]);
+    assert_error(&out, 74, "dcat", &["cannot read /proc/self/mem: Input/output error"]);
 }
 
 #[test]

@@ -39,7 +39,8 @@ struct Args {
 
 enum Input {
     Stdin,
-    File(File),
+    /// An open file and the name it was given as.
+    File(File, String),
 }
 
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
@@ -51,7 +52,9 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         .iter()
         .map(|path| match path.as_str() {
             "-" => Ok(Input::Stdin),
-            path => File::open(path).map(Input::File).map_err(|source| Error::Open { path: path.into(), source }),
+            path => File::open(path)
+                .map(|file| Input::File(file, path.to_string()))
+                .map_err(|source| Error::Open { path: path.into(), source }),
         })
         .collect::<Result<Vec<Input>, Error>>()?;
     let connection = transport::connect(&target)?;
@@ -63,7 +66,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
             let socket = UnixStream::from(socket);
             socket.set_nonblocking(true).map_err(|e| Error::io("cannot set up the connection", e))?;
             let fd = socket.as_raw_fd();
-            pipe_through(Relay::new(&sources(&inputs), fd, fd, libc::STDOUT_FILENO))
+            pipe_through(Relay::new(&sources(&inputs), fd, fd, libc::STDOUT_FILENO), &inputs)
         }
         Stream::Ssh(mut channel) => {
             let input = channel.input.take().expect("a fresh channel has its input");
@@ -72,7 +75,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
             // The relay closes ssh's stdin at the end of our input: that is
             // how the remote service sees EOF.
             relay.adopt(input);
-            let result = pipe_through(relay);
+            let result = pipe_through(relay, &inputs);
             channel.finish();
             result
         }
@@ -88,20 +91,36 @@ fn sources(inputs: &[Input]) -> Vec<RawFd> {
             .iter()
             .map(|input| match input {
                 Input::Stdin => libc::STDIN_FILENO,
-                Input::File(file) => file.as_raw_fd(),
+                Input::File(file, _) => file.as_raw_fd(),
             })
             .collect()
     }
 }
 
-fn pipe_through(mut relay: Relay) -> Result<(), Error> {
+fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<(), Error> {
     // The reply decides when we are done: a service may answer before it
     // has read everything, or without reading at all.
-    relay::run_until(&mut relay, |relay| relay.way_done(Way::Backward)).map_err(|e| Error::io("relay failed", e))?;
+    relay::run_until(&mut relay, |relay| relay.way_done(Way::Backward))
+        .map_err(|e| Error::io(failure(relay.failed_source(), inputs), e))?;
     match relay.broken(Way::Backward) {
         // stdout was closed by its reader (`| head -1`): that is their
         // choice, not our error.
         Some(std::io::ErrorKind::BrokenPipe) | None => Ok(()),
         Some(kind) => Err(Error::io("cannot write to stdout", kind.into())),
+    }
+}
+
+/// What failed, for the error: the input whose read failed, by its name.
+fn failure(failed_source: Option<RawFd>, inputs: &[Input]) -> String {
+    let named = |fd: RawFd| {
+        inputs.iter().find_map(|input| match input {
+            Input::File(file, path) if file.as_raw_fd() == fd => Some(format!("cannot read {path}")),
+            _ => None,
+        })
+    };
+    match failed_source {
+        Some(libc::STDIN_FILENO) => "cannot read stdin".to_string(),
+        Some(fd) => named(fd).unwrap_or_else(|| "relay failed".to_string()),
+        None => "relay failed".to_string(),
     }
 }

@@ -173,7 +173,8 @@ fn no_such_service_is_69() {
 /// A file that fails while being read (EIO: a bad disk; dcat's own
 /// /proc/self/mem at address 0 fails the same way) must not reach the
 /// service as a shorter input: `wc -c` would count what got through and
-/// dcat would exit 0.
+/// dcat would exit 0. The error names the input, whether it is read
+/// (/proc/self/mem), sent with sendfile (a sysfs attribute) or is stdin.
 #[test]
 fn a_file_that_fails_while_read_is_an_error_not_a_short_input() {
     let root = TestRoot::new();
@@ -182,6 +183,28 @@ fn a_file_that_fails_while_read_is_an_error_not_a_short_input() {
     std::fs::write(&good, "data\n").unwrap();
     let out = dcat(&root, &["count", good.to_str().unwrap(), "/proc/self/mem"], None);
     assert_error(&out, 74, "dcat", &["cannot read /proc/self/mem: Input/output error"]);
+
+    // A file sent with sendfile(2), which fails the same way: a sysfs
+    // attribute that answers EIO (lo has no runtime power management).
+    let sysfs = "/sys/devices/virtual/net/lo/power/autosuspend_delay_ms";
+    let gives_eio = std::fs::read(sysfs).map_err(|e| e.raw_os_error()) == Err(Some(libc::EIO));
+    if require(gives_eio, &format!("reading {sysfs} fails with EIO")) {
+        let out = dcat(&root, &["count", good.to_str().unwrap(), sysfs], None);
+        assert_error(&out, 74, "dcat", &[&format!("cannot read {sysfs}: Input/output error")]);
+    }
+
+    // The same as stdin: this process's memory, which outlives dcat's read.
+    let memory = File::open("/proc/self/mem").unwrap();
+    let mut child = ChildGuard::spawn(
+        root.cmd("dcat").arg("count").stdin(Stdio::from(memory)).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let status = child.wait_timeout(DEFAULT_TIMEOUT).expect("dcat exits on a failing stdin");
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(74), "stdout {stdout:?}, stderr {stderr:?}");
+    assert!(stdout.is_empty(), "stdout {stdout:?}");
+    assert!(stderr.starts_with("dcat: cannot read stdin: Input/output error"), "stderr {stderr:?}");
 }
 
 #[test]

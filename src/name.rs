@@ -77,10 +77,12 @@ pub fn validate_host(host: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// A component never starts with a dot: names starting with one (`.`,
+/// `..`, and dipus's own temporary sockets and import locks, which share
+/// the directories) are not services' to take.
 fn validate_protocol_component(component: &str) -> bool {
     !component.is_empty()
-        && component != "."
-        && component != ".."
+        && !component.starts_with('.')
         && component.len() <= MAX_COMPONENT
         && component.bytes().all(is_protocol_char)
 }
@@ -324,7 +326,21 @@ mod tests {
         let protocol = Protocol::parse("audio/x-wav/to/audio/mpeg").unwrap();
         assert!(protocol.starts_with(&["audio".into(), "x-wav".into()]));
         assert!(!protocol.starts_with(&["audio".into(), "x".into()]));
-        for bad in ["", "/", "a//b", "a/../b", "./a", "a/.", "/a", "a/", "a b", "a\0b"] {
+        for bad in [
+            "",
+            "/",
+            "a//b",
+            "a/../b",
+            "./a",
+            "a/.",
+            "/a",
+            "a/",
+            "a b",
+            "a\0b",
+            ".hidden",
+            "a/.import-h_1.lock",
+            "a/.new-1-0",
+        ] {
             assert!(Protocol::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Protocol::parse(&vec!["a"; 17].join("/")).is_err());

@@ -20,7 +20,6 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mio::{Interest, Registry};
@@ -34,6 +33,8 @@ use crate::watch::{Change, TreeWatcher};
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// The second look after an exit.
 const RECHECK: Duration = Duration::from_secs(1);
+/// The next look at sockets whose directory another process held locked.
+const BUSY_RETRY: Duration = Duration::from_secs(5);
 /// The safety-net sweep.
 pub const SLOW_SWEEP: Duration = Duration::from_secs(60);
 /// The sweep interval where processes cannot be watched.
@@ -226,35 +227,33 @@ impl Reaper {
         }
     }
 
-    /// Removes every dead socket in the tree; returns how many.
+    /// Removes every dead socket in the tree; returns how many. Never waits
+    /// for a directory another process holds locked: its sockets are
+    /// judged again a little later.
     pub fn sweep(&mut self) -> usize {
         let listening = probe::listening_inodes();
         let mut removed = 0;
+        let mut busy = false;
         for service in self.tree.list().unwrap_or_default() {
-            match tree::reap_if_dead(&service.full, listening.as_ref()) {
-                Ok(true) => {
+            let depth = service.path.protocol.components().len();
+            match tree::reap_if_dead(&service.full, depth, listening.as_ref(), false) {
+                Ok(tree::Reaped::Removed) => {
                     log::info!("removed dead socket {}", service.full.display());
                     removed += 1;
-                    self.prune(service.full.parent(), &self.tree.scope_dir(&service.scope));
+                    tree::prune_empty(&self.tree.scope_dir(&service.scope), &service.path.protocol);
                 }
-                Ok(false) => {}
+                Ok(tree::Reaped::Kept) => {}
+                Ok(tree::Reaped::Busy) => {
+                    log::debug!("{}: its directory is locked by another process", service.full.display());
+                    busy = true;
+                }
                 Err(error) => log::debug!("cannot judge {}: {error}", service.full.display()),
             }
         }
+        if busy {
+            self.schedule_sweep(BUSY_RETRY);
+        }
         self.removed += removed as u64;
         removed
-    }
-
-    /// Removes empty protocol directories from `directory` up to (not
-    /// including) the scope directory. rmdir fails on anything not empty,
-    /// so a directory someone is using stays.
-    fn prune(&self, directory: Option<&Path>, scope: &Path) {
-        let mut current = directory;
-        while let Some(directory) = current {
-            if directory == scope || !directory.starts_with(scope) || std::fs::remove_dir(directory).is_err() {
-                return;
-            }
-            current = directory.parent();
-        }
     }
 }

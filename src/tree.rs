@@ -12,7 +12,12 @@
 //!   never seen half-made (refusing connections) by a reaper;
 //! - a socket is removed only while holding an exclusive `flock(2)` on its
 //!   directory and only if it is still the very inode that was judged
-//!   (dead, or ours), so a successor's socket is never removed.
+//!   (dead, or ours), so a successor's socket is never removed;
+//! - that directory is opened without following a symlink below the scope
+//!   and the socket removed relative to it, so a protocol directory swapped
+//!   for a symlink meanwhile leads nowhere outside the tree;
+//! - anyone who may read a directory may hold its lock, so nobody waits
+//!   for it long (see [`LOCK_PATIENCE`]).
 //!
 //! Limit: programs that bind in place (socat, most servers) are briefly
 //! "refusing" between their `bind` and `listen`; a dead-socket judgment can
@@ -22,11 +27,13 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -347,34 +354,144 @@ impl FileId {
     }
 }
 
-/// Holds an exclusive `flock` on a directory while sockets in it are judged
-/// and removed.
-struct DirLock {
-    _dir: OwnedFd,
+/// A directory of the tree, opened without following a symlink in any of
+/// its last `depth` components (the protocol's, which other users may own
+/// and rename in the shared scopes). Names are then looked at and removed
+/// in this very directory, so whatever is renamed or swapped for a symlink
+/// meanwhile, nothing outside the tree is touched. Holds its `flock` (see
+/// [`TreeDir::lock`]) until dropped.
+struct TreeDir {
+    fd: OwnedFd,
 }
 
-impl DirLock {
-    fn lock(dir: &Path) -> io::Result<DirLock> {
-        let file = fs::File::open(dir)?;
-        let fd = OwnedFd::from(file);
-        // SAFETY: flock on a descriptor we own; blocks only while another
-        // dipus process judges a socket in the same directory.
-        let result = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) };
-        if result != 0 {
-            return Err(io::Error::last_os_error());
+/// How long a bind or a removal waits for another process's lock on a
+/// directory. dipus holds one for a stat and a connect; a longer hold is
+/// someone (any user may lock a directory they can read) holding it on
+/// purpose, and waiting for them would hang us.
+const LOCK_PATIENCE: Duration = Duration::from_millis(100);
+
+/// Directories whose lock was held past [`LOCK_PATIENCE`]: this process
+/// does not wait for them again (an importer removing a thousand proxies
+/// from one held directory must not wait a thousand times).
+static STARVED: Mutex<Vec<FileId>> = Mutex::new(Vec::new());
+
+/// What [`reap_if_dead`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaped {
+    Removed,
+    /// Live, not judgeable, not a socket, or no longer there.
+    Kept,
+    /// Another process holds the directory's lock: judge again later.
+    Busy,
+}
+
+impl TreeDir {
+    /// Opens the directory `dir`, following symlinks only above its last
+    /// `depth` components.
+    fn open(dir: &Path, depth: usize) -> io::Result<TreeDir> {
+        use nix::fcntl::{open, openat, OFlag};
+        use nix::sys::stat::Mode;
+        let components: Vec<Component> = dir.components().collect();
+        let split = components.len().checked_sub(depth).filter(|&split| split > 0).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not below a scope", dir.display()))
+        })?;
+        let base: PathBuf = components[..split].iter().collect();
+        let last = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let below = &components[split..];
+        let first_flags = if below.is_empty() { last } else { walk };
+        // SAFETY (both from_raw_fd): open and openat return a new
+        // descriptor that nothing else owns.
+        let mut fd = unsafe { OwnedFd::from_raw_fd(open(&base, first_flags, Mode::empty())?) };
+        for (index, component) in below.iter().enumerate() {
+            let Component::Normal(name) = component else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is not a tree path", dir.display()),
+                ));
+            };
+            let flags = if index + 1 == below.len() { last } else { walk } | OFlag::O_NOFOLLOW;
+            fd = unsafe { OwnedFd::from_raw_fd(openat(Some(fd.as_raw_fd()), *name, flags, Mode::empty())?) };
         }
-        Ok(DirLock { _dir: fd })
+        Ok(TreeDir { fd })
+    }
+
+    /// The file `name` here (not followed if a symlink): its identity and
+    /// whether it is a socket.
+    fn stat(&self, name: &OsStr) -> io::Result<(FileId, bool)> {
+        use nix::sys::stat::{fstatat, SFlag};
+        let stat = fstatat(Some(self.fd.as_raw_fd()), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let is_socket = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFSOCK;
+        Ok((FileId { dev: stat.st_dev, ino: stat.st_ino }, is_socket))
+    }
+
+    fn remove(&self, name: &OsStr) -> io::Result<()> {
+        nix::unistd::unlinkat(Some(self.fd.as_raw_fd()), name, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+        Ok(())
+    }
+
+    /// Takes the exclusive `flock` that dipus processes hold while they
+    /// judge and remove sockets here. Returns false if another process
+    /// holds it past our patience (at once if `wait` is false).
+    fn lock(&self, wait: bool) -> io::Result<bool> {
+        let id = {
+            let stat = nix::sys::stat::fstat(self.fd.as_raw_fd())?;
+            FileId { dev: stat.st_dev, ino: stat.st_ino }
+        };
+        let starved = || STARVED.lock().map(|starved| starved.contains(&id)).unwrap_or(true);
+        let deadline = Instant::now() + if wait && !starved() { LOCK_PATIENCE } else { Duration::ZERO };
+        let mut pause = Duration::from_millis(1);
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(self.fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(true);
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::WouldBlock {
+                return Err(error);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if wait {
+                    if let Ok(mut starved) = STARVED.lock() {
+                        if !starved.contains(&id) {
+                            starved.push(id);
+                        }
+                    }
+                }
+                return Ok(false);
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
     }
 }
 
-/// Removes `path` only if it is still the file `id`. Returns whether it did.
-pub fn remove_if_same(path: &Path, id: FileId) -> io::Result<bool> {
-    let Some(dir) = path.parent() else {
-        return Ok(false);
+/// `path`'s directory and file name.
+fn split_path(path: &Path) -> io::Result<(&Path, &OsStr)> {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => Ok((dir, name)),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))),
+    }
+}
+
+/// Removes `path` only if it is still the file `id`. Returns whether it
+/// did. `depth` is how many directories below its scope it sits (its
+/// protocol's components; 0 for a path outside the tree). If another
+/// process holds the directory's lock past our patience, the file stays
+/// (a dead socket, for the reaper).
+pub fn remove_if_same(path: &Path, depth: usize, id: FileId) -> io::Result<bool> {
+    let (dir, name) = split_path(path)?;
+    let dir = match TreeDir::open(dir, depth) {
+        Ok(dir) => dir,
+        Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT)) => return Ok(false),
+        Err(error) => return Err(error),
     };
-    let _lock = DirLock::lock(dir)?;
-    match FileId::of(path) {
-        Ok(current) if current == id => fs::remove_file(path).map(|()| true),
+    if !dir.lock(true)? {
+        return Err(io::Error::new(io::ErrorKind::WouldBlock, "another process holds its directory locked"));
+    }
+    match dir.stat(name) {
+        Ok((current, _)) if current == id => dir.remove(name).map(|()| true),
         Ok(_) => Ok(false),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(error) => Err(error),
@@ -384,24 +501,63 @@ pub fn remove_if_same(path: &Path, id: FileId) -> io::Result<bool> {
 /// Removes `path` if it is a socket nobody listens on (connect refused),
 /// judged twice: before taking the directory lock and again under it.
 /// Live sockets, sockets that cannot be judged and non-sockets stay.
-/// `listening` (from `probe::listening_inodes`) spares live services a
-/// probing connection.
-pub fn reap_if_dead(path: &Path, listening: Option<&HashSet<u64>>) -> io::Result<bool> {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return Ok(false);
+/// `depth` as for [`remove_if_same`]. `listening` (from
+/// `probe::listening_inodes`) spares live services a probing connection.
+/// `wait`: whether to wait (briefly) for another process's lock.
+pub fn reap_if_dead(path: &Path, depth: usize, listening: Option<&HashSet<u64>>, wait: bool) -> io::Result<Reaped> {
+    let (dir, name) = split_path(path)?;
+    let Ok(dir) = TreeDir::open(dir, depth) else {
+        // Gone, or a symlink now: nothing of the tree to judge.
+        return Ok(Reaped::Kept);
     };
-    if !is_socket(&meta.file_type()) || probe::judge(path, listening) != Liveness::Dead {
-        return Ok(false);
-    }
-    let id = FileId { dev: meta.dev(), ino: meta.ino() };
-    let Some(dir) = path.parent() else {
-        return Ok(false);
+    let Ok((id, true)) = dir.stat(name) else {
+        return Ok(Reaped::Kept);
     };
-    let _lock = DirLock::lock(dir)?;
-    if FileId::of(path).ok() != Some(id) || probe::probe(path) != Liveness::Dead {
-        return Ok(false);
+    // The probe connects by path: only while that path still names the
+    // file we opened is its answer about that file.
+    let still_here = || FileId::of(path).ok() == Some(id);
+    if !still_here() || probe::judge(path, listening) != Liveness::Dead {
+        return Ok(Reaped::Kept);
     }
-    fs::remove_file(path).map(|()| true)
+    if !dir.lock(wait)? {
+        return Ok(Reaped::Busy);
+    }
+    if dir.stat(name).ok() != Some((id, true)) || !still_here() || probe::probe(path) != Liveness::Dead {
+        return Ok(Reaped::Kept);
+    }
+    dir.remove(name).map(|()| Reaped::Removed)
+}
+
+/// Removes the empty directories of `protocol` from the deepest up to (not
+/// including) the scope directory `scope`, each in the directory it was
+/// opened in without following symlinks. rmdir fails on anything not
+/// empty, so a directory someone is using stays.
+pub fn prune_empty(scope: &Path, protocol: &Protocol) {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::Mode;
+    let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    // SAFETY (both from_raw_fd): open and openat return a new descriptor
+    // that nothing else owns.
+    let Ok(scope_fd) = open(scope, walk, Mode::empty()).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }) else {
+        return;
+    };
+    let components = protocol.components();
+    // parents[i] is the directory holding components[i].
+    let mut parents = vec![scope_fd];
+    for component in &components[..components.len() - 1] {
+        let parent = parents.last().map(AsRawFd::as_raw_fd);
+        match openat(parent, component.as_str(), walk | OFlag::O_NOFOLLOW, Mode::empty()) {
+            Ok(fd) => parents.push(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Err(_) => return,
+        }
+    }
+    for (parent, component) in parents.iter().zip(components).rev() {
+        let removed =
+            nix::unistd::unlinkat(Some(parent.as_raw_fd()), component.as_str(), nix::unistd::UnlinkatFlags::RemoveDir);
+        if removed.is_err() {
+            return;
+        }
+    }
 }
 
 /// A listening service socket at its public path, removed again when
@@ -418,13 +574,15 @@ pub struct ServiceSocket {
 #[derive(Debug)]
 struct Placement {
     path: PathBuf,
+    /// Directories below the scope (the protocol's components).
+    depth: usize,
     id: FileId,
 }
 
 impl Drop for Placement {
     fn drop(&mut self) {
-        if let Err(error) = remove_if_same(&self.path, self.id) {
-            log::warn!("cannot remove {}: {error}", self.path.display());
+        if let Err(error) = remove_if_same(&self.path, self.depth, self.id) {
+            log::warn!("cannot remove {} (left for the reaper): {error}", self.path.display());
         }
     }
 }
@@ -484,17 +642,22 @@ impl ServiceSocket {
         let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
         let (listener, temp) = bind_temporary(&dir, options)?;
         let full = dir.join(path.file.to_string());
-        let result = link_into_place(&temp, &full);
+        let depth = path.protocol.components().len();
+        let result = link_into_place(&temp, &full, depth, &mut true);
         let _ = fs::remove_file(&temp);
         match result {
-            Ok(id) => Ok(ServiceSocket { placement: Placement { path: full, id }, listener }),
+            Ok(id) => Ok(ServiceSocket { placement: Placement { path: full, depth, id }, listener }),
             Err(source) => Err(TreeError::Bind { path: full, source }),
         }
     }
 
     fn bind_in(dir: &Path, first: ServicePath, options: &SocketOptions) -> Result<ServiceSocket, TreeError> {
         let (listener, temp) = bind_temporary(dir, options)?;
+        let depth = first.protocol.components().len();
         let mut service = first;
+        // Once a stale socket's directory lock was held past our patience,
+        // the next names are taken as they are, without waiting again.
+        let mut wait = true;
         let result = loop {
             if service.file.index >= MAX_INSTANCES {
                 break Err(TreeError::NoFreeIndex(service.to_string()));
@@ -503,9 +666,9 @@ impl ServiceSocket {
             if let Err(error) = name::check_socket_path(&full) {
                 break Err(error.into());
             }
-            match link_into_place(&temp, &full) {
-                Ok(id) => break Ok(ServiceSocket { placement: Placement { path: full, id }, listener }),
-                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+            match link_into_place(&temp, &full, depth, &mut wait) {
+                Ok(id) => break Ok(ServiceSocket { placement: Placement { path: full, depth, id }, listener }),
+                Err(error) if matches!(error.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::WouldBlock) => {
                     service.file.index += 1;
                 }
                 Err(source) => break Err(TreeError::Bind { path: full, source }),
@@ -559,10 +722,11 @@ impl PlacedSocket {
                 let _ = fs::remove_file(&temp);
                 return Err(TreeError::Bind { path: temp, source });
             }
-            let result = link_into_place(&temp, &full);
+            let depth = path.protocol.components().len();
+            let result = link_into_place(&temp, &full, depth, &mut true);
             let _ = fs::remove_file(&temp);
             match result {
-                Ok(id) => return Ok(PlacedSocket { placement: Placement { path: full, id }, bound_at: temp }),
+                Ok(id) => return Ok(PlacedSocket { placement: Placement { path: full, depth, id }, bound_at: temp }),
                 // The reaper pruned the new directory: once more.
                 Err(source) if source.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
                 Err(source) => return Err(TreeError::Bind { path: full, source }),
@@ -625,22 +789,134 @@ fn adjust(temp: &Path, options: &SocketOptions) -> io::Result<()> {
 
 /// Links the listening socket at `temp` to `target`. A stale socket at
 /// `target` is removed (under the directory lock, still the same inode) and
-/// the link tried again; a live one gives `AlreadyExists`.
-fn link_into_place(temp: &Path, target: &Path) -> io::Result<FileId> {
+/// the link tried again; a live one gives `AlreadyExists`, one whose
+/// directory another process holds locked `WouldBlock` (and `wait` is
+/// cleared: the caller's next names need not wait for it again).
+fn link_into_place(temp: &Path, target: &Path, depth: usize, wait: &mut bool) -> io::Result<FileId> {
     loop {
         match fs::hard_link(temp, target) {
             Ok(()) => return FileId::of(target),
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                if !reap_if_dead(target, probe::listening_inodes().as_ref())? {
+                match reap_if_dead(target, depth, probe::listening_inodes().as_ref(), *wait)? {
+                    Reaped::Removed => {}
+                    Reaped::Busy => {
+                        *wait = false;
+                        return Err(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            "a stale socket is there and another process holds its directory locked",
+                        ));
+                    }
                     // Not removed: live, unjudgeable, or someone else was
                     // faster. Check the last case so we do not skip a
                     // name that has just become free.
-                    if fs::symlink_metadata(target).is_ok() {
-                        return Err(error);
-                    }
+                    Reaped::Kept if fs::symlink_metadata(target).is_ok() => return Err(error),
+                    Reaped::Kept => {}
                 }
             }
             Err(error) => return Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory for one test, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("dipus-tree-{}-{test}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dead_socket(path: &Path) -> FileId {
+        drop(UnixListener::bind(path).unwrap());
+        FileId::of(path).unwrap()
+    }
+
+    fn protocol(text: &str) -> Protocol {
+        Protocol::parse(text).unwrap()
+    }
+
+    /// A protocol directory renamed and replaced by a symlink after the
+    /// reaper listed it (or before a server removes its socket) leads
+    /// nowhere: judging, removing and pruning stay in the tree.
+    #[test]
+    fn a_protocol_directory_swapped_for_a_symlink_is_not_followed() {
+        let scratch = Scratch::new("swap");
+        let scope = scratch.0.join("local");
+        let victim = scratch.0.join("victim");
+        fs::create_dir_all(scope.join("moved")).unwrap();
+        fs::create_dir_all(victim.join("sub")).unwrap();
+        let id = dead_socket(&victim.join("x.h..0"));
+        dead_socket(&victim.join("sub").join("y.h..0"));
+        std::os::unix::fs::symlink(&victim, scope.join("b")).unwrap();
+
+        let through = scope.join("b").join("x.h..0");
+        assert_eq!(reap_if_dead(&through, 1, None, true).unwrap(), Reaped::Kept);
+        assert!(remove_if_same(&through, 1, id).is_err(), "a symlinked protocol directory was opened");
+        let deeper = scope.join("b").join("sub").join("y.h..0");
+        assert_eq!(reap_if_dead(&deeper, 2, None, true).unwrap(), Reaped::Kept);
+        fs::remove_file(victim.join("sub").join("y.h..0")).unwrap();
+        prune_empty(&scope, &protocol("b/sub"));
+        assert!(victim.join("x.h..0").exists(), "a socket outside the tree was removed");
+        assert!(victim.join("sub").is_dir(), "a directory outside the tree was pruned");
+
+        // The same paths through a real directory are judged and removed.
+        let real = scope.join("moved").join("x.h..0");
+        dead_socket(&real);
+        assert_eq!(reap_if_dead(&real, 1, None, true).unwrap(), Reaped::Removed);
+        prune_empty(&scope, &protocol("moved"));
+        assert!(!scope.join("moved").exists() && scope.is_dir(), "the emptied protocol directory stays");
+    }
+
+    /// Holds the directory's lock as another process (or any user who may
+    /// read it) could.
+    fn hold(dir: &Path) -> fs::File {
+        let file = fs::File::open(dir).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        file
+    }
+
+    /// Runs `f` on another thread and fails the test if it does not
+    /// return within a generous bound: it must not wait for the lock.
+    fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || sender.send(f()));
+        receiver.recv_timeout(Duration::from_secs(10)).expect("it waited for the held lock")
+    }
+
+    #[test]
+    fn a_held_directory_lock_is_not_waited_for_beyond_patience() {
+        let scratch = Scratch::new("held");
+        let dir = scratch.0.join("local").join("p");
+        fs::create_dir_all(&dir).unwrap();
+        let stale = dir.join("old.h..0");
+        let id = dead_socket(&stale);
+        let lock = hold(&dir);
+
+        let path = stale.clone();
+        assert_eq!(returns(move || reap_if_dead(&path, 1, None, false).unwrap()), Reaped::Busy);
+        let path = stale.clone();
+        assert_eq!(returns(move || reap_if_dead(&path, 1, None, true).unwrap()), Reaped::Busy);
+        let path = stale.clone();
+        let error = returns(move || remove_if_same(&path, 1, id).unwrap_err());
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+        assert!(stale.exists(), "removed while another process held the lock");
+
+        drop(lock);
+        assert_eq!(reap_if_dead(&stale, 1, None, false).unwrap(), Reaped::Removed);
     }
 }

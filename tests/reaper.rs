@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::service::{entries, is_socket, make_dirs, serve, stale_at, start_reaping_dipusd};
+use common::service::{entries, is_socket, make_dirs, serve, stale_at, start_reaping_dipusd, stop};
 use common::*;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -180,4 +180,34 @@ fn sockets_the_daemon_cannot_judge_stay() {
     assert!(is_socket(&long), "the socket at a long path was removed");
     assert!(is_socket(&datagram), "the datagram socket was removed");
     drop(receiver);
+}
+
+/// Holds an exclusive flock on `dir`, as any user who may read it can,
+/// until dropped.
+fn hold_lock(dir: &Path) -> std::fs::File {
+    let file = std::fs::File::open(dir).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0, "cannot lock {}", dir.display());
+    file
+}
+
+#[test]
+fn a_directory_someone_holds_locked_stalls_neither_the_daemon_nor_a_server() {
+    let root = TestRoot::new();
+    start_reaping_dipusd(&root);
+    let held = make_dirs(&root, "local/held");
+    let lock = hold_lock(&held);
+    let stale = stale_at(&root, "local/held/old.testhost..0");
+    // Sweeps go on around the held directory (the reaper used to wait
+    // for its lock, and the whole daemon with it).
+    two_sweeps(&root);
+    assert!(is_socket(&stale), "a socket was removed while its directory was locked");
+    // A server in the held directory still stops at once; it leaves its
+    // socket to the reaper.
+    let (server, path) = serve(&root, "cat", "echo/held", "local/held/echo.testhost..0");
+    stop(&root, server, "TERM");
+    drop(lock);
+    wait_until(Duration::from_secs(15), "both sockets in local/held are reaped once it is let go", || {
+        !stale.exists() && !path.exists()
+    });
 }

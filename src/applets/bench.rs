@@ -573,7 +573,7 @@ fn serve(role: Role, listen: &str, count: usize) -> Result<(), Error> {
         });
     for socket in &listening {
         match socket.id {
-            Some(id) => drop(crate::tree::remove_if_same(&socket.path, id)),
+            Some(id) => drop(crate::tree::remove_if_same(&socket.path, 0, id)),
             None => drop(fs::remove_file(&socket.path)),
         }
     }

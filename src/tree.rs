@@ -28,7 +28,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -640,42 +640,41 @@ impl ServiceSocket {
         options: &SocketOptions,
     ) -> Result<ServiceSocket, TreeError> {
         let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
-        let (listener, temp) = bind_temporary(&dir, options)?;
+        let staging = Staging::new(&dir, path.protocol.components().len())?;
+        let listener = staging.bind(options)?;
         let full = dir.join(path.file.to_string());
-        let depth = path.protocol.components().len();
-        let result = link_into_place(&temp, &full, depth, &mut true);
-        let _ = fs::remove_file(&temp);
-        match result {
-            Ok(id) => Ok(ServiceSocket { placement: Placement { path: full, depth, id }, listener }),
+        match staging.link(&full, &mut true) {
+            Ok(id) => Ok(ServiceSocket { placement: Placement { path: full, depth: staging.depth, id }, listener }),
             Err(source) => Err(TreeError::Bind { path: full, source }),
         }
     }
 
     fn bind_in(dir: &Path, first: ServicePath, options: &SocketOptions) -> Result<ServiceSocket, TreeError> {
-        let (listener, temp) = bind_temporary(dir, options)?;
-        let depth = first.protocol.components().len();
+        let staging = Staging::new(dir, first.protocol.components().len())?;
+        let listener = staging.bind(options)?;
         let mut service = first;
         // Once a stale socket's directory lock was held past our patience,
         // the next names are taken as they are, without waiting again.
         let mut wait = true;
-        let result = loop {
+        loop {
             if service.file.index >= MAX_INSTANCES {
-                break Err(TreeError::NoFreeIndex(service.to_string()));
+                return Err(TreeError::NoFreeIndex(service.to_string()));
             }
             let full = dir.join(service.file.to_string());
-            if let Err(error) = name::check_socket_path(&full) {
-                break Err(error.into());
-            }
-            match link_into_place(&temp, &full, depth, &mut wait) {
-                Ok(id) => break Ok(ServiceSocket { placement: Placement { path: full, depth, id }, listener }),
+            name::check_socket_path(&full)?;
+            match staging.link(&full, &mut wait) {
+                Ok(id) => {
+                    return Ok(ServiceSocket {
+                        placement: Placement { path: full, depth: staging.depth, id },
+                        listener,
+                    })
+                }
                 Err(error) if matches!(error.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::WouldBlock) => {
                     service.file.index += 1;
                 }
-                Err(source) => break Err(TreeError::Bind { path: full, source }),
+                Err(source) => return Err(TreeError::Bind { path: full, source }),
             }
-        };
-        let _ = fs::remove_file(&temp);
-        result
+        }
     }
 
     pub fn listener(&self) -> &UnixListener {
@@ -714,19 +713,17 @@ impl PlacedSocket {
         let mut attempts = 0;
         loop {
             let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
-            let temp = temporary_name(&dir);
-            name::check_socket_path(&temp)?;
-            let _ = fs::remove_file(&temp);
+            let staging = Staging::new(&dir, path.protocol.components().len())?;
+            let temp = staging.temp.clone();
             make(&temp).map_err(|source| TreeError::Bind { path: temp.clone(), source })?;
-            if let Err(source) = adjust(&temp, options) {
-                let _ = fs::remove_file(&temp);
-                return Err(TreeError::Bind { path: temp, source });
-            }
-            let depth = path.protocol.components().len();
-            let result = link_into_place(&temp, &full, depth, &mut true);
-            let _ = fs::remove_file(&temp);
-            match result {
-                Ok(id) => return Ok(PlacedSocket { placement: Placement { path: full, depth, id }, bound_at: temp }),
+            staging.adopt(options).map_err(|source| TreeError::Bind { path: temp.clone(), source })?;
+            match staging.link(&full, &mut true) {
+                Ok(id) => {
+                    return Ok(PlacedSocket {
+                        placement: Placement { path: full, depth: staging.depth, id },
+                        bound_at: temp,
+                    })
+                }
                 // The reaper pruned the new directory: once more.
                 Err(source) if source.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
                 Err(source) => return Err(TreeError::Bind { path: full, source }),
@@ -743,10 +740,6 @@ impl PlacedSocket {
     }
 }
 
-fn temporary_name(dir: &Path) -> PathBuf {
-    dir.join(format!(".new-{}-{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)))
-}
-
 /// Runs `bind` again if the reaper pruned the protocol directory between
 /// its creation and the bind (it removes directories that are empty).
 fn retry_pruned(mut bind: impl FnMut() -> Result<ServiceSocket, TreeError>) -> Result<ServiceSocket, TreeError> {
@@ -761,66 +754,139 @@ fn retry_pruned(mut bind: impl FnMut() -> Result<ServiceSocket, TreeError>) -> R
     }
 }
 
-/// Binds and listens at a hidden name in `dir`, with the final mode and
-/// group already set, so the socket is complete before anyone can see it.
-fn bind_temporary(dir: &Path, options: &SocketOptions) -> Result<(UnixListener, PathBuf), TreeError> {
-    let temp = temporary_name(dir);
-    name::check_socket_path(&temp)?;
-    let bind_error = |source| TreeError::Bind { path: temp.clone(), source };
-    let _ = fs::remove_file(&temp);
-    let listener = crate::net::unix_listen(&temp, BACKLOG).map_err(bind_error)?;
-    if let Err(source) = adjust(&temp, options) {
-        let _ = fs::remove_file(&temp);
-        return Err(bind_error(source));
-    }
-    Ok((listener, temp))
+/// A socket being made at a hidden name in its protocol directory, to be
+/// linked to its public name once complete. The bind itself goes by path
+/// (UNIX sockets have no `bindat`); everything else (checking where it
+/// landed, its mode and owner, the link, the cleanup) happens in the
+/// directory opened without symlinks below the scope ([`TreeDir`]), so the
+/// owner of a shared protocol directory who swaps it for a symlink
+/// meanwhile cannot have us chmod, chown, link or remove anything outside
+/// the tree. The hidden name is removed when dropped.
+struct Staging {
+    dir: TreeDir,
+    /// Directories below the scope.
+    depth: usize,
+    /// The hidden name, as a path (to bind at) and as a name in `dir`.
+    temp: PathBuf,
+    name: std::ffi::OsString,
 }
 
-/// Gives a new socket its final mode and group before anyone can see it.
-fn adjust(temp: &Path, options: &SocketOptions) -> io::Result<()> {
-    if let Some(mode) = options.mode {
-        fs::set_permissions(temp, fs::Permissions::from_mode(mode))?;
+impl Staging {
+    fn new(dir: &Path, depth: usize) -> Result<Staging, TreeError> {
+        let hidden = std::ffi::OsString::from(format!(
+            ".new-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let temp = dir.join(&hidden);
+        name::check_socket_path(&temp)?;
+        let opened = TreeDir::open(dir, depth).map_err(|source| TreeError::Bind { path: dir.to_path_buf(), source })?;
+        // A leftover of an earlier process that had our process id.
+        let _ = opened.remove(&hidden);
+        Ok(Staging { dir: opened, depth, temp, name: hidden })
     }
-    if options.group.is_some() || options.owner.is_some() {
-        std::os::unix::fs::lchown(temp, options.owner, options.group)?;
-    }
-    Ok(())
-}
 
-/// Links the listening socket at `temp` to `target`. A stale socket at
-/// `target` is removed (under the directory lock, still the same inode) and
-/// the link tried again; a live one gives `AlreadyExists`, one whose
-/// directory another process holds locked `WouldBlock` (and `wait` is
-/// cleared: the caller's next names need not wait for it again).
-fn link_into_place(temp: &Path, target: &Path, depth: usize, wait: &mut bool) -> io::Result<FileId> {
-    loop {
-        match fs::hard_link(temp, target) {
-            Ok(()) => return FileId::of(target),
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                match reap_if_dead(target, depth, probe::listening_inodes().as_ref(), *wait)? {
-                    Reaped::Removed => {}
-                    Reaped::Busy => {
-                        *wait = false;
-                        return Err(io::Error::new(
-                            io::ErrorKind::WouldBlock,
-                            "a stale socket is there and another process holds its directory locked",
-                        ));
-                    }
-                    // Not removed: live, unjudgeable, or someone else was
-                    // faster. Check the last case so we do not skip a
-                    // name that has just become free.
-                    Reaped::Kept if fs::symlink_metadata(target).is_ok() => return Err(error),
-                    Reaped::Kept => {}
-                }
-            }
-            Err(error) => return Err(error),
+    /// Binds and listens at the hidden name, then [`Staging::adopt`]s the
+    /// socket: it is complete before anyone can see it.
+    fn bind(&self, options: &SocketOptions) -> Result<UnixListener, TreeError> {
+        let bind_error = |source| TreeError::Bind { path: self.temp.clone(), source };
+        let listener = crate::net::unix_listen(&self.temp, BACKLOG).map_err(bind_error)?;
+        self.adopt(options).map_err(bind_error)?;
+        Ok(listener)
+    }
+
+    /// Checks that the socket just made at the hidden name landed in the
+    /// directory we opened and is ours, then gives it its final mode and
+    /// owner.
+    fn adopt(&self, options: &SocketOptions) -> io::Result<()> {
+        use nix::fcntl::{openat, OFlag};
+        use nix::sys::stat::{fchmodat, fstat, FchmodatFlags, Mode, SFlag};
+        let dirfd = self.dir.fd.as_raw_fd();
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        // SAFETY: openat returns a new descriptor that nothing else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(openat(Some(dirfd), self.name.as_os_str(), flags, Mode::empty())?) };
+        let stat = fstat(socket.as_raw_fd())?;
+        let is_socket = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFSOCK;
+        if !is_socket || stat.st_uid != nix::unistd::geteuid().as_raw() {
+            return Err(io::Error::other("the socket is not where it was bound: its directory was replaced meanwhile"));
         }
+        if let Some(mode) = options.mode {
+            let mode = Mode::from_bits_truncate(mode);
+            // The descriptor names exactly the socket checked above, even
+            // if a symlink took its name since; without /proc, by name.
+            match nix::sys::stat::fchmodat(
+                None,
+                format!("/proc/self/fd/{}", socket.as_raw_fd()).as_str(),
+                mode,
+                FchmodatFlags::FollowSymlink,
+            ) {
+                Err(nix::errno::Errno::ENOENT) => {
+                    fchmodat(Some(dirfd), self.name.as_os_str(), mode, FchmodatFlags::FollowSymlink)?
+                }
+                result => result?,
+            }
+        }
+        if options.group.is_some() || options.owner.is_some() {
+            let (owner, group) =
+                (options.owner.map(nix::unistd::Uid::from_raw), options.group.map(nix::unistd::Gid::from_raw));
+            nix::unistd::fchownat(
+                Some(dirfd),
+                self.name.as_os_str(),
+                owner,
+                group,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Links the socket at the hidden name to `target` (in the same
+    /// directory). A stale socket at `target` is removed (under the
+    /// directory lock, still the same inode) and the link tried again; a
+    /// live one gives `AlreadyExists`, one whose directory another process
+    /// holds locked `WouldBlock` (and `wait` is cleared: the caller's next
+    /// names need not wait for it again).
+    fn link(&self, target: &Path, wait: &mut bool) -> io::Result<FileId> {
+        let (_, target_name) = split_path(target)?;
+        let dirfd = Some(self.dir.fd.as_raw_fd());
+        loop {
+            match nix::unistd::linkat(dirfd, self.name.as_os_str(), dirfd, target_name, nix::fcntl::AtFlags::empty()) {
+                Ok(()) => return self.dir.stat(target_name).map(|(id, _)| id),
+                Err(nix::errno::Errno::EEXIST) => {
+                    match reap_if_dead(target, self.depth, probe::listening_inodes().as_ref(), *wait)? {
+                        Reaped::Removed => {}
+                        Reaped::Busy => {
+                            *wait = false;
+                            return Err(io::Error::new(
+                                io::ErrorKind::WouldBlock,
+                                "a stale socket is there and another process holds its directory locked",
+                            ));
+                        }
+                        // Not removed: live, unjudgeable, or someone else
+                        // was faster. Check the last case so we do not skip
+                        // a name that has just become free.
+                        Reaped::Kept if self.dir.stat(target_name).is_ok() => {
+                            return Err(io::Error::from(io::ErrorKind::AlreadyExists))
+                        }
+                        Reaped::Kept => {}
+                    }
+                }
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = self.dir.remove(&self.name);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// A fresh directory for one test, removed when dropped.
     struct Scratch(PathBuf);
@@ -879,6 +945,49 @@ mod tests {
         assert_eq!(reap_if_dead(&real, 1, None, true).unwrap(), Reaped::Removed);
         prune_empty(&scope, &protocol("moved"));
         assert!(!scope.join("moved").exists() && scope.is_dir(), "the emptied protocol directory stays");
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    /// The owner of a shared protocol directory swaps it for a symlink
+    /// while a socket is made in it: the socket's mode goes to our socket
+    /// alone, and a bind that landed elsewhere is refused, not linked.
+    #[test]
+    fn a_directory_swapped_while_a_socket_is_made_leads_nowhere() {
+        let scratch = Scratch::new("staging");
+        let scope = scratch.0.join("local");
+        let victim = scratch.0.join("victim");
+        fs::create_dir_all(scope.join("p")).unwrap();
+        fs::create_dir_all(&victim).unwrap();
+        let secret = victim.join("secret");
+        fs::write(&secret, "x").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        let options = SocketOptions { mode: Some(0o666), ..SocketOptions::default() };
+
+        // Swapped after the bind: a symlink at the hidden name in the
+        // directory now at that path must not pass the chmod on.
+        let staging = Staging::new(&scope.join("p"), 1).unwrap();
+        let listener = UnixListener::bind(&staging.temp).unwrap();
+        fs::rename(scope.join("p"), scope.join("moved")).unwrap();
+        fs::create_dir_all(scope.join("p")).unwrap();
+        std::os::unix::fs::symlink(&secret, scope.join("p").join(&staging.name)).unwrap();
+        staging.adopt(&options).unwrap();
+        assert_eq!(mode_of(&secret), 0o600, "the chmod followed a symlink out of the tree");
+        assert_eq!(mode_of(&scope.join("moved").join(&staging.name)), 0o666, "our socket did not get its mode");
+        drop((staging, listener));
+
+        // Swapped before the bind: the socket lands outside, is refused,
+        // and nothing is linked to a public name.
+        fs::remove_dir_all(scope.join("p")).unwrap();
+        fs::create_dir_all(scope.join("p")).unwrap();
+        let staging = Staging::new(&scope.join("p"), 1).unwrap();
+        fs::rename(scope.join("p"), scope.join("moved2")).unwrap();
+        std::os::unix::fs::symlink(&victim, scope.join("p")).unwrap();
+        assert!(staging.bind(&options).is_err(), "a socket bound outside the tree was adopted");
+        assert_eq!(mode_of(&secret), 0o600);
+        assert!(fs::read_dir(scope.join("moved2")).unwrap().next().is_none(), "something was linked in");
     }
 
     /// Holds the directory's lock as another process (or any user who may

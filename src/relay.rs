@@ -121,6 +121,10 @@ struct Endpoint {
     /// The driver saw the peer's end of data (EPOLLRDHUP) or an error:
     /// reads go on until they return 0, short or not.
     read_closed: bool,
+    /// The same event: a socket is asked once whether its connection is
+    /// gone (reset, timed out), since a direction into it may have nothing
+    /// to write that would tell.
+    check_error: bool,
     /// A TCP (or other IP) socket; asked only when a direction into it
     /// turns bulk, then kept.
     over_ip: Option<bool>,
@@ -147,6 +151,7 @@ impl Endpoint {
             readable: !one_shot,
             writable: !one_shot,
             read_closed: false,
+            check_error: false,
             over_ip: None,
             owned: None,
         }
@@ -155,6 +160,23 @@ impl Endpoint {
     fn is_over_ip(&mut self) -> bool {
         let (kind, fd) = (self.kind, self.fd);
         *self.over_ip.get_or_insert_with(|| kind == Kind::Socket && socket_domain(fd).is_some_and(is_ip_domain))
+    }
+
+    /// Once per error or hang-up event: whether this socket's connection
+    /// is gone (reset, timed out, its peer closed), so that nothing can be
+    /// written to it again. Asked of the socket itself, since a read of it
+    /// in the same pump may already have taken its pending error.
+    fn take_connection_error(&mut self) -> Option<io::Error> {
+        if !std::mem::take(&mut self.check_error) {
+            return None;
+        }
+        // A hang-up is both ways shut: the connection reset or timed out
+        // (TCP), or the peer closed, not just half-closed (UNIX).
+        let mut poll = libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 };
+        // SAFETY: poll on one live pollfd, without waiting.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        (ready == 1 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0)
+            .then(|| io::Error::from(io::ErrorKind::ConnectionReset))
     }
 
     fn after_read(&mut self) {
@@ -501,6 +523,7 @@ impl Relay {
         for endpoint in &mut self.endpoints {
             if endpoint.fd == fd {
                 endpoint.read_closed = true;
+                endpoint.check_error = endpoint.kind == Kind::Socket;
             }
         }
     }
@@ -807,6 +830,12 @@ impl Direction {
     /// anywhere.
     fn break_off(&mut self, endpoints: &mut [Endpoint], error: &io::Error) {
         self.broken = Some(error.kind());
+        self.abandon(endpoints);
+    }
+
+    /// The sink is gone with nothing lost: stop reading what can no longer
+    /// go anywhere, and end.
+    fn abandon(&mut self, endpoints: &mut [Endpoint]) {
         if let Some(source) = self.source() {
             if endpoints[source].kind == Kind::Socket {
                 // SAFETY: as in `close`.
@@ -819,6 +848,18 @@ impl Direction {
     fn step(&mut self, endpoints: &mut [Endpoint]) -> io::Result<Step> {
         if self.state == State::Closed {
             return Ok(Step::Blocked);
+        }
+        if let Some(error) = endpoints[self.sink].take_connection_error() {
+            // Nothing more can reach the sink. Waiting for the source to
+            // send something that would fail to be written would hold
+            // both connections open for as long as the source is silent
+            // (a service that never answers: forever).
+            if self.pending() > 0 {
+                self.break_off(endpoints, &error);
+            } else {
+                self.abandon(endpoints);
+            }
+            return Ok(Step::Progress);
         }
         if self.state == State::Draining && self.pending() == 0 {
             self.close(endpoints);
@@ -1669,6 +1710,60 @@ mod tests {
         let forward = &relay.directions[0];
         assert!(forward.buffer.is_none() && forward.pipe.is_none(), "a paused stream holds its carrier");
         drop(writer.join().unwrap());
+    }
+
+    /// The TCP peer half-closes, then its connection is reset, while the
+    /// UNIX side stays silent: nothing could ever be written to TCP again,
+    /// so the relay ends (the exporter used to hold such a connection, a
+    /// slot under --max-conns and two descriptors, for as long as the
+    /// service said nothing). The UNIX side saw the end of data.
+    #[test]
+    fn a_reset_connection_ends_a_relay_whose_other_side_is_silent() {
+        let (mut client, a, b, server) = unix_to_tcp();
+        let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        let fds = [a.as_raw_fd(), b.as_raw_fd()];
+        drive_edge_triggered(&mut relay, &fds, |relay| relay.way_done(Way::Backward));
+        let mut got = Vec::new();
+        client.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        client.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty() && !relay.is_done(), "the half-close was not passed on alone");
+        // SO_LINGER 0: close sends a reset.
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: setsockopt reads one linger struct from a live local.
+        let set = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        drop(server);
+        drive_edge_triggered(&mut relay, &fds, Relay::is_done);
+        assert_eq!(relay.broken(Way::Forward), None, "nothing was pending, nothing was lost");
+        drop(client);
+    }
+
+    /// A client that closes (not half-closes) while the service is silent
+    /// ends the relay: nothing could reach it any more. One that only
+    /// half-closes is still waited for.
+    #[test]
+    fn a_closed_client_ends_a_relay_whose_service_is_silent() {
+        let (client, a) = nonblocking_pair();
+        let (b, server) = nonblocking_pair();
+        let mut relay = Relay::between(a.as_raw_fd(), b.as_raw_fd());
+        let fds = [a.as_raw_fd(), b.as_raw_fd()];
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        drive_edge_triggered(&mut relay, &fds, |relay| relay.way_done(Way::Forward));
+        relay.pump().unwrap();
+        assert!(!relay.is_done(), "a half-closed client was given up on");
+        drop(client);
+        drive_edge_triggered(&mut relay, &fds, Relay::is_done);
+        assert_eq!(relay.broken(Way::Backward), None, "nothing was pending, nothing was lost");
+        drop(server);
     }
 
     /// Idle connections hold no pipes and no buffers; bulk ones give their

@@ -343,6 +343,64 @@ fn the_connection_cap_answers_503_and_the_held_slots_still_work() {
     }
 }
 
+/// Closes `stream` with a reset (SO_LINGER 0), as a crashed or killed
+/// peer's kernel would.
+fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt reads one linger struct from a live local.
+    let set = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "SO_LINGER");
+}
+
+#[test]
+fn peers_that_reset_free_their_slots_though_the_service_never_answers() {
+    let root = TestRoot::new().with_host("hosta");
+    // A service that accepts and never reads, writes or closes.
+    let (listener, _path) = listen_at(&root, "exported/text/plain/silent.hosta..0");
+    std::fs::set_permissions(root.tree().join("exported/text/plain/silent.hosta..0"), PermissionsExt::from_mode(0o666))
+        .unwrap();
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept() {
+            held.push(stream);
+            if held.len() == 3 {
+                return held;
+            }
+        }
+        held
+    });
+    let port = start_exporter(&root, &["--max-conns", "3"]);
+    for _ in 0..3 {
+        let mut raw = Raw::request(port, b"SEP/1 CONNECT text/plain/silent.hosta..0\n");
+        assert_eq!(raw.line(DEFAULT_TIMEOUT), "SEP/1 200 OK\n");
+        raw.send(b"a request the service never reads\n");
+        reset(raw.0);
+    }
+    let held = holder.join().unwrap();
+    assert_eq!(held.len(), 3, "the service was not connected to three times");
+    // Each slot is freed by the reset, not when the service speaks.
+    wait_until(DEFAULT_TIMEOUT, "the reset connections' slots are free", || {
+        Raw::request(port, b"SEP/1 PING\n").rest(DEFAULT_TIMEOUT) == "SEP/1 200 OK\n"
+    });
+    // And the service's side was ended with them: it sees the end of data.
+    for mut stream in held {
+        stream.set_read_timeout(Some(DEFAULT_TIMEOUT)).unwrap();
+        let mut got = Vec::new();
+        let ended = stream.read_to_end(&mut got);
+        assert!(ended.is_ok(), "the service's connection was not ended: {ended:?}");
+        assert!(b"a request the service never reads\n".starts_with(&got), "{:?}", String::from_utf8_lossy(&got));
+    }
+}
+
 #[test]
 fn peers_outside_the_allow_list_get_403() {
     // IPv6 loopback is the allowed peer, IPv4 loopback the refused one.

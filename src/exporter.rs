@@ -568,8 +568,7 @@ impl Exporter {
                         }
                     }
                     Change::Removed(service) => {
-                        let wire = service.path.to_string();
-                        if announced.remove(&wire) {
+                        if let Some(wire) = self.view.wire_name(service).filter(|wire| announced.remove(wire)) {
                             out.extend_from_slice(sep::Event::Removed(wire).to_line().as_bytes());
                         }
                     }

@@ -47,16 +47,28 @@ impl View {
 
     /// The path a peer sees for `service`, if it may see it at all.
     pub fn wire_path(&self, service: &Service) -> Option<String> {
+        let wire = self.wire_name(service)?;
+        if *self == View::Exported {
+            let meta = std::fs::symlink_metadata(&service.full).ok()?;
+            if meta.mode() & 0o002 == 0 {
+                return None;
+            }
+        }
+        Some(wire)
+    }
+
+    /// The path `service` has in this view, whether or not it may be
+    /// seen (a service that went away no longer has a mode to ask): `None`
+    /// for a scope outside the view, so that a namesake there going away
+    /// is not taken for it.
+    pub fn wire_name(&self, service: &Service) -> Option<String> {
         if !self.scopes().contains(&service.scope) {
             return None;
         }
-        match self {
-            View::Exported => {
-                let meta = std::fs::symlink_metadata(&service.full).ok()?;
-                (meta.mode() & 0o002 != 0).then(|| service.path.to_string())
-            }
-            View::User(_) => Some(format!("{}/{}", service.scope, service.path)),
-        }
+        Some(match self {
+            View::Exported => service.path.to_string(),
+            View::User(_) => format!("{}/{}", service.scope, service.path),
+        })
     }
 
     /// Parses a selector argument of LIST or WATCH.

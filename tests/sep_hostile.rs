@@ -444,11 +444,19 @@ fn watch_over_raw_tcp_lists_syncs_keeps_alive_and_follows_changes() {
     wait_for_socket(&root, late, &root.tree().join("exported/text/plain/late.hosta..0"));
     let echo = export(&root, "cat", "echo/text/plain", "exported/text/plain/echo.hosta..0");
     assert_eq!(next_change(&mut watch), "+ text/plain/echo.hosta..0\n");
-    // Services never announced are not announced gone either.
+    // Services never announced are not announced gone either, nor is a
+    // namesake in local/ (not offered) taken for the exported one.
+    let namesake = root.spawn(root.cmd("dipus-local-pipe").args(["cat", "echo/text/plain"]));
+    wait_for_socket(&root, namesake, &root.tree().join("local/text/plain/echo.hosta..0"));
     stop(&root, private, "TERM");
     stop(&root, late, "TERM");
+    stop(&root, namesake, "TERM");
+    let marker = export(&root, "cat", "marker/text/plain", "exported/text/plain/marker.hosta..0");
+    assert_eq!(next_change(&mut watch), "+ text/plain/marker.hosta..0\n");
     stop(&root, echo, "TERM");
     assert_eq!(next_change(&mut watch), "- text/plain/echo.hosta..0\n");
+    stop(&root, marker, "TERM");
+    assert_eq!(next_change(&mut watch), "- text/plain/marker.hosta..0\n");
 }
 
 /// The pid of the exporter serving `port`, from /proc.

@@ -263,8 +263,7 @@ fn watch(tree: &Tree, view: &View, selector: &crate::selector::Selector) -> Resu
                     }
                 }
                 Change::Removed(service) => {
-                    let wire = format!("{}/{}", service.scope, service.path);
-                    if announced.remove(&wire) {
+                    if let Some(wire) = view.wire_name(&service).filter(|wire| announced.remove(wire)) {
                         text.push_str(&Event::Removed(wire).to_line());
                     }
                 }

@@ -67,7 +67,9 @@ pub enum DatagramError {
     #[error("empty discovery datagram")]
     Empty,
 
-    #[error("discovery datagram is {length} bytes, over the {MAX_DATAGRAM}-byte limit")]
+    /// `length` is what arrived: a receiver reads one byte past the
+    /// limit, so a longer datagram shows as that long (at least).
+    #[error("discovery datagram of at least {length} bytes, over the {MAX_DATAGRAM}-byte limit")]
     Oversize { length: usize },
 
     #[error("non-ASCII byte 0x{byte:02x} at position {position} in discovery datagram \"{excerpt}\"")]

@@ -113,6 +113,15 @@ impl Jitter {
     }
 }
 
+/// Exporters a discoverer keeps at once: far more than a LAN has, few
+/// enough that a flood of made-up host names (each a valid announcement)
+/// cannot grow the table, or the daemon's scans of it, without bound.
+pub const MAX_PEERS: usize = 1024;
+/// Host names one address may hold in the table: a machine runs one
+/// exporter, or a few under other names (tests, containers sharing an
+/// address); a source announcing more is making names up.
+pub const MAX_HOSTS_PER_ADDRESS: usize = 16;
+
 /// Counters of dropped datagrams, by reason.
 #[derive(Debug, Default, Clone)]
 pub struct Drops {
@@ -122,7 +131,12 @@ pub struct Drops {
 impl Drops {
     /// Every reason counted from zero, so a report lists them all.
     fn new() -> Drops {
-        let reasons = crate::datagram::DatagramError::REASONS.iter().copied().chain(["rate-limited", "own-name"]);
+        let reasons = crate::datagram::DatagramError::REASONS.iter().copied().chain([
+            "rate-limited",
+            "own-name",
+            "too-many-peers",
+            "too-many-hosts-per-address",
+        ]);
         Drops { by_reason: reasons.map(|reason| (reason, 0)).collect() }
     }
 
@@ -341,6 +355,22 @@ impl Discovery {
                     port,
                     expires: Instant::now() + Duration::from_secs(ttl.into()),
                 };
+                if !self.peers.contains_key(&host) {
+                    let full = if self.peers.len() >= MAX_PEERS {
+                        Some("too-many-peers")
+                    } else if self.peers.values().filter(|known| known.address == peer.address).count()
+                        >= MAX_HOSTS_PER_ADDRESS
+                    {
+                        Some("too-many-hosts-per-address")
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = full {
+                        log::debug!("{source}: announces {host}: dropped ({reason})");
+                        self.drops.count(reason);
+                        return;
+                    }
+                }
                 match self.peers.get_mut(&host) {
                     Some(known) if known.address == peer.address && known.port == peer.port => {
                         known.expires = peer.expires;
@@ -368,5 +398,42 @@ impl Discovery {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce(discovery: &mut Discovery, source: [u8; 4], host: &str) {
+        let bytes = format!("DIPUS/1 ANNOUNCE host={host} port=7347 ttl=3600\n");
+        let source = SocketAddr::from((source, 40000));
+        discovery.datagram(bytes.as_bytes(), source, &[]);
+    }
+
+    /// Announcements of made-up host names, each one valid, cannot grow
+    /// the table without bound, from one address or from many; hosts
+    /// already known are still heard.
+    #[test]
+    fn the_peer_table_is_bounded() {
+        let mut discovery = Discovery::new("me", None, 0).unwrap();
+        for index in 0..20 {
+            announce(&mut discovery, [10, 0, 0, 1], &format!("one{index}"));
+        }
+        assert_eq!(discovery.peers().len(), MAX_HOSTS_PER_ADDRESS);
+        assert_eq!(discovery.drops.by_reason["too-many-hosts-per-address"], 20 - MAX_HOSTS_PER_ADDRESS as u64);
+
+        for source in 0..80u8 {
+            for index in 0..MAX_HOSTS_PER_ADDRESS {
+                announce(&mut discovery, [10, 0, 1, source], &format!("many{source}-{index}"));
+            }
+        }
+        assert_eq!(discovery.peers().len(), MAX_PEERS);
+        let dropped = (MAX_HOSTS_PER_ADDRESS * 81 - MAX_PEERS) as u64;
+        assert_eq!(discovery.drops.by_reason["too-many-peers"], dropped);
+
+        discovery.events.clear();
+        announce(&mut discovery, [10, 0, 0, 1], "one0");
+        assert!(matches!(discovery.events.as_slice(), [PeerEvent::Heard { host }] if host == "one0"));
     }
 }

@@ -82,7 +82,11 @@ impl View {
 
     /// The wire paths of the services `selector` picks, in preference order.
     pub fn list(&self, tree: &Tree, selector: &Selector) -> Result<Vec<String>, StatusLine> {
-        let services = tree.list().map_err(|error| StatusLine::with_detail(Status::Internal, &error.to_string()))?;
+        // Only the view's scopes: a private scope of the user running the
+        // exporter, in whatever state, is no business of its peers.
+        let services = tree
+            .list_scopes(&self.scopes())
+            .map_err(|error| StatusLine::with_detail(Status::Internal, &error.to_string()))?;
         Ok(services
             .iter()
             .filter(|service| selector.matches(&service.path, &service.full))
@@ -116,6 +120,12 @@ impl View {
         let not_found = || StatusLine::with_detail(Status::NotFound, wire);
         let forbidden = |why: &str| StatusLine::with_detail(Status::Forbidden, &format!("{why}: {wire}"));
         let mut directory = tree.scope_dir(&scope);
+        // A private scope is trusted only once it is checked to be its
+        // owner's alone, as LIST does (the one scope that may be private
+        // here is the user's own).
+        if matches!(scope, Scope::User(_)) && directory.exists() {
+            tree.ensure_scope(&scope).map_err(|error| forbidden(&error.to_string()))?;
+        }
         for component in std::iter::once(None).chain(path.protocol.components().iter().map(Some)) {
             if let Some(component) = component {
                 directory.push(component);
@@ -134,7 +144,7 @@ impl View {
             return Err(forbidden("symlinks are not followed"));
         }
         if !meta.file_type().is_socket() {
-            return Err(not_found());
+            return Err(forbidden("not a socket"));
         }
         if *self == View::Exported && meta.mode() & 0o002 == 0 {
             return Err(forbidden("the socket's mode does not let others connect"));

@@ -248,9 +248,15 @@ impl Tree {
     /// Every service socket in the tree, in preference order. Entries that
     /// are not sockets or whose names do not parse are not services.
     pub fn list(&self) -> Result<Vec<Service>, TreeError> {
+        self.list_scopes(&self.scopes())
+    }
+
+    /// Every service socket in `scopes` (those present), in preference
+    /// order. Our own private scope, if among them, is checked first.
+    pub fn list_scopes(&self, scopes: &[Scope]) -> Result<Vec<Service>, TreeError> {
         let own = Tree::own_scope()?;
         let mut services = Vec::new();
-        for scope in self.scopes() {
+        for scope in self.scopes().into_iter().filter(|scope| scopes.contains(scope)) {
             let dir = self.scope_dir(&scope);
             if scope == own {
                 // Our own private scope must really be ours before we trust

@@ -328,3 +328,31 @@ fn an_exporter_flooding_one_endless_line_is_given_up_without_hoarding_it() {
     // What the sockets' buffers hold, not all the flood could send.
     assert!(written < 64 << 20, "the importer took {} MiB of one line", written >> 20);
 }
+
+/// The user's own scope is trusted only while it is theirs alone (0700):
+/// open to others, `dipus serve` refuses to connect into it, as it
+/// refuses to list it, and the exporter, which never offers it, still
+/// lists what it does offer.
+#[test]
+fn a_private_scope_open_to_others_is_refused_by_serve_and_no_concern_of_the_exporter() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = exporting_root();
+    let uid = common::service::euid();
+    let user = common::service::user_name(uid).unwrap_or_else(|| format!("uid{uid}"));
+    let wire = format!("{user}/text/plain/mine.hosta..0");
+    let (mine, _path) = listen_at(&root, &wire);
+    std::fs::set_permissions(root.tree().join(&user), std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let answer = serve_stdio(&root, format!("SEP/1 CONNECT {wire}\nhello\n").as_bytes());
+    assert!(answer.starts_with("SEP/1 403 forbidden: ") && answer.ends_with(&format!(": {wire}\n")), "{answer:?}");
+    mine.set_nonblocking(true).unwrap();
+    assert!(mine.accept().is_err(), "serve connected into a scope open to others");
+
+    let port = start_exporter(&root, &[]);
+    let out = run_with_timeout(root.cmd("dls").arg(format!("sep://127.0.0.1:{port}")), None, DEFAULT_TIMEOUT);
+    assert_success(&out, "dls of the exporter");
+    let listed = String::from_utf8_lossy(&out.stdout).lines().any(|line| {
+        line.split_whitespace().eq(["sorter", "hosta", "0", "text/plain", &format!("sep://127.0.0.1:{port}")])
+    });
+    assert!(listed, "{out:?}");
+}

@@ -247,9 +247,12 @@ fn sockets_in_exported_that_must_not_be_served_are_refused_and_not_listed() {
     let (secret, secret_path) = listen_at(&root, "local/text/plain/secret.hosta..0");
     std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::os::unix::fs::symlink(root.tree().join("local/text"), root.tree().join("exported/evil")).unwrap();
+    // Not a socket at all.
+    std::fs::write(root.tree().join("exported/text/plain/file.hosta..0"), "data\n").unwrap();
     let port = start_exporter(&root, &[]);
 
     let cases = [
+        ("text/plain/file.hosta..0", "SEP/1 403 forbidden: not a socket: text/plain/file.hosta..0\n"),
         (
             "text/plain/private.hosta..0",
             "SEP/1 403 forbidden: the socket's mode does not let others connect: text/plain/private.hosta..0\n",

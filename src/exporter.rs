@@ -34,7 +34,7 @@ use crate::selector::Selector;
 use crate::sep::{self, Request, Status, StatusLine};
 use crate::sep_server::View;
 use crate::tree::Tree;
-use crate::watch::{Change, TreeWatcher};
+use crate::watch::TreeWatcher;
 
 /// Token component of the exporter's events.
 pub const COMPONENT: u8 = 1;
@@ -559,20 +559,8 @@ impl Exporter {
             };
             let before = out.len();
             for change in &changes {
-                match change {
-                    Change::Added(service) if selector.matches(&service.path, &service.full) => {
-                        if let Some(wire) = self.view.wire_path(service) {
-                            if announced.insert(wire.clone()) {
-                                out.extend_from_slice(sep::Event::Added(wire).to_line().as_bytes());
-                            }
-                        }
-                    }
-                    Change::Removed(service) => {
-                        if let Some(wire) = self.view.wire_name(service).filter(|wire| announced.remove(wire)) {
-                            out.extend_from_slice(sep::Event::Removed(wire).to_line().as_bytes());
-                        }
-                    }
-                    Change::Added(_) => {}
+                if let Some(event) = self.view.watch_event(change, selector, announced) {
+                    out.extend_from_slice(event.to_line().as_bytes());
                 }
             }
             if out.len() == before {

@@ -15,6 +15,7 @@
 //! at (its `getpeername`) must lie in the directory the path names, so a
 //! symlink swapped in at the last moment still cannot lead elsewhere.
 
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -28,6 +29,7 @@ use crate::name::{Scope, ServicePath};
 use crate::selector::Selector;
 use crate::sep::{Status, StatusLine};
 use crate::tree::{Service, Tree};
+use crate::watch::Change;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum View {
@@ -69,6 +71,30 @@ impl View {
             View::Exported => service.path.to_string(),
             View::User(_) => format!("{}/{}", service.scope, service.path),
         })
+    }
+
+    /// What a WATCH peer that was told of `announced` hears of `change`,
+    /// if anything; `announced` follows.
+    pub fn watch_event(
+        &self,
+        change: &Change,
+        selector: &Selector,
+        announced: &mut HashSet<String>,
+    ) -> Option<crate::sep::Event> {
+        use crate::sep::Event;
+        match change {
+            Change::Added(service) | Change::Modified(service) if selector.matches(&service.path, &service.full) => {
+                match self.wire_path(service) {
+                    Some(wire) => announced.insert(wire.clone()).then_some(Event::Added(wire)),
+                    // Not (or no longer) to be seen: its mode changed.
+                    None => self.wire_name(service).filter(|wire| announced.remove(wire)).map(Event::Removed),
+                }
+            }
+            Change::Removed(service) => {
+                self.wire_name(service).filter(|wire| announced.remove(wire)).map(Event::Removed)
+            }
+            Change::Added(_) | Change::Modified(_) => None,
+        }
     }
 
     /// Parses a selector argument of LIST or WATCH.

@@ -24,6 +24,9 @@ use crate::tree::{Service, Tree};
 pub enum Change {
     Added(Service),
     Removed(Service),
+    /// A service's mode, owner or links changed (socat's `mode=` sets the
+    /// mode after the bind): who may connect to it may have changed.
+    Modified(Service),
 }
 
 pub struct TreeWatcher {
@@ -41,6 +44,7 @@ fn watch_flags() -> AddWatchFlags {
         | AddWatchFlags::IN_DELETE
         | AddWatchFlags::IN_MOVED_FROM
         | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_ATTRIB
         | AddWatchFlags::IN_DELETE_SELF
         | AddWatchFlags::IN_MOVE_SELF
         | AddWatchFlags::IN_ONLYDIR
@@ -120,6 +124,10 @@ impl TreeWatcher {
                         self.forget_directory(&path);
                     } else if let Some(service) = self.known.remove(&path) {
                         self.pending.push(Change::Removed(service));
+                    }
+                } else if event.mask.contains(AddWatchFlags::IN_ATTRIB) && !is_dir {
+                    if let Some(service) = self.known.get(&path) {
+                        self.pending.push(Change::Modified(service.clone()));
                     }
                 }
             }

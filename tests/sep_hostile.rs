@@ -460,6 +460,16 @@ fn watch_over_raw_tcp_lists_syncs_keeps_alive_and_follows_changes() {
     assert_eq!(next_change(&mut watch), "- text/plain/echo.hosta..0\n");
     stop(&root, marker, "TERM");
     assert_eq!(next_change(&mut watch), "- text/plain/marker.hosta..0\n");
+
+    // A socket whose mode is set after it appears (socat's mode=) is
+    // announced once others may connect, and gone once they may not.
+    let (chmod, path) = listen_at(&root, "exported/text/plain/chmod.hosta..0");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(next_change(&mut watch), "+ text/plain/chmod.hosta..0\n");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(next_change(&mut watch), "- text/plain/chmod.hosta..0\n");
+    drop(chmod);
 }
 
 /// The pid of the exporter serving `port`, from /proc.

@@ -23,7 +23,7 @@ use crate::relay::{self, Relay, Way};
 use crate::sep::{self, Event, Request, Status, StatusLine};
 use crate::sep_server::View;
 use crate::tree::Tree;
-use crate::watch::{Change, TreeWatcher};
+use crate::watch::TreeWatcher;
 
 #[derive(FromArgs)]
 /// Answer one SEP/1 request on stdin/stdout (what ssh:// runs remotely).
@@ -254,20 +254,8 @@ fn watch(tree: &Tree, view: &View, selector: &crate::selector::Selector) -> Resu
             text.push_str(&Event::Keepalive.to_line());
         }
         for change in watcher.read_changes().map_err(|e| Error::io("cannot read changes", e))? {
-            match change {
-                Change::Added(service) if selector.matches(&service.path, &service.full) => {
-                    if let Some(wire) = view.wire_path(&service) {
-                        if announced.insert(wire.clone()) {
-                            text.push_str(&Event::Added(wire).to_line());
-                        }
-                    }
-                }
-                Change::Removed(service) => {
-                    if let Some(wire) = view.wire_name(&service).filter(|wire| announced.remove(wire)) {
-                        text.push_str(&Event::Removed(wire).to_line());
-                    }
-                }
-                Change::Added(_) => {}
+            if let Some(event) = view.watch_event(&change, selector, &mut announced) {
+                text.push_str(&event.to_line());
             }
         }
         if !text.is_empty() && send(&text).is_err() {

@@ -291,15 +291,19 @@ impl Exporter {
 
     /// `ready`: readable, writable, and read closed (see `Relay::set_read_closed`).
     fn connection_event(&mut self, registry: &Registry, id: usize, side: usize, ready: [bool; 3]) {
-        let [readable, ..] = ready;
+        let [readable, _, read_closed] = ready;
         let Some(connection) = self.connections.get_mut(&id) else {
             return;
         };
+        let replying = matches!(connection.state, State::Reply { .. });
         let outcome = match &mut connection.state {
-            State::Request { .. } if readable => self.read_request(registry, id),
+            State::Request { .. } if readable => self.read_request(registry, id, read_closed),
             State::Request { .. } => Ok(true),
             _ => Self::progress(connection, registry, id, side, ready),
         };
+        if replying {
+            self.arm_linger(id);
+        }
         match outcome {
             Ok(true) => {}
             Ok(false) => self.close(registry, id),
@@ -310,9 +314,18 @@ impl Exporter {
         }
     }
 
+    /// A reply that went out entered its linger: close at its deadline,
+    /// not at the reply's stall timer (six times later).
+    fn arm_linger(&mut self, id: usize) {
+        if let Some(Connection { state: State::Linger { deadline }, .. }) = self.connections.get(&id) {
+            self.timers.at(*deadline, id);
+        }
+    }
+
     /// Reads the request line if it is complete; returns whether the
-    /// connection lives on.
-    fn read_request(&mut self, registry: &Registry, id: usize) -> io::Result<bool> {
+    /// connection lives on. `read_closed`: the peer sent its end of data,
+    /// so an unfinished line will stay unfinished.
+    fn read_request(&mut self, registry: &Registry, id: usize, read_closed: bool) -> io::Result<bool> {
         let connection = self.connections.get_mut(&id).expect("caller checked");
         let mut peeked = [0u8; sep::MAX_REQUEST_LINE];
         let available = match connection.tcp.peek(&mut peeked) {
@@ -324,6 +337,10 @@ impl Exporter {
         let Some(end) = peeked[..available].iter().position(|&byte| byte == b'\n') else {
             if available >= sep::MAX_REQUEST_LINE {
                 let status = StatusLine::with_detail(Status::BadRequest, "request line too long");
+                return self.reply(registry, id, status, &[]);
+            }
+            if read_closed {
+                let status = StatusLine::with_detail(Status::BadRequest, "the request line ends without a line feed");
                 return self.reply(registry, id, status, &[]);
             }
             return Ok(true);
@@ -376,7 +393,9 @@ impl Exporter {
         connection.state = State::Reply { out, written: 0 };
         connection.last_progress = Instant::now();
         self.timers.after(STALL, id);
-        Self::progress(connection, registry, id, 0, [false, true, false])
+        let outcome = Self::progress(connection, registry, id, 0, [false, true, false]);
+        self.arm_linger(id);
+        outcome
     }
 
     fn start_watch(&mut self, registry: &Registry, id: usize, selector: Selector) -> io::Result<bool> {

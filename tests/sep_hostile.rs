@@ -183,6 +183,30 @@ fn a_request_line_unfinished_after_10_s_gets_400_and_a_close() {
 }
 
 #[test]
+fn a_request_cut_off_by_the_end_of_data_gets_400_at_once_and_a_lingering_peer_is_let_go() {
+    let root = sorter_root();
+    let port = start_exporter(&root, &["--max-conns", "1"]);
+    let mut cut = Raw::request(port, b"SEP/1 PI");
+    cut.0.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(cut.rest(Duration::from_secs(5)), "SEP/1 400 bad request: the request line ends without a line feed\n");
+    drop(cut);
+    // A peer that has its answer but keeps the connection open holds the
+    // only slot for the 5 s linger, not for the 30 s stall timer.
+    let mut held = Raw::request(port, b"SEP/1 PING\n");
+    assert_eq!(held.rest(DEFAULT_TIMEOUT), "SEP/1 200 OK\n");
+    let answered = Instant::now();
+    assert_eq!(
+        Raw::request(port, b"SEP/1 PING\n").rest(DEFAULT_TIMEOUT),
+        "SEP/1 503 service unavailable: too many connections\n"
+    );
+    wait_until(Duration::from_secs(15), "the lingering peer's slot is free", || {
+        Raw::request(port, b"SEP/1 PING\n").rest(DEFAULT_TIMEOUT) == "SEP/1 200 OK\n"
+    });
+    eprintln!("slot free {:?} after the answer", answered.elapsed());
+    drop(held);
+}
+
+#[test]
 fn paths_leaving_exported_are_refused_before_the_filesystem_is_asked() {
     let root = sorter_root();
     // A live socket in local/ that anyone may connect to, at a path the

@@ -345,6 +345,8 @@ fn a_private_scope_open_to_others_is_refused_by_serve_and_no_concern_of_the_expo
 
     let answer = serve_stdio(&root, format!("SEP/1 CONNECT {wire}\nhello\n").as_bytes());
     assert!(answer.starts_with("SEP/1 403 forbidden: ") && answer.ends_with(&format!(": {wire}\n")), "{answer:?}");
+    let answer = serve_stdio(&root, b"SEP/1 FORWARD mine\n");
+    assert!(answer.starts_with("SEP/1 403 forbidden: ") && answer.lines().count() == 1, "{answer:?}");
     mine.set_nonblocking(true).unwrap();
     assert!(mine.accept().is_err(), "serve connected into a scope open to others");
 
@@ -355,4 +357,27 @@ fn a_private_scope_open_to_others_is_refused_by_serve_and_no_concern_of_the_expo
         line.split_whitespace().eq(["sorter", "hosta", "0", "text/plain", &format!("sep://127.0.0.1:{port}")])
     });
     assert!(listed, "{out:?}");
+}
+
+/// `dipus serve --stdio` keeps SEP's 10 s request deadline: a client that
+/// sends half a line and then nothing gets 400 and the session ends.
+#[test]
+fn serve_stdio_answers_a_request_unfinished_after_10_s_with_400() {
+    let root = exporting_root();
+    let mut serve = ChildGuard::spawn(
+        root.cmd("dipus")
+            .args(["serve", "--stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let mut stdin = serve.0.stdin.take().unwrap();
+    stdin.write_all(b"SEP/1 PI").unwrap();
+    let mut lines = LineReader::new(serve.0.stdout.take().unwrap());
+    lines.expect_line("SEP/1 400 bad request: request timeout", Duration::from_secs(15));
+    let status = serve.wait_timeout(DEFAULT_TIMEOUT).expect("serve exits after its answer");
+    let mut stderr = String::new();
+    serve.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!((status.code(), stderr.as_str()), (Some(1), "serve: request timeout\n"));
+    drop(stdin);
 }

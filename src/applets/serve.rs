@@ -3,18 +3,19 @@
 //! Usage: dipus serve --stdio
 //!
 //! Reads one request line on stdin (LIST, CONNECT, WATCH, PING or FORWARD,
-//! as in doc/sep.md) and answers on stdout; for CONNECT, stdin and stdout
+//! as in doc/sep.md; within 10 s, or `400 request timeout`) and answers on
+//! stdout; for CONNECT, stdin and stdout
 //! are then relayed to the service. This is what `ssh://` runs on the remote host,
 //! as the authenticated user: it sees `local/`, `exported/` and that user's
 //! own scope, paths start with the scope directory (`local/text/x.h..0`),
 //! and the kernel checks every connect with the user's permissions.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use argh::FromArgs;
 
@@ -42,6 +43,27 @@ fn raw(fd: i32) -> ManuallyDrop<File> {
     ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Standard input under SEP's request deadline: a client that sends no
+/// whole line in time gets `400 request timeout`, as from the exporter,
+/// instead of holding its ssh session open for as long as it likes.
+struct BeforeDeadline {
+    until: Instant,
+}
+
+impl Read for BeforeDeadline {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        let mut poll = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
+        let timeout = left.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+        // SAFETY: poll on one live pollfd.
+        match unsafe { libc::poll(&mut poll, 1, timeout) } {
+            -1 => Err(io::Error::last_os_error()),
+            0 => Err(io::Error::new(io::ErrorKind::TimedOut, "request timeout")),
+            _ => raw(libc::STDIN_FILENO).read(buffer),
+        }
+    }
+}
+
 fn send(text: &str) -> Result<(), Error> {
     let mut stdout = raw(libc::STDOUT_FILENO);
     stdout.write_all(text.as_bytes()).map_err(|e| Error::io("cannot write to stdout", e))
@@ -54,11 +76,16 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     }
     let tree = Tree::from_env()?;
     let view = View::User(Tree::own_scope()?);
-    let line = match sep::read_line(&mut *raw(libc::STDIN_FILENO), sep::MAX_REQUEST_LINE) {
+    let mut stdin = BeforeDeadline { until: Instant::now() + Duration::from_secs(sep::REQUEST_TIMEOUT_SECS) };
+    let line = match sep::read_line(&mut stdin, sep::MAX_REQUEST_LINE) {
         Ok(line) => line,
         Err(error) => {
-            send(&StatusLine::with_detail(Status::BadRequest, &error.to_string()).to_line())?;
-            return Err(Error::Failed(error.to_string()));
+            let why = match &error {
+                sep::SepError::Io(io) if io.kind() == io::ErrorKind::TimedOut => io.to_string(),
+                _ => error.to_string(),
+            };
+            send(&StatusLine::with_detail(Status::BadRequest, &why).to_line())?;
+            return Err(Error::Failed(why));
         }
     };
     let request = match Request::parse(&line) {
@@ -157,7 +184,12 @@ const PROBE_WAIT: Duration = Duration::from_secs(20);
 /// connections without this process in the path. Ends at the first
 /// connection, when stdin closes, or after [`PROBE_WAIT`].
 fn forward(tree: &Tree, view: &View, selector: Option<&str>) -> Result<(), Error> {
-    let scope = tree.ensure_scope(&Tree::own_scope()?)?;
+    // Refused like a CONNECT into it: with a status line, which is what
+    // the client reads.
+    let scope = match tree.ensure_scope(&Tree::own_scope()?) {
+        Ok(scope) => scope,
+        Err(error) => return send(&StatusLine::with_detail(Status::Forbidden, &error.to_string()).to_line()),
+    };
     let root = std::fs::canonicalize(tree.root()).map_err(|e| Error::io("cannot resolve the tree's root", e))?;
     let targets = match selector {
         Some(argument) => match forward_targets(tree, view, argument) {

@@ -316,17 +316,23 @@ fn is_socket(file_type: &fs::FileType) -> bool {
 /// sticky bit). An existing directory is left as it is (the caller checks
 /// it).
 fn make_dir(path: &Path, mode: u32) -> Result<(), TreeError> {
-    // SAFETY: umask only swaps the process's mask; dipus creates its tree
-    // before it starts any thread.
-    let saved = unsafe { libc::umask(0) };
-    let result = fs::DirBuilder::new().mode(mode).create(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(saved) };
-    match result {
+    match with_umask(0, || fs::DirBuilder::new().mode(mode).create(path)) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(source) => Err(TreeError::Create { path: path.to_path_buf(), source }),
     }
+}
+
+/// Runs `make` with the process's umask set to `mask`, so that what it
+/// creates has its final mode from the start.
+fn with_umask<T>(mask: u32, make: impl FnOnce() -> T) -> T {
+    // SAFETY: umask only swaps the process's mask; dipus makes files in
+    // its tree from one thread (tests aside, which set no modes).
+    let saved = unsafe { libc::umask(mask as libc::mode_t) };
+    let result = make();
+    // SAFETY: as above.
+    unsafe { libc::umask(saved) };
+    result
 }
 
 /// A real directory (not a symlink) owned by root or us (or `owner`).
@@ -796,8 +802,21 @@ impl Staging {
     /// socket: it is complete before anyone can see it.
     fn bind(&self, options: &SocketOptions) -> Result<UnixListener, TreeError> {
         let bind_error = |source| TreeError::Bind { path: self.temp.clone(), source };
-        let listener = crate::net::unix_listen(&self.temp, BACKLOG).map_err(bind_error)?;
-        self.adopt(options).map_err(bind_error)?;
+        let listen = || crate::net::unix_listen(&self.temp, BACKLOG);
+        // A mode of permission bits only is the bind's own, through the
+        // umask (no chmod to make); others are set by adopt.
+        let listener = match options.mode.filter(|mode| mode & !0o777 == 0) {
+            Some(mode) => {
+                let listener = with_umask(!mode & 0o777, listen).map_err(bind_error)?;
+                self.adopt(&SocketOptions { mode: None, ..options.clone() }).map_err(bind_error)?;
+                listener
+            }
+            None => {
+                let listener = listen().map_err(bind_error)?;
+                self.adopt(options).map_err(bind_error)?;
+                listener
+            }
+        };
         Ok(listener)
     }
 

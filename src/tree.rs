@@ -558,14 +558,14 @@ pub fn prune_empty(scope: &Path, protocol: &Protocol) {
     let mut parents = vec![scope_fd];
     for component in &components[..components.len() - 1] {
         let parent = parents.last().map(AsRawFd::as_raw_fd);
-        match openat(parent, component.as_str(), walk | OFlag::O_NOFOLLOW, Mode::empty()) {
+        match openat(parent, OsStr::new(component), walk | OFlag::O_NOFOLLOW, Mode::empty()) {
             Ok(fd) => parents.push(unsafe { OwnedFd::from_raw_fd(fd) }),
             Err(_) => return,
         }
     }
     for (parent, component) in parents.iter().zip(components).rev() {
         let removed =
-            nix::unistd::unlinkat(Some(parent.as_raw_fd()), component.as_str(), nix::unistd::UnlinkatFlags::RemoveDir);
+            nix::unistd::unlinkat(Some(parent.as_raw_fd()), OsStr::new(component), nix::unistd::UnlinkatFlags::RemoveDir);
         if removed.is_err() {
             return;
         }
@@ -841,7 +841,7 @@ impl Staging {
             // if a symlink took its name since; without /proc, by name.
             match nix::sys::stat::fchmodat(
                 None,
-                format!("/proc/self/fd/{}", socket.as_raw_fd()).as_str(),
+                std::ffi::OsString::from(format!("/proc/self/fd/{}", socket.as_raw_fd())).as_os_str(),
                 mode,
                 FchmodatFlags::FollowSymlink,
             ) {

@@ -362,6 +362,13 @@ pub struct Importer {
     forwarding: Forwarding,
 }
 
+/// Whether `fd` has something to read (data or its end) right now.
+fn readable_now(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one live pollfd, without waiting.
+    unsafe { libc::poll(&mut poll, 1, 0) == 1 && poll.revents & libc::POLLIN != 0 }
+}
+
 fn would_block(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::WouldBlock
 }
@@ -833,6 +840,14 @@ impl Importer {
             Session::Connecting { since, .. } if now.duration_since(*since) >= CONNECT_TIMEOUT => {
                 let message = format!("{}: connection timed out", self.uri());
                 self.session_failed(registry, message);
+            }
+            // Words already waiting (we were stopped, SIGSTOP or a
+            // suspend, and the loop runs its timers before its events):
+            // not silence. The event that brings them is next.
+            Session::Watching { stream, last_heard, .. }
+                if now.duration_since(*last_heard) >= SILENCE && readable_now(stream.read_fd()) =>
+            {
+                self.timers.at(now + Duration::from_secs(1), TIMER_SESSION);
             }
             Session::Watching { last_heard, .. } if now.duration_since(*last_heard) >= SILENCE => {
                 let message = format!("{}: silent for {} s, session lost", self.uri(), SILENCE.as_secs());

@@ -564,8 +564,11 @@ pub fn prune_empty(scope: &Path, protocol: &Protocol) {
         }
     }
     for (parent, component) in parents.iter().zip(components).rev() {
-        let removed =
-            nix::unistd::unlinkat(Some(parent.as_raw_fd()), OsStr::new(component), nix::unistd::UnlinkatFlags::RemoveDir);
+        let removed = nix::unistd::unlinkat(
+            Some(parent.as_raw_fd()),
+            OsStr::new(component),
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        );
         if removed.is_err() {
             return;
         }

@@ -381,3 +381,28 @@ fn serve_stdio_answers_a_request_unfinished_after_10_s_with_400() {
     assert_eq!((status.code(), stderr.as_str()), (Some(1), "serve: request timeout\n"));
     drop(stdin);
 }
+
+/// An importer stopped (SIGSTOP, as a suspend stops it) for longer than
+/// its 15 s silence limit while the exporter stays healthy: on SIGCONT the
+/// exporter's keepalives are already waiting, so the session is alive and
+/// its proxies stay in place throughout (it used to judge the silence
+/// before reading them, drop the session and reset waiting clients).
+#[test]
+fn an_importer_continued_after_a_long_stop_keeps_its_healthy_session() {
+    let a = exporting_root();
+    let port = start_exporter(&a, &[]);
+    let b = TestRoot::new().with_host("hostb");
+    let importer = import(&b, &[], &uri(port));
+    let proxy = b.tree().join("imported/text/plain/sorter.hosta..0");
+    let before = std::fs::symlink_metadata(&proxy).unwrap().ino();
+    assert!(proc::signal(&[importer.pid()], "STOP"));
+    std::thread::sleep(Duration::from_secs(18));
+    assert!(proc::signal(&[importer.pid()], "CONT"));
+    let resumed = Instant::now();
+    while resumed.elapsed() < Duration::from_secs(3) {
+        let now = std::fs::symlink_metadata(&proxy).map(|meta| meta.ino()).ok();
+        assert_eq!(now, Some(before), "the proxy was removed or replaced after SIGCONT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_sorts(&b, "sorter.hosta");
+}

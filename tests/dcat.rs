@@ -133,6 +133,13 @@ fn files_and_stdin_are_sent_in_order() {
     let out = dcat(&root, &["echo", a, "-", b, a], Some(b"second\n"));
     assert_success(&out, "dcat echo a - b a");
     assert_eq!(text(&out.stdout), "first\nsecond\nthird\nfirst\n");
+    // `-` right after SERVICE too (argh alone would take it for an option).
+    let out = dcat(&root, &["echo", "-", b], Some(b"second\n"));
+    assert_success(&out, "dcat echo - b");
+    assert_eq!(text(&out.stdout), "second\nthird\n");
+    let out = dcat(&root, &["echo", "-"], Some(b"alone\n"));
+    assert_success(&out, "dcat echo -");
+    assert_eq!(text(&out.stdout), "alone\n");
 }
 
 #[test]
@@ -215,7 +222,8 @@ fn an_unreadable_file_fails_with_74_before_anything_is_sent() {
     let good = root.path().join("good");
     std::fs::write(&good, "data\n").unwrap();
     let missing = root.path().join("missing");
-    let mut unreadable = vec![missing.clone()];
+    // A directory opens, and fails only when read.
+    let mut unreadable = vec![missing.clone(), root.path().to_path_buf()];
     if !have_root() {
         // Root reads anything, whatever its mode.
         let locked = root.path().join("locked");

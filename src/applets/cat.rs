@@ -43,18 +43,26 @@ enum Input {
     File(File, String),
 }
 
+/// argh takes a lone `-` right after SERVICE for an option it does not
+/// know; while the arguments are parsed a NUL, which no file name can
+/// hold, stands for it.
+const STDIN_ARG: &str = "\0";
+
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
-    let args: Args = crate::applets::parse_args(name, args);
+    let args: Vec<&str> = args.iter().map(|&arg| if arg == "-" { STDIN_ARG } else { arg }).collect();
+    let mut args: Args = crate::applets::parse_args(name, &args);
+    if args.service == STDIN_ARG {
+        args.service = "-".into();
+    }
     let target = Target::parse(&args.service)?;
-    // Open every file first, so a typo fails before anything is sent.
+    // Open every file first, so a typo (or a directory) fails before
+    // anything is sent.
     let inputs = args
         .files
         .iter()
         .map(|path| match path.as_str() {
-            "-" => Ok(Input::Stdin),
-            path => File::open(path)
-                .map(|file| Input::File(file, path.to_string()))
-                .map_err(|source| Error::Open { path: path.into(), source }),
+            "-" | STDIN_ARG => Ok(Input::Stdin),
+            path => open_input(path).map(|file| Input::File(file, path.to_string())),
         })
         .collect::<Result<Vec<Input>, Error>>()?;
     let connection = transport::connect(&target)?;
@@ -95,6 +103,17 @@ fn sources(inputs: &[Input]) -> Vec<RawFd> {
             })
             .collect()
     }
+}
+
+/// A FILE to send, refused at once if it is a directory (which opens, and
+/// fails only when read: after the service has seen the files before it).
+fn open_input(path: &str) -> Result<File, Error> {
+    let open_error = |source| Error::Open { path: path.into(), source };
+    let file = File::open(path).map_err(open_error)?;
+    if file.metadata().map_err(open_error)?.is_dir() {
+        return Err(open_error(std::io::Error::from_raw_os_error(libc::EISDIR)));
+    }
+    Ok(file)
 }
 
 fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<(), Error> {

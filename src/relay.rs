@@ -680,6 +680,14 @@ fn interrupted(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::Interrupted
 }
 
+/// Errors of a connection whose link failed (the peer's host silent past
+/// the timeouts, a route gone) rather than one its peer ended: what was
+/// read is not all there was, so a source that gets one fails the relay
+/// instead of ending its direction like a peer that closed.
+fn link_failed(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH))
+}
+
 /// Errors that mean the peer is gone, not that the relay failed.
 fn peer_gone(error: &io::Error) -> bool {
     matches!(
@@ -953,8 +961,9 @@ impl Direction {
             Err(error) if interrupted(&error) => Ok(Step::Progress),
             // A reset source has said all it will: pass EOF on. A file
             // has no peer: its error (EIO) is a failure, and passing it
-            // on as EOF would truncate what the sink gets.
-            Err(error) if peer_gone(&error) && endpoints[source].kind != Kind::File => {
+            // on as EOF would truncate what the sink gets; so is a failed
+            // link (see `link_failed`).
+            Err(error) if peer_gone(&error) && !link_failed(&error) && endpoints[source].kind != Kind::File => {
                 self.source_finished(endpoints);
                 Ok(Step::Progress)
             }
@@ -1025,11 +1034,14 @@ impl Direction {
                 self.strategy = Strategy::Buffered;
                 Ok(Step::Progress)
             }
-            Err(error) if peer_gone(&error) => {
+            Err(error) if peer_gone(&error) && !link_failed(&error) => {
                 self.source_finished(endpoints);
                 Ok(Step::Progress)
             }
-            Err(error) => Err(error),
+            Err(error) => {
+                self.failed_source = Some(source);
+                Err(error)
+            }
         }
     }
 
@@ -1098,6 +1110,9 @@ impl Direction {
                 };
                 if sink_broke {
                     self.break_off(endpoints, &error);
+                } else if link_failed(&error) {
+                    self.failed_source = Some(source);
+                    return Err(error);
                 } else {
                     self.source_finished(endpoints);
                 }

@@ -702,3 +702,37 @@ fn an_address_added_after_dipusd_started_is_announced_within_two_seconds() {
     // A's exporter admits B: its default allow list followed the address.
     lan.assert_sorts(1, "sorter.hosta");
 }
+
+/// The exporter's host drops off the network in the middle of a transfer
+/// (the cable, not the service): dcat must not take the silence for the
+/// end of the reply. Once TCP gives up (its 20 s user timeout), it exits
+/// 74 naming the failed connection, not 0 with a short output.
+#[test]
+fn a_link_that_fails_mid_transfer_is_an_error_for_dcat_not_a_short_reply() {
+    let Some(lan) = Lan::new(&["hosta", "hostb"]) else { return };
+    lan.export(0, "cat", "echo/text/plain");
+    lan.start_exporter(0, 1);
+    let uri = format!("{}/echo", lan.uri(0));
+    let mut dcat = ChildGuard::spawn(
+        lan.on(1, "dcat", &[&uri]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let mut stdin = dcat.0.stdin.take().unwrap();
+    let mut stdout = dcat.0.stdout.take().unwrap();
+    // Echoed before the cable goes: the transfer is under way.
+    stdin.write_all(b"before\n").unwrap();
+    let mut got = [0u8; 7];
+    stdout.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before\n");
+    lan.host(0).link_down();
+    let down = Instant::now();
+    // More to send, which now goes unacknowledged.
+    stdin.write_all(&[b'x'; 4096]).unwrap();
+    let status = dcat.wait_timeout(Duration::from_secs(45)).expect("dcat gives up within TCP's user timeout");
+    lan.host(0).link_up();
+    let mut stderr = String::new();
+    dcat.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    eprintln!("dcat ended {:?} after the cable: {status}, {stderr:?}", down.elapsed());
+    assert_eq!(status.code(), Some(74), "{stderr}");
+    assert!(stderr.contains("the connection to the service failed"), "{stderr}");
+    drop(stdin);
+}

@@ -13,6 +13,7 @@
 //! 74 an I/O error. A closed stdout (`dcat x | head -1`) ends quietly.
 
 use std::fs::File;
+use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -121,10 +122,17 @@ fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<(), Error> {
     // has read everything, or without reading at all.
     relay::run_until(&mut relay, |relay| relay.way_done(Way::Backward))
         .map_err(|e| Error::io(failure(relay.failed_source(), inputs), e))?;
+    // A service may stop reading and close (it has answered): that ends
+    // our input quietly. A link that failed under it lost what we sent.
+    if let Some(kind @ (ErrorKind::TimedOut | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable)) =
+        relay.broken(Way::Forward)
+    {
+        return Err(Error::io("the connection to the service failed", kind.into()));
+    }
     match relay.broken(Way::Backward) {
         // stdout was closed by its reader (`| head -1`): that is their
         // choice, not our error.
-        Some(std::io::ErrorKind::BrokenPipe) | None => Ok(()),
+        Some(ErrorKind::BrokenPipe) | None => Ok(()),
         Some(kind) => Err(Error::io("cannot write to stdout", kind.into())),
     }
 }
@@ -139,7 +147,8 @@ fn failure(failed_source: Option<RawFd>, inputs: &[Input]) -> String {
     };
     match failed_source {
         Some(libc::STDIN_FILENO) => "cannot read stdin".to_string(),
-        Some(fd) => named(fd).unwrap_or_else(|| "relay failed".to_string()),
+        // Not an input: the service's connection.
+        Some(fd) => named(fd).unwrap_or_else(|| "the connection to the service failed".to_string()),
         None => "relay failed".to_string(),
     }
 }

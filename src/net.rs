@@ -100,16 +100,48 @@ pub fn tune_tcp(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// The soft descriptor limit the process was started with, before
+/// [`raise_fd_limit`] (0: not raised).
+static STARTING_FD_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Long-running applets serve many connections: take the whole hard limit.
+/// The commands they start get the limit back (see
+/// [`restore_fd_limit`]).
 pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                log::debug!("cannot raise the descriptor limit to {hard}: {error}");
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => STARTING_FD_LIMIT.store(soft, std::sync::atomic::Ordering::Relaxed),
+                Err(error) => log::debug!("cannot raise the descriptor limit to {hard}: {error}"),
             }
         }
     }
+}
+
+/// In a child about to exec a command: the soft descriptor limit the
+/// user started us with, not the one raised for our own many connections
+/// (a `select()` program breaks past 1024, and one that closes every
+/// descriptor up to the limit crawls under a large one). Only
+/// async-signal-safe calls: it runs between fork and exec.
+pub fn restore_fd_limit() -> io::Result<()> {
+    let soft = STARTING_FD_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+    if soft == 0 {
+        return Ok(());
+    }
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit on a live local; both are
+    // async-signal-safe system calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit.rlim_cur = soft as libc::rlim_t;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// One descriptor kept in reserve so that, when a process runs out of

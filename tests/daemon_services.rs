@@ -8,7 +8,7 @@
 mod common;
 
 use common::service::{
-    assert_error, assert_success, dcat, is_socket, listen_at, sockets, start_exporter, wait_for_socket,
+    assert_error, assert_success, dcat, is_socket, listen_at, sockets, start_exporter, stop, wait_for_socket,
 };
 use common::*;
 use std::io::{Read, Write};
@@ -244,4 +244,24 @@ fn sigterm_exits_0_within_a_second_taking_its_sockets_and_pidfile_and_nothing_el
     assert!(!daemon.pidfile.exists(), "the pidfile stayed");
     // The other host is untouched.
     assert_eq!(sockets(&other.tree()), ["exported/text/plain/remote.hostb..0"]);
+}
+
+/// A second dipusd given the same pidfile takes it over; the first one,
+/// stopped, leaves it alone (it names the one still running).
+#[test]
+fn a_stopped_dipusd_removes_its_pidfile_only_while_it_names_it() {
+    let root = TestRoot::new();
+    let services = write_services(&root, "");
+    let first = start_dipusd(&root, &services, &[]);
+    let second = start_dipusd(&root, &services, &[]);
+    assert_eq!(first.pidfile, second.pidfile);
+    assert_eq!(std::fs::read_to_string(&second.pidfile).unwrap(), format!("{}\n", second.pid));
+    assert_eq!(stop(&root, first.pid, "TERM").code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&second.pidfile).ok(),
+        Some(format!("{}\n", second.pid)),
+        "the first dipusd removed the pidfile of the second"
+    );
+    assert_eq!(stop(&root, second.pid, "TERM").code(), Some(0));
+    assert!(!second.pidfile.exists(), "the second dipusd left its pidfile");
 }

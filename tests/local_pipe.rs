@@ -237,3 +237,33 @@ fn mode_is_exact_whatever_the_umask() {
     let (_, path) = serve_with(&root, &mut cmd, "local/m/u.testhost..0");
     assert_eq!(std::fs::symlink_metadata(&path).unwrap().permissions().mode() & 0o7777, 0o666);
 }
+
+/// The server raises its own descriptor limit for its many connections;
+/// the commands it starts get the limit it was started with (a select()
+/// program breaks past 1024 descriptors).
+#[test]
+fn commands_get_the_descriptor_limit_the_server_was_started_with() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit on a live local.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+    if !require(limit.rlim_max > 512, "a hard descriptor limit above 512 (to see it raised)") {
+        return;
+    }
+    let root = TestRoot::new();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "ulimit -Sn 512; exec \"$0\" 'ulimit -Sn' lim/text/plain"])
+        .arg(applet_bin("dipus-local-pipe"))
+        .env("DIPUS_ROOT", root.tree())
+        .env("DIPUS_HOSTNAME", &root.host);
+    let (server, _) = serve_with(&root, &mut cmd, "local/text/plain/lim.testhost..0");
+    let soft = std::fs::read_to_string(format!("/proc/{server}/limits"))
+        .unwrap()
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3).map(str::to_string))
+        .unwrap();
+    assert_eq!(soft, limit.rlim_max.to_string(), "the server did not raise its own limit");
+    let out = dcat(&root, &["lim"], Some(b""));
+    assert_success(&out, "dcat lim");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "512\n");
+}

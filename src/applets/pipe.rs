@@ -184,7 +184,10 @@ impl PipeServer {
     fn spawn(&self, stream: UnixStream) -> io::Result<u32> {
         let credentials = getsockopt(&stream, sockopt::PeerCredentials).map_err(io::Error::from)?;
         let output = OwnedFd::from(stream.try_clone()?);
-        let child = Command::new("/bin/sh")
+        let mut command = Command::new("/bin/sh");
+        // SAFETY: the hook only makes async-signal-safe system calls.
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, crate::net::restore_fd_limit) };
+        let child = command
             .arg("-c")
             .arg(&self.command)
             .stdin(Stdio::from(OwnedFd::from(stream)))

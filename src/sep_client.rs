@@ -99,7 +99,14 @@ impl Server {
 /// is consumed.
 pub fn read_status(stream: &mut TcpStream) -> Result<StatusLine, SepError> {
     stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(SepError::Io)?;
-    let line = sep::read_line(stream, sep::MAX_REQUEST_LINE)?;
+    let line = sep::read_line(stream, sep::MAX_REQUEST_LINE).map_err(|error| match error {
+        // The read timeout shows as EAGAIN: say what it means.
+        SepError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            let why = format!("no status line within {} s", REPLY_TIMEOUT.as_secs());
+            SepError::Io(io::Error::new(io::ErrorKind::TimedOut, why))
+        }
+        other => other,
+    })?;
     stream.set_read_timeout(None).map_err(SepError::Io)?;
     StatusLine::parse(&line)
 }

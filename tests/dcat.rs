@@ -364,3 +364,20 @@ fn stdout_to_a_regular_file_and_to_dev_null() {
     }
     assert_eq!(std::fs::read_to_string(&output).unwrap(), "a\nb\nc\n");
 }
+
+/// An exporter that accepts and never answers: after the 10 s reply
+/// deadline dcat says so (not "Resource temporarily unavailable").
+#[test]
+fn a_sep_server_that_never_answers_is_named_as_such() {
+    let root = TestRoot::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let holder = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+    let out = run_with_timeout(
+        root.cmd("dcat").arg(format!("sep://127.0.0.1:{port}/echo")),
+        Some(b"hello\n"),
+        Duration::from_secs(30),
+    );
+    assert_error(&out, 74, "dcat", &["no status line within 10 s"]);
+    drop(holder.join().unwrap());
+}

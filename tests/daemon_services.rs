@@ -2,8 +2,10 @@
 //! services file's services are listed and work; SIGHUP starts the added
 //! ones, stops the removed ones and leaves the unchanged ones (and their
 //! open connections) alone; a bad file is refused at start naming file and
-//! line, and ignored at SIGHUP; `--pidfile`; SIGTERM exits 0 at once and
-//! takes every socket dipusd made along, and nothing else.
+//! line, and ignored at SIGHUP; `-c N` caps a service's children, and a
+//! SIGHUP that only changes the cap keeps the socket; `--pidfile`; SIGTERM
+//! exits 0 at once and takes every socket dipusd made along, and nothing
+//! else.
 
 mod common;
 
@@ -160,6 +162,65 @@ fn sighup_starts_added_services_stops_removed_ones_and_keeps_the_rest_with_their
     assert_answers(&root, "echo", "ping\n", "ping\n");
     let out = dcat(&root, &["sorter"], Some(b"x\n"));
     assert_error(&out, 69, "dcat", &["sorter"]);
+}
+
+/// Opens a connection to `path` and sends `line`; the reply is read later.
+fn ask(path: &Path, line: &str) -> UnixStream {
+    let mut connection = UnixStream::connect(path).unwrap();
+    connection.set_read_timeout(Some(DEFAULT_TIMEOUT)).unwrap();
+    connection.write_all(line.as_bytes()).unwrap();
+    connection
+}
+
+/// True if `connection` has something to read within `wait`.
+fn answered_within(connection: &UnixStream, wait: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut poll = libc::pollfd { fd: connection.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut poll, 1, wait.as_millis() as libc::c_int) };
+    assert!(ready >= 0, "poll: {}", std::io::Error::last_os_error());
+    ready == 1
+}
+
+fn read_line(connection: &mut UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while connection.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[test]
+fn dash_c_caps_the_children_and_a_sighup_changing_only_the_cap_keeps_the_socket() {
+    let root = TestRoot::new();
+    // `head -n 1` answers one line and exits: each child ends when asked.
+    let services = write_services(&root, "echo/text/plain local -c 1 head -n 1\n");
+    let daemon = start_dipusd(&root, &services, &[]);
+    let echo = root.tree().join(ECHO);
+    let echo_inode = inode(&echo);
+
+    // The first connection's child runs; the second waits in the backlog
+    // until it has exited.
+    let mut first = UnixStream::connect(&echo).unwrap();
+    first.set_read_timeout(Some(DEFAULT_TIMEOUT)).unwrap();
+    let mut second = ask(&echo, "second\n");
+    assert!(!answered_within(&second, Duration::from_millis(700)), "a second child ran beside the first (-c 1)");
+    first.write_all(b"first\n").unwrap();
+    assert_eq!(read_line(&mut first), "first");
+    assert_eq!(read_line(&mut second), "second");
+
+    // Raised to 2 by SIGHUP: two children at once, on the same socket.
+    write_services(&root, "echo/text/plain local -c 2 head -n 1\n");
+    hangup(&root, &daemon);
+    let busy = UnixStream::connect(&echo).unwrap();
+    let mut beside = ask(&echo, "beside\n");
+    let waited = Instant::now();
+    assert!(answered_within(&beside, RELOAD), "no second child after raising -c to 2");
+    eprintln!("a second child answered {:?} after the reload", waited.elapsed());
+    assert_eq!(read_line(&mut beside), "beside");
+    assert_eq!(inode(&echo), echo_inode, "changing only -c replaced the socket");
+    drop(busy);
 }
 
 #[test]

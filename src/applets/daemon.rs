@@ -282,7 +282,7 @@ impl Daemon {
                     SIGNALS => {
                         for signal in signals.drain() {
                             match signal {
-                                Signal::SIGCHLD => self.children_exited(registry),
+                                Signal::SIGCHLD => self.children_exited(),
                                 Signal::SIGHUP => self.reload(registry),
                                 _ => {
                                     log::info!("{signal}: stopping");
@@ -373,8 +373,11 @@ impl Daemon {
     /// running that are not in `lines`, and leaves the rest alone.
     fn apply_services(&mut self, registry: &Registry, lines: Vec<ServiceLine>) {
         let mut kept = Vec::new();
-        for (line, server) in std::mem::take(&mut self.services) {
-            if lines.contains(&line) {
+        for (mut line, mut server) in std::mem::take(&mut self.services) {
+            // A new cap alone keeps the socket and the children it has.
+            if let Some(wanted) = lines.iter().find(|wanted| wanted.same_service(&line)) {
+                line.children = wanted.children;
+                server.set_limit(Some(line.children));
                 kept.push((line, server));
             } else {
                 log::info!("stopping {} ({})", line.spec, server.socket.path().display());
@@ -394,7 +397,7 @@ impl Daemon {
                 &self.host,
                 &options,
                 line.command.clone(),
-                None,
+                Some(line.children),
             ) {
                 Ok(server) => {
                     log::info!("serving {} at {}", line.spec, server.socket.path().display());
@@ -425,11 +428,15 @@ impl Daemon {
         }
     }
 
-    fn children_exited(&mut self, registry: &Registry) {
-        let _ = registry;
+    fn children_exited(&mut self) {
         for pid in reap_children() {
             for (_, server) in &mut self.services {
                 if server.child_exited(pid) {
+                    // A freed place lets in a connection the cap kept
+                    // waiting: its listener will not report it again.
+                    if let Err(error) = server.accept_ready() {
+                        log::warn!("{}: {error}", server.socket.path().display());
+                    }
                     break;
                 }
             }

@@ -146,6 +146,10 @@ impl PipeServer {
         Ok(PipeServer { socket, command, limit, children: HashSet::new() })
     }
 
+    pub fn set_limit(&mut self, limit: Option<usize>) {
+        self.limit = limit;
+    }
+
     pub fn listener_fd(&self) -> i32 {
         self.socket.listener().as_raw_fd()
     }

@@ -130,3 +130,12 @@ fn every_applet_answers_help_with_status_0() {
         assert_eq!(by_link.stdout, by_argument.stdout, "{name}: the help depends on how it was called");
     }
 }
+
+#[test]
+fn bench_names_an_unknown_mode() {
+    // A mistyped mode is called that, with or without the option a mode needs.
+    for args in [&["bench", "snd"][..], &["bench", "snd", "--connect", "/nonexistent.sock"]] {
+        let out = run(Command::new(dipus_bin()).args(args));
+        assert_error(&out, 64, "bench", &["unknown mode \"snd\"", "sink, source, echo, send, recv, rr or connect"]);
+    }
+}

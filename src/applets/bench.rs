@@ -95,6 +95,12 @@ struct Args {
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let args: Args = crate::applets::parse_args(name, args);
     let server = matches!(args.mode.as_str(), "sink" | "source" | "echo");
+    if !server && !matches!(args.mode.as_str(), "send" | "recv" | "rr" | "connect") {
+        return Err(Error::Usage(format!(
+            "unknown mode {:?}: expected sink, source, echo, send, recv, rr or connect",
+            args.mode
+        )));
+    }
     let (listen, connect) = match (&args.listen, &args.connect) {
         (Some(listen), None) if server => (listen.as_str(), ""),
         (None, Some(connect)) if !server => ("", connect.as_str()),
@@ -113,9 +119,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         "recv" => transfer(Direction::Receive, connect, args.bytes, args.connections),
         "rr" => request_response(connect, args.connections, args.size, args.seconds),
         "connect" => connect_rate(connect, args.connections, args.seconds),
-        mode => {
-            Err(Error::Usage(format!("unknown mode {mode:?}: expected sink, source, echo, send, recv, rr or connect")))
-        }
+        _ => unreachable!("the mode was checked above"),
     }
 }
 

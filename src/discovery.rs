@@ -199,8 +199,15 @@ impl Discovery {
         })
     }
 
-    pub fn default_port() -> u16 {
-        std::env::var("DIPUS_DISCOVERY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(DISCOVERY_PORT)
+    /// The UDP port: `DIPUS_DISCOVERY_PORT`, else 7347. A value that is no
+    /// port is a usage error, not a silent fall back to the LAN's port.
+    pub fn default_port() -> Result<u16, crate::error::Error> {
+        match std::env::var("DIPUS_DISCOVERY_PORT") {
+            Ok(text) if !text.is_empty() => text
+                .parse()
+                .map_err(|_| crate::error::Error::Usage(format!("DIPUS_DISCOVERY_PORT={text:?} is not a port number"))),
+            _ => Ok(DISCOVERY_PORT),
+        }
     }
 
     pub fn fds(&self) -> [i32; 2] {

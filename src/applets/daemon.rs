@@ -124,6 +124,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         return Err(Error::Usage(format!("--ttl {}: expected 1 to {}", args.ttl, crate::datagram::MAX_TTL)));
     }
     let port = crate::applets::exporter::port(args.port)?;
+    let discovery_port = if args.no_discovery { None } else { Some(Discovery::default_port()?) };
     let host = crate::applets::host_name()?;
     let allow = AllowList::from_args(&args.allow).map_err(|e| Error::Usage(e.to_string()))?;
     let mut import_options =
@@ -167,14 +168,15 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     )
     .map_err(|e| Error::io("cannot start the exporter", e))?;
     let exported_port = exporter.local_addresses().first().map(|a| a.port()).unwrap_or(port);
-    let discovery = if args.no_discovery {
-        None
-    } else {
-        let announcement = Announcement { host: host.clone(), port: exported_port, ttl: args.ttl };
-        Some(
-            Discovery::new(&host, Some(announcement), Discovery::default_port())
-                .map_err(|e| Error::io("cannot start discovery", e))?,
-        )
+    let discovery = match discovery_port {
+        None => None,
+        Some(discovery_port) => {
+            let announcement = Announcement { host: host.clone(), port: exported_port, ttl: args.ttl };
+            Some(
+                Discovery::new(&host, Some(announcement), discovery_port)
+                    .map_err(|e| Error::io("cannot start discovery", e))?,
+            )
+        }
     };
     let reaper = Reaper::new(tree.clone(), REAPER).map_err(|e| Error::io("cannot start the reaper", e))?;
     let interfaces = InterfaceEvents::open().map_err(|e| log::info!("no interface events ({e}); polling")).ok();

@@ -8,8 +8,8 @@
 //! sockets mode 0600 unless `--mode`. With `--discover` it also imports
 //! from every exporter the LAN discovery finds (by its address, as the
 //! current user), and drops those imports when the host says bye or its
-//! announcements expire. Runs in the foreground until SIGTERM or SIGINT,
-//! then removes every socket it made.
+//! announcements expire. Runs in the foreground until SIGTERM, SIGINT or
+//! SIGHUP, then removes every socket it made.
 
 use std::io;
 
@@ -63,6 +63,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         return Err(Error::Usage("name at least one HOST, or --discover".into()));
     }
     let targets = args.hosts.iter().map(|host| parse_host(host)).collect::<Result<Vec<_>, _>>()?;
+    let discovery_port = if args.discover { Some(Discovery::default_port()?) } else { None };
     let options = crate::applets::pipe::socket_options(
         Some(args.mode.as_deref().unwrap_or("0600")),
         args.group.as_deref(),
@@ -79,8 +80,8 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     poll.registry()
         .register(&mut mio::unix::SourceFd(&signals.fd()), event_loop::token(SIGNALS, 0), Interest::READABLE)
         .map_err(loop_error)?;
-    let mut discovery = if args.discover {
-        let discovery = Discovery::new(&crate::applets::host_name()?, None, Discovery::default_port())
+    let mut discovery = if let Some(discovery_port) = discovery_port {
+        let discovery = Discovery::new(&crate::applets::host_name()?, None, discovery_port)
             .map_err(|e| Error::io("cannot listen for exporters", e))?;
         for (index, fd) in discovery.fds().iter().enumerate() {
             poll.registry()

@@ -4,8 +4,9 @@
 //!                     [--owner USER] sep://HOST[:PORT][/SELECTOR]
 //!        dipus-import [-f] … ssh://[USER@]HOST[:PORT][/SELECTOR]
 //!
-//! Creates a proxy socket in `imported/` for every service the exporter
-//! offers (or every one SELECTOR picks), with the same protocol path and
+//! Creates a proxy socket for every service the remote host offers (or
+//! every one SELECTOR picks), in `imported/` for `sep://` and in the user's
+//! own scope `<root>/<user>/` for `ssh://`, with the same protocol path and
 //! `NAME.HOST..N`, and keeps them in sync: services added or removed there
 //! appear or vanish here within a second. If the exporter goes away (the
 //! connection drops, or 15 s pass without its 5 s keepalive), its proxies
@@ -15,11 +16,11 @@
 //! `dipus-import` returns once the first sync is done, with the services in
 //! place, and goes on in the background; an exporter that cannot be reached
 //! or refuses is an error (exit 74). `-f` stays in the foreground, logging
-//! to stderr, for init scripts and supervisors. Stopped by SIGTERM or
-//! SIGINT, it removes every socket it created. Proxy sockets are mode 0666
-//! by default (the service is public on the LAN anyway); `--mode`,
-//! `--group` and `--owner` change that. Importing the same host twice is
-//! refused.
+//! to stderr, for init scripts and supervisors. Stopped by SIGTERM, SIGINT
+//! or SIGHUP, it removes every socket it created. Proxy sockets are mode
+//! 0666 for `sep://` (the service is public on the LAN anyway) and 0600 for
+//! `ssh://`; `--mode`, `--group` and `--owner` change that. Importing the
+//! same host twice into one scope is refused (exit 1).
 
 use std::io;
 use std::os::fd::AsRawFd;

@@ -14,6 +14,7 @@
 # switches. Every applet also takes --help.
 _dipus_valued() {
 	case $1 in
+	bench) echo "--listen --count --connect --bytes --connections --size --seconds" ;;
 	daemon) echo "--port --bind --allow --max-conns --ttl --host --hosts --services --mode --group --owner --pidfile" ;;
 	discoverer) echo "-t --time" ;;
 	exporter) echo "--port --bind --allow --max-conns --user" ;;
@@ -88,7 +89,7 @@ _dipus() {
 	# The value of an option.
 	if [[ $valued == *" $prev "* ]]; then
 		case $prev in
-		--services | --hosts | --pidfile) COMPREPLY=($(compgen -f -- "$cur")) ;;
+		--services | --hosts | --pidfile | --listen) COMPREPLY=($(compgen -f -- "$cur")) ;;
 		--group) COMPREPLY=($(compgen -g -- "$cur")) ;;
 		--owner | --user) COMPREPLY=($(compgen -u -- "$cur")) ;;
 		--host) COMPREPLY=($(compgen -W "sep://" -- "$cur")) ;;
@@ -124,6 +125,7 @@ _dipus() {
 	local-proxy | export-proxy) ((positional == 0)) && COMPREPLY=($(compgen -f -- "$cur")) ;;
 	import) COMPREPLY=($(compgen -W $'sep://\nssh://' -- "$cur")) ;;
 	ssh-importer) COMPREPLY=($(compgen -A hostname -- "$cur")) ;;
+	bench) ((positional == 0)) && COMPREPLY=($(compgen -W $'sink\nsource\necho\nsend\nrecv\nrr\nconnect' -- "$cur")) ;;
 	esac
 }
 

@@ -180,3 +180,20 @@ fn the_discoverer_on_h3_lists_h1_and_h2_and_not_itself() {
         (format!("h1 {} 7347\nh2 {} 7347\n", lan.host(0).addr(), lan.host(1).addr()), String::new())
     );
 }
+
+#[test]
+fn a_discovery_port_that_is_no_port_is_a_usage_error() {
+    // Refused before any socket is opened: a typo must not put the applet
+    // on the LAN's discovery port instead. Run on a host of its own, so
+    // that a regression broadcasts only there.
+    let Some(lan) = Lan::new(&["h1"]) else { return };
+    let runs: [(&str, &[&str]); 3] = [
+        ("dipus-discoverer", &["-t", "0.1"]),
+        ("dipusd", &["--port", "0", "--services", "/dev/null"]),
+        ("dipus-ssh-importer", &["--discover"]),
+    ];
+    for (applet, args) in runs {
+        let out = run_with_timeout(lan.on(0, applet, args).env("DIPUS_DISCOVERY_PORT", "7347x"), None, DEFAULT_TIMEOUT);
+        common::service::assert_error(&out, 64, applet, &["DIPUS_DISCOVERY_PORT=\"7347x\" is not a port number"]);
+    }
+}

@@ -139,19 +139,3 @@ fn bench_names_an_unknown_mode() {
         assert_error(&out, 64, "bench", &["unknown mode \"snd\"", "sink, source, echo, send, recv, rr or connect"]);
     }
 }
-
-#[test]
-fn a_discovery_port_that_is_no_port_is_a_usage_error() {
-    // Refused before any socket is opened: a typo must not put the applet
-    // on the LAN's discovery port instead.
-    let root = TestRoot::new();
-    let runs: [(&str, &[&str]); 3] = [
-        ("dipus-discoverer", &["-t", "0.1"]),
-        ("dipusd", &["--bind", "127.0.0.1", "--port", "0", "--services", "/dev/null"]),
-        ("dipus-ssh-importer", &["--discover"]),
-    ];
-    for (applet, args) in runs {
-        let out = run(root.cmd(applet).args(args).env("DIPUS_DISCOVERY_PORT", "7347x"));
-        assert_error(&out, 64, applet, &["DIPUS_DISCOVERY_PORT=\"7347x\" is not a port number"]);
-    }
-}

@@ -16,6 +16,7 @@ mod import_set;
 mod name;
 mod net;
 mod netlink;
+mod pidfile;
 mod probe;
 mod reaper;
 mod relay;

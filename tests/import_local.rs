@@ -102,11 +102,27 @@ fn the_proxies_are_in_place_when_the_import_returns() {
     export(&a, "cat", "echo/text/plain");
     let port = start_exporter(&a, &[]);
     let b = TestRoot::new().with_host("hostb");
-    let _importer = import(&b, &[], &uri(port));
+    let importer = import(&b, &[], &uri(port));
     // No waiting: the command returned after the first sync.
     assert_eq!(imported(&b), ["text/plain/echo.hosta..0", "text/plain/sorter.hosta..0"]);
     assert_eq!(mode(&b.tree().join("imported/text/plain/sorter.hosta..0")), 0o666);
     assert_sorts(&b, "sorter.hosta");
+
+    // Stopped, the background importer takes its pidfile along, while
+    // that still names it.
+    let pidfiles = || {
+        let mut names: Vec<_> = std::fs::read_dir(b.path())
+            .unwrap()
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".pid"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(pidfiles().len(), 1);
+    assert!(importer.terminate(DEFAULT_TIMEOUT), "the importer exits on SIGTERM");
+    assert_eq!(pidfiles(), Vec::<String>::new(), "the pidfile outlived the importer");
+    assert_eq!(imported(&b), Vec::<String>::new());
 }
 
 #[test]
@@ -138,6 +154,7 @@ fn a_foreground_import_removes_exactly_its_proxies_on_sigterm() {
     importer.0.stderr.take().unwrap().read_to_string(&mut output.1).unwrap();
     assert_eq!((status.code(), output.0.as_str(), output.1.as_str()), (Some(0), "", ""));
     assert_eq!(imported(&b), ["text/plain/other.hostc..0"]);
+    assert!(!pidfile.exists(), "the pidfile outlived the importer");
     assert_eq!(sockets(&b.tree().join("local")), ["text/plain/mine.hostb..0"]);
     // The exporter's own services are of course untouched.
     assert_eq!(sockets(&a.tree().join("exported")), ["text/plain/echo.hosta..0", "text/plain/sorter.hosta..0"]);

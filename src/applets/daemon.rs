@@ -201,34 +201,15 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         daemon.imports.start(poll.registry(), uri, Dialer::Sep(server), selector);
     }
     if let Some(path) = &args.pidfile {
-        if let Some(pid) = pid_in(path).filter(|&pid| pid != std::process::id() && process_exists(pid)) {
-            log::warn!("{}: names process {pid}, which is running; writing ours over it", path.display());
-        }
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|source| Error::Open { path: path.clone(), source })?;
+        crate::pidfile::write(path, std::process::id())?;
     }
     log::info!("dipusd for {} on port {exported_port}", daemon.host);
     let result = daemon.run(&mut poll, &signals);
     daemon.stop(poll.registry());
-    // Only while it still names us: a dipusd started since with the same
-    // pidfile keeps it (init scripts signal through it).
-    if let Some(path) = args.pidfile.as_ref().filter(|path| pid_in(path) == Some(std::process::id())) {
-        let _ = std::fs::remove_file(path);
+    if let Some(path) = &args.pidfile {
+        crate::pidfile::remove_if_ours(path);
     }
     result.map_err(|e| Error::io("event loop failed", e))
-}
-
-/// The process id a pidfile holds, if it holds one.
-fn pid_in(path: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // Signal 0 only asks; EPERM means it exists as someone else's.
-    matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Ok(()) | Err(nix::errno::Errno::EPERM))
 }
 
 impl Daemon {

@@ -24,6 +24,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
@@ -48,7 +49,7 @@ struct Args {
     foreground: bool,
     /// write the importer's pid to FILE
     #[argh(option)]
-    pidfile: Option<String>,
+    pidfile: Option<PathBuf>,
     /// mode of the proxy sockets, octal (default 0666 for sep://, 0600 for ssh://)
     #[argh(option)]
     mode: Option<String>,
@@ -101,6 +102,9 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let mut importer = Importer::new(tree, config, COMPONENT);
     let result = run(&mut poll, &mut importer, &signals, args.foreground, args.pidfile.as_deref());
     importer.shutdown(poll.registry());
+    if let Some(path) = &args.pidfile {
+        crate::pidfile::remove_if_ours(path);
+    }
     result
 }
 
@@ -109,7 +113,7 @@ fn run(
     importer: &mut Importer,
     signals: &SignalPipe,
     foreground: bool,
-    pidfile: Option<&str>,
+    pidfile: Option<&Path>,
 ) -> Result<(), Error> {
     let mut events = Events::with_capacity(1024);
     let deadline = Instant::now() + FIRST_SYNC;
@@ -140,7 +144,7 @@ fn run(
                     first_sync_done = true;
                     if foreground {
                         if let Some(path) = pidfile {
-                            write_pidfile(path, std::process::id())?;
+                            crate::pidfile::write(path, std::process::id())?;
                         }
                     } else {
                         daemonize(pidfile)?;
@@ -163,21 +167,17 @@ fn run(
     }
 }
 
-fn write_pidfile(path: &str, pid: u32) -> Result<(), Error> {
-    std::fs::write(path, format!("{pid}\n")).map_err(|source| Error::Open { path: path.into(), source })
-}
-
 /// Goes on in the background: the parent writes the child's pid to the
 /// pidfile, so that it is there when the command returns, and exits at
 /// once (without running any destructor, so the sockets stay); the child
 /// leaves the terminal's session and lets go of its stdio.
-fn daemonize(pidfile: Option<&str>) -> Result<(), Error> {
+fn daemonize(pidfile: Option<&Path>) -> Result<(), Error> {
     use nix::unistd::{fork, setsid, ForkResult};
     // SAFETY: single-threaded; the child only continues our own loop.
     match unsafe { fork() }.map_err(|e| Error::io("cannot go to the background", e.into()))? {
         ForkResult::Parent { child } => {
             if let Some(path) = pidfile {
-                if let Err(error) = write_pidfile(path, child.as_raw() as u32) {
+                if let Err(error) = crate::pidfile::write(path, child.as_raw() as u32) {
                     // No importer without its pidfile: the parent stops
                     // it, and removes the sockets on its way out.
                     let _ = nix::sys::signal::kill(child, Signal::SIGKILL);

@@ -59,6 +59,8 @@ pub enum SshError {
     Unforwardable { path: String },
     #[error("{target}: no answer within {} s", PROBE_TIMEOUT.as_secs())]
     Timeout { target: String },
+    #[error("{target}: the ssh connection was lost before the reply ended, so the reply is incomplete ({detail})")]
+    Lost { target: String, detail: String },
 }
 
 /// How long `ssh -O` may take: it only talks to the local master.
@@ -237,6 +239,19 @@ impl SshTarget {
         })
     }
 
+    /// Whether the shared connection still stands (`ssh -O check`), for a
+    /// connection its master carried: when the ssh connection dies, the
+    /// master closes the sockets it forwards just as a service ending its
+    /// reply would, so the end of such a reply proves nothing until the
+    /// master is found alive. (A master that loses its connection exits,
+    /// and does not answer `-O check` while it does.)
+    pub fn check_connection(&self, tree: &Tree) -> Result<(), SshError> {
+        self.control(tree, "check", &[]).map_err(|error| match error {
+            SshError::Control { message, .. } => SshError::Lost { target: self.uri(), detail: message },
+            other => other,
+        })
+    }
+
     /// Whether this host's sshd forwards to sockets of the remote tree,
     /// where that tree is, and (with a selector) the sockets it picks that
     /// may be connected to: FORWARD, then a forward to the probe socket it
@@ -356,7 +371,8 @@ impl SshTarget {
         channel.close_input();
         let output = std::fs::File::from(channel.output.try_clone().map_err(|e| channel.protocol(SepError::Io(e)))?);
         let paths = crate::sep_client::read_list(output).map_err(|e| channel.protocol(e))?;
-        channel.finish();
+        // A list cut short by a lost connection ends like a whole one.
+        channel.finish()?;
         Ok(paths)
     }
 }
@@ -477,11 +493,24 @@ impl SshChannel {
         self.input = None;
     }
 
-    /// Waits for ssh to exit (after its output has ended).
-    pub fn finish(&mut self) {
+    /// Waits for ssh to exit (after its output has ended) and judges the
+    /// reply by its exit status: ssh ends its output the same way whether
+    /// the remote side finished or the connection was lost, and only its
+    /// status (255 for its own failures) tells the two apart. Not for a
+    /// reply nobody reads any more: ssh may be stuck writing it (drop the
+    /// channel instead, which ends ssh).
+    pub fn finish(&mut self) -> Result<(), SshError> {
         self.input = None;
-        if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = child.wait().map_err(|e| self.protocol(SepError::Io(e)))?;
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(code) if code != SSH_FAILED => {
+                Err(SshError::RemoteFailed { target: self.target.uri(), remote: SshTarget::remote_command(), status })
+            }
+            _ => Err(SshError::Lost { target: self.target.uri(), detail: format!("ssh: {status}") }),
         }
     }
 }

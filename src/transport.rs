@@ -22,6 +22,10 @@ pub struct Connection {
 pub enum Stream {
     /// A UNIX or TCP socket: both directions on one descriptor.
     Socket(OwnedFd),
+    /// A socket the shared ssh connection's master carries (as `ssh -L`):
+    /// its end is the reply's end only if the connection still stands
+    /// afterwards (`SshTarget::check_connection`).
+    Forwarded(OwnedFd, SshTarget),
     /// An ssh process: its stdin and stdout pipes.
     Ssh(SshChannel),
 }
@@ -84,7 +88,7 @@ fn connect_ssh(ssh: &SshTarget, selector: &Selector) -> Result<Connection, Error
                 if let (Some(target), Some(stream)) = (forwarding.targets.first(), forwarding.connection) {
                     let wire = target.strip_prefix(&forwarding.root).unwrap_or(target).trim_start_matches('/');
                     let description = format!("{}/{wire}", ssh.uri());
-                    return Ok(Connection { stream: Stream::Socket(stream.into()), description });
+                    return Ok(Connection { stream: Stream::Forwarded(stream.into(), ssh.clone()), description });
                 }
             }
             Ok(None) => {}

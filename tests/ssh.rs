@@ -956,3 +956,123 @@ fn a_background_ssh_import_lets_go_of_the_callers_output() {
     link.assert_quiet_success(&out, "dipus-import");
     assert_eq!(link.ask(&["sorter.remote"], b"b\na\n"), "a\nb\n");
 }
+
+/// The pid of the one shared ssh connection's master (`ssh -O check`
+/// says `Master running (pid=N)`).
+fn master_pid(link: &Link) -> u32 {
+    let sockets = link.control_sockets();
+    assert_eq!(sockets.len(), 1, "control sockets: {sockets:?}");
+    let check = link.control(&sockets[0], "check");
+    let text = stderr_of(&check);
+    text.split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("ssh -O check: {text}"))
+}
+
+/// `dcat ssh://…/echo` streams bytes there and back until the ssh
+/// connection dies under it (its master killed, as when the network or
+/// sshd goes): the reply it wrote is then incomplete, and dcat must fail
+/// and say so, not exit 0. Returns dcat's exit status and stderr.
+fn dcat_while_the_connection_dies(link: &Link) -> (Option<i32>, String) {
+    link.serve(&[], "cat", "echo/application/octet-stream");
+    let uri = format!("{}/echo", link.uri("root"));
+    assert_eq!(link.ask(&[&uri], b"warm\n"), "warm\n");
+    let master = master_pid(link);
+    let stderr_path = link.client.path().join("dcat.err");
+    let mut dcat = ChildGuard::spawn(
+        link.cmd("dcat")
+            .arg(&uri)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr_path).unwrap()),
+    );
+    let mut stdin = dcat.0.stdin.take().unwrap();
+    let mut stdout = dcat.0.stdout.take().unwrap();
+    // Far more than can cross before the connection dies; the writer
+    // stops once dcat is gone.
+    std::thread::spawn(move || {
+        let buffer = vec![b'z'; 1024 * 1024];
+        for _ in 0..64 * 1024 {
+            if stdin.write_all(&buffer).is_err() {
+                break;
+            }
+        }
+    });
+    let (tx, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(count @ 1..) = stdout.read(&mut buffer) {
+            if tx.send(count).is_err() {
+                break;
+            }
+        }
+    });
+    let mut total = 0;
+    let deadline = Instant::now() + SSH_TIMEOUT;
+    while total < 8 * 1024 * 1024 {
+        match received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(count) => total += count,
+            Err(error) => panic!("{total} bytes back, then {error:?}"),
+        }
+    }
+    assert!(proc::signal(&[master], "KILL"), "cannot kill the ssh master {master}");
+    let status = dcat.wait_timeout(SSH_TIMEOUT).expect("dcat ends once its ssh connection is gone");
+    (status.code(), std::fs::read_to_string(&stderr_path).unwrap())
+}
+
+fn assert_lost_connection_reported(link: &Link, (code, stderr): (Option<i32>, String)) {
+    let ours: Vec<&str> = stderr.lines().filter(|line| line.starts_with("dcat: ")).collect();
+    let expected = format!("dcat: {}: the ssh connection was lost before the reply ended", link.uri("root"));
+    assert!(code == Some(74) && ours.len() == 1 && ours[0].starts_with(&expected), "exit {code:?}, stderr: {stderr}");
+}
+
+#[test]
+fn dcat_over_ssh_fails_when_the_connection_carrying_the_bytes_dies() {
+    let Some(link) = Link::new() else { return };
+    let outcome = dcat_while_the_connection_dies(&link);
+    assert_lost_connection_reported(&link, outcome);
+}
+
+#[test]
+fn dcat_through_an_ssh_session_fails_when_the_connection_dies() {
+    let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };
+    let outcome = dcat_while_the_connection_dies(&link);
+    assert_lost_connection_reported(&link, outcome);
+}
+
+/// `dcat ssh://…/yes | head -1`: once stdout is closed, dcat ends quietly,
+/// whichever way ssh carries the bytes, and does not wait for a service
+/// that never stops talking.
+fn dcat_ends_when_its_reader_does(link: &Link) {
+    link.serve(&[], "yes", "yes/text/plain");
+    let mut dcat = ChildGuard::spawn(
+        link.cmd("dcat")
+            .arg(format!("{}/yes", link.uri("root")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let mut stdout = dcat.0.stdout.take().unwrap();
+    let mut first = [0u8; 2];
+    stdout.read_exact(&mut first).expect("the first line");
+    assert_eq!(&first, b"y\n");
+    drop(stdout);
+    let status = dcat.wait_timeout(SSH_TIMEOUT).expect("dcat ends once its stdout is closed");
+    let mut stderr = String::new();
+    dcat.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!((status.code(), stderr.as_str()), (Some(0), ""));
+}
+
+#[test]
+fn dcat_over_ssh_ends_when_its_reader_does() {
+    let Some(link) = Link::new() else { return };
+    dcat_ends_when_its_reader_does(&link);
+}
+
+#[test]
+fn dcat_through_an_ssh_session_ends_when_its_reader_does() {
+    let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };
+    dcat_ends_when_its_reader_does(&link);
+}

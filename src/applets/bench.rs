@@ -685,7 +685,7 @@ impl Destination {
                 .map(OwnedFd::from)
                 .map_err(|e| Error::io(format!("cannot connect to {}", path.display()), e)),
             Destination::Remote(target) => match crate::transport::connect(target)?.stream {
-                crate::transport::Stream::Socket(fd) => Ok(fd),
+                crate::transport::Stream::Socket(fd) | crate::transport::Stream::Forwarded(fd, _) => Ok(fd),
                 crate::transport::Stream::Ssh(_) => Err(Error::Usage("ssh:// is not measured by dipus bench".into())),
             },
         }

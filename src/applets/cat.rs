@@ -70,13 +70,22 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     if args.verbose {
         eprintln!("{name}: connected to {}", connection.description);
     }
+    let socket_relay = |socket: std::os::fd::OwnedFd| -> Result<Relay, Error> {
+        let socket = UnixStream::from(socket);
+        socket.set_nonblocking(true).map_err(|e| Error::io("cannot set up the connection", e))?;
+        let fd = socket.as_raw_fd();
+        let mut relay = Relay::new(&sources(&inputs), fd, fd, libc::STDOUT_FILENO);
+        relay.adopt(socket.into());
+        Ok(relay)
+    };
     match connection.stream {
-        Stream::Socket(socket) => {
-            let socket = UnixStream::from(socket);
-            socket.set_nonblocking(true).map_err(|e| Error::io("cannot set up the connection", e))?;
-            let fd = socket.as_raw_fd();
-            pipe_through(Relay::new(&sources(&inputs), fd, fd, libc::STDOUT_FILENO), &inputs)
-        }
+        Stream::Socket(socket) => pipe_through(socket_relay(socket)?, &inputs).map(drop),
+        Stream::Forwarded(socket, ssh) => match pipe_through(socket_relay(socket)?, &inputs)? {
+            // ssh's master closes what it carries when its connection
+            // dies, as a service ending its reply would.
+            Reply::Ended => Ok(ssh.check_connection(&crate::tree::Tree::from_env()?)?),
+            Reply::Unread => Ok(()),
+        },
         Stream::Ssh(mut channel) => {
             let input = channel.input.take().expect("a fresh channel has its input");
             let mut relay =
@@ -84,11 +93,24 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
             // The relay closes ssh's stdin at the end of our input: that is
             // how the remote service sees EOF.
             relay.adopt(input);
-            let result = pipe_through(relay, &inputs);
-            channel.finish();
-            result
+            match pipe_through(relay, &inputs)? {
+                // ssh's exit status says whether the reply ended or its
+                // connection did.
+                Reply::Ended => Ok(channel.finish()?),
+                // ssh may be stuck writing what nobody reads: dropping
+                // the channel ends it.
+                Reply::Unread => Ok(()),
+            }
         }
     }
+}
+
+/// How the copy of the reply ended.
+enum Reply {
+    /// The service's side ended it.
+    Ended,
+    /// stdout was closed by its reader (`| head -1`).
+    Unread,
 }
 
 /// The descriptors to send, in order.
@@ -117,7 +139,7 @@ fn open_input(path: &str) -> Result<File, Error> {
     Ok(file)
 }
 
-fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<(), Error> {
+fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<Reply, Error> {
     // The reply decides when we are done: a service may answer before it
     // has read everything, or without reading at all.
     relay::run_until(&mut relay, |relay| relay.way_done(Way::Backward))
@@ -132,7 +154,8 @@ fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<(), Error> {
     match relay.broken(Way::Backward) {
         // stdout was closed by its reader (`| head -1`): that is their
         // choice, not our error.
-        Some(ErrorKind::BrokenPipe) | None => Ok(()),
+        Some(ErrorKind::BrokenPipe) => Ok(Reply::Unread),
+        None => Ok(Reply::Ended),
         Some(kind) => Err(Error::io("cannot write to stdout", kind.into())),
     }
 }

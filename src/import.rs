@@ -747,7 +747,7 @@ impl Importer {
             }
             Event::Added(path) => {
                 self.announced.insert(path.clone());
-                self.add_proxy(registry, &path)
+                self.add_proxy(registry, &path)?
             }
             Event::Removed(path) => {
                 self.announced.remove(&path);
@@ -757,37 +757,52 @@ impl Importer {
         Ok(())
     }
 
-    fn add_proxy(&mut self, registry: &Registry, wire: &str) {
+    /// Makes the proxy of `wire`. `Err` when ssh's master will not
+    /// forward (its control socket gone, say): the session is then
+    /// started over, on a new connection, rather than go on without the
+    /// service.
+    fn add_proxy(&mut self, registry: &Registry, wire: &str) -> Result<(), String> {
         if self.proxies.contains_key(wire) {
-            return;
+            return Ok(());
         }
         let Some(local) = self.config.dialer.local_path(wire) else {
-            return;
+            return Ok(());
         };
         let Ok(path) = ServicePath::parse(local) else {
             log::warn!("{}: ignoring invalid service path {wire:?}", self.uri());
-            return;
+            return Ok(());
         };
         if let (Dialer::Ssh(ssh), Forwarding::Yes(root)) = (&self.config.dialer, &self.forwarding) {
             let remote = format!("{root}/{wire}");
             let tree = &self.tree;
+            let mut refused = None;
             let mut forward = |listen: &std::path::Path| {
-                ssh.forward(tree, listen, &remote).map_err(|error| io::Error::other(error.to_string()))
+                ssh.forward(tree, listen, &remote).map_err(|error| {
+                    let message = error.to_string();
+                    refused = Some(error);
+                    io::Error::other(message)
+                })
             };
             match PlacedSocket::place_exact(tree, &self.config.scope, &path, &self.config.options, &mut forward) {
                 Ok(socket) => {
                     log::debug!("imported {} (forwarded by ssh)", socket.path().display());
                     self.proxies.insert(wire.to_string(), Proxy::Forwarded { socket, remote });
                 }
+                // The same master forwards every service: the next ones
+                // would fail alike.
+                Err(_) if refused.is_some() => {
+                    return Err(format!("cannot import {wire}: {}", refused.expect("checked")));
+                }
+                // This name alone (taken here by a live socket, say).
                 Err(error) => log::warn!("cannot import {wire}: {error}"),
             }
-            return;
+            return Ok(());
         }
         let socket = match ServiceSocket::bind_exact(&self.tree, &self.config.scope, &path, &self.config.options) {
             Ok(socket) => socket,
             Err(error) => {
                 log::warn!("cannot import {wire}: {error}");
-                return;
+                return Ok(());
             }
         };
         let id = PROXY_BASE + self.next_proxy;
@@ -795,13 +810,14 @@ impl Importer {
         let fd = socket.listener().as_raw_fd();
         if let Err(error) = registry.register(&mut mio::unix::SourceFd(&fd), self.token(id), Interest::READABLE) {
             log::warn!("cannot import {wire}: {error}");
-            return;
+            return Ok(());
         }
         log::debug!("imported {}", socket.path().display());
         self.proxy_paths.insert(id, wire.to_string());
         self.proxies.insert(wire.to_string(), Proxy::Listening { socket, id });
         // Clients may already be waiting on a socket we just made.
         self.accept(registry, wire);
+        Ok(())
     }
 
     fn remove_proxy(&mut self, registry: &Registry, wire: &str) {

@@ -1076,3 +1076,41 @@ fn dcat_through_an_ssh_session_ends_when_its_reader_does() {
     let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };
     dcat_ends_when_its_reader_does(&link);
 }
+
+/// The shared connection's control socket goes (a /tmp cleaner, a user
+/// tidying up) while an ssh import runs: the master can no longer be told
+/// to forward, so a service that appears remotely must still come, with
+/// a session on a new connection, not be left out until the old
+/// connection dies.
+#[test]
+fn an_ssh_import_outlives_the_loss_of_its_control_socket() {
+    let Some(link) = Link::new() else { return };
+    link.serve(&[], "LC_ALL=C sort", "sorter/text/plain");
+    let log_path = link.client.path().join("ssh-importer.err");
+    let mut importer = ChildGuard::spawn(
+        link.cmd("dipus-ssh-importer")
+            .arg(link.uri("root"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log_path).unwrap()),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_until(SSH_TIMEOUT, "the first proxy", || services_under(&link.scope()) == ["text/plain/sorter.remote..0"]);
+    let sockets = link.control_sockets();
+    assert_eq!(sockets.len(), 1, "control sockets: {sockets:?}");
+    let old_master = master_pid(&link);
+    std::fs::remove_file(&sockets[0]).unwrap();
+    link.serve(&[], "cat", "late/text/plain");
+    let late = link.scope().join("text/plain/late.remote..0");
+    let deadline = Instant::now() + SSH_TIMEOUT;
+    while !is_socket(&late) {
+        assert!(Instant::now() < deadline, "no proxy for the new service; the importer's log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(link.ask(&["late"], b"hello\n"), "hello\n");
+    assert_eq!(link.ask(&["sorter.remote"], b"b\na\n"), "a\nb\n");
+    assert!(importer.is_running(), "the importer's log:\n{}", log());
+    // The first master, out of reach, is the test's to end.
+    proc::signal(&[old_master], "TERM");
+}

@@ -239,7 +239,9 @@ impl Target {
             "sep" => Remote::Sep { host, port },
             "ssh" => {
                 if let Some(user) = user {
-                    if !name::valid_user_name(user) && !user.bytes().all(|c| c.is_ascii_alphanumeric()) {
+                    // `-l ''` would have ssh log in as a user named ''.
+                    let alphanumeric = !user.is_empty() && user.bytes().all(|c| c.is_ascii_alphanumeric());
+                    if !name::valid_user_name(user) && !alphanumeric {
                         return Err(uri_error("bad user name"));
                     }
                 }
@@ -266,10 +268,16 @@ fn split_host_port(text: &str) -> Option<(String, Option<u16>)> {
             _ => (host, Some(after.strip_prefix(':')?)),
         }
     } else {
-        match text.rsplit_once(':') {
+        let (host, port) = match text.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (text, None),
+        };
+        // An IPv6 address needs its brackets: `::1` is no host `:` with
+        // the port 1.
+        if host.contains(':') {
+            return None;
         }
+        (host, port)
     };
     let host_ok = host.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b':'))
         && !host.starts_with('-');
@@ -277,7 +285,9 @@ fn split_host_port(text: &str) -> Option<(String, Option<u16>)> {
         return None;
     }
     let port = match port {
-        Some(port) => Some(port.parse::<u16>().ok().filter(|&p| p != 0)?),
+        // Digits only: `parse` would also take `+22`.
+        Some(port) if port.bytes().all(|c| c.is_ascii_digit()) => Some(port.parse::<u16>().ok().filter(|&p| p != 0)?),
+        Some(_) => return None,
         None => None,
     };
     Some((host.to_string(), port))
@@ -362,6 +372,11 @@ mod tests {
             "ssh://h;rm/x",
             "sep://h//etc",
             "ssh://a b@h",
+            "ssh://@h",
+            "ssh://u@::1",
+            "sep://fe80::1",
+            "ssh://h:+22",
+            "sep://[]:22",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad:?} accepted");
         }

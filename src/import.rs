@@ -223,7 +223,10 @@ fn read_available(answer: &mut std::fs::File, text: &mut Vec<u8>) -> bool {
 
 /// Forks a child that runs [`SshTarget::probe_forwarding`] and writes one
 /// line, `yes ROOT`, `no` or `error MESSAGE`, to a pipe before it exits;
-/// the pipe's read end (nonblocking) is returned.
+/// the pipe's read end (nonblocking) is returned. Before it, a line
+/// `forward LISTEN<tab>REMOTE` for each forward it asks ssh for, which it
+/// withdraws before it answers: a child stopped before its answer cannot,
+/// and [`stop_probe`] does it instead.
 fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<(nix::unistd::Pid, std::fs::File)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     // SAFETY: the importer's process is single-threaded; the child only
@@ -232,13 +235,18 @@ fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<(nix::unistd::Pid, st
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             drop(read);
-            let text = match ssh.probe_forwarding(tree, None) {
+            let report = std::fs::File::from(write);
+            // Paths that ssh may forward hold no control characters.
+            let mut making = |listen: &std::path::Path, remote: &str| {
+                let _ = (&report).write_all(format!("forward {}\t{remote}\n", listen.display()).as_bytes());
+            };
+            let text = match ssh.probe_forwarding(tree, None, &mut making) {
                 Ok(Some(forwarding)) => format!("yes {}", forwarding.root),
                 Ok(None) => "no".to_string(),
                 Err(error) => format!("error {}", error.to_string().replace('\n', " ")),
             };
             // One write of a short line: it arrives whole.
-            let _ = std::fs::File::from(write).write_all(format!("{text}\n").as_bytes());
+            let _ = (&report).write_all(format!("{text}\n").as_bytes());
             // SAFETY: ends the child without running the parent's destructors.
             unsafe { libc::_exit(0) }
         }
@@ -247,6 +255,39 @@ fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<(nix::unistd::Pid, st
             set_nonblocking(read.as_raw_fd());
             Ok((child, std::fs::File::from(read)))
         }
+    }
+}
+
+/// What a probe child has reported so far: the forwards it made, and its
+/// answer line once that has come.
+fn probe_report(text: &[u8]) -> (Vec<(std::path::PathBuf, String)>, Option<String>) {
+    let text = String::from_utf8_lossy(text);
+    let mut forwards = Vec::new();
+    for line in text.split_inclusive('\n').filter(|line| line.ends_with('\n')) {
+        let line = line.trim_end_matches('\n');
+        match line.strip_prefix("forward ").and_then(|rest| rest.split_once('\t')) {
+            Some((listen, remote)) => forwards.push((std::path::PathBuf::from(listen), remote.to_string())),
+            None => return (forwards, Some(line.to_string())),
+        }
+    }
+    (forwards, None)
+}
+
+/// Ends a probe child. One that has not answered is killed, and the
+/// forwards it reported are withdrawn for it (killed, it cannot): else
+/// ssh's master would listen on them, and their sockets stay in the
+/// user's scope, for as long as the master lives.
+fn stop_probe(ssh: &SshTarget, tree: &Tree, child: nix::unistd::Pid, text: &[u8]) {
+    let (forwards, answer) = probe_report(text);
+    if answer.is_none() {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+    }
+    // It has answered and is leaving, or was just killed.
+    let _ = nix::sys::wait::waitpid(child, None);
+    if answer.is_none() && !forwards.is_empty() {
+        let forwards: Vec<(&std::path::Path, &str)> =
+            forwards.iter().map(|(listen, remote)| (listen.as_path(), remote.as_str())).collect();
+        ssh.withdraw(tree, &forwards);
     }
 }
 
@@ -570,20 +611,19 @@ impl Importer {
             }
             Forwarding::Probing { child, mut answer, mut text, since } => {
                 let ended = read_available(&mut answer, &mut text);
-                let complete = text.contains(&b'\n');
+                let line = probe_report(&text).1;
+                let complete = line.is_some();
                 if !complete && !ended && since.elapsed() < PROBE_LIMIT {
                     self.forwarding = Forwarding::Probing { child, answer, text, since };
                     self.session = Session::Idle { retry_at: since + PROBE_LIMIT };
                     return false;
                 }
                 let _ = registry.deregister(&mut mio::unix::SourceFd(&answer.as_raw_fd()));
-                if !complete {
-                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                if let Dialer::Ssh(ssh) = &self.config.dialer {
+                    stop_probe(ssh, &self.tree, child, &text);
                 }
-                // It has answered and is leaving, or was just killed.
-                let _ = nix::sys::wait::waitpid(child, None);
-                let line = String::from_utf8_lossy(&text);
-                let line = line.trim_end_matches('\n');
+                let line = line.unwrap_or_default();
+                let line = line.as_str();
                 match line.split_once(' ') {
                     Some(("yes", root)) if complete => {
                         log::info!("{}: ssh forwards connections itself (remote tree {root})", self.uri());
@@ -1025,11 +1065,14 @@ impl Importer {
 
     /// Everything this importer made is removed (also on drop).
     pub fn shutdown(&mut self, registry: &Registry) {
-        if let Forwarding::Probing { child, answer, .. } = std::mem::replace(&mut self.forwarding, Forwarding::Unknown)
+        if let Forwarding::Probing { child, mut answer, mut text, .. } =
+            std::mem::replace(&mut self.forwarding, Forwarding::Unknown)
         {
             let _ = registry.deregister(&mut mio::unix::SourceFd(&answer.as_raw_fd()));
-            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(child, None);
+            read_available(&mut answer, &mut text);
+            if let Dialer::Ssh(ssh) = &self.config.dialer {
+                stop_probe(ssh, &self.tree, child, &text);
+            }
         }
         self.remove_all_proxies(registry);
         let links: Vec<usize> = self.links.keys().copied().collect();

@@ -258,7 +258,15 @@ impl SshTarget {
     /// names, and the status line read through it. `None` means no (an
     /// older remote dipus, forwarding refused): use sessions. A selector
     /// that picks nothing usable is `Refused`, as a CONNECT would be.
-    pub fn probe_forwarding(&self, tree: &Tree, selector: Option<&str>) -> Result<Option<Forwarding>, SshError> {
+    /// `making` is told of each forward (listen, remote) before it is
+    /// asked for: a caller that may have to stop the probe midway can then
+    /// [`SshTarget::withdraw`] what it left.
+    pub fn probe_forwarding(
+        &self,
+        tree: &Tree,
+        selector: Option<&str>,
+        making: &mut dyn FnMut(&Path, &str),
+    ) -> Result<Option<Forwarding>, SshError> {
         let deadline = Instant::now() + PROBE_TIMEOUT;
         let mut channel = self.open(tree, &Request::Forward(selector.map(str::to_string)))?;
         let status = channel.read_status_by(deadline)?;
@@ -283,6 +291,9 @@ impl SshTarget {
         };
         if let Some((at, target)) = &connect_at {
             forwards.push((at.as_path(), target));
+        }
+        for &(listen, remote) in &forwards {
+            making(listen, remote);
         }
         if let Err(error) = self.control(tree, "forward", &forwards) {
             // One of the two may have been made before the other failed.
@@ -316,7 +327,7 @@ impl SshTarget {
 
     /// Cancels short-lived forwards and removes their sockets, as far as
     /// it can: what is left is only a stale name in the user's own scope.
-    fn withdraw(&self, tree: &Tree, forwards: &[(&Path, &str)]) {
+    pub fn withdraw(&self, tree: &Tree, forwards: &[(&Path, &str)]) {
         let _ = self.control(tree, "cancel", forwards);
         for (listen, _) in forwards {
             let _ = std::fs::remove_file(listen);

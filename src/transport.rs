@@ -83,7 +83,7 @@ fn connect_sep(server: &Server, selector: &Selector) -> Result<Connection, Error
 fn connect_ssh(ssh: &SshTarget, selector: &Selector) -> Result<Connection, Error> {
     let tree = Tree::from_env()?;
     if let Some(argument) = selector_argument(selector) {
-        match ssh.probe_forwarding(&tree, Some(&argument)) {
+        match ssh.probe_forwarding(&tree, Some(&argument), &mut |_, _| {}) {
             Ok(Some(forwarding)) => {
                 if let (Some(target), Some(stream)) = (forwarding.targets.first(), forwarding.connection) {
                     let wire = target.strip_prefix(&forwarding.root).unwrap_or(target).trim_start_matches('/');

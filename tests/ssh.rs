@@ -1114,3 +1114,59 @@ fn an_ssh_import_outlives_the_loss_of_its_control_socket() {
     // The first master, out of reach, is the test's to end.
     proc::signal(&[old_master], "TERM");
 }
+
+/// Stopped while its forwarding probe waits for an answer through a
+/// forward, the importer leaves nothing behind: not the probe's socket in
+/// the user's scope, nor the forward in ssh's master. (The remote here
+/// answers FORWARD with a probe socket that accepts and never speaks, so
+/// the probe is caught in that moment.)
+#[test]
+fn an_ssh_importer_stopped_while_probing_leaves_no_forward_behind() {
+    let Some(link) = Link::new() else { return };
+    let probe = link.remote.path().join("silent-probe.sock");
+    let _silent = std::os::unix::net::UnixListener::bind(&probe).unwrap();
+    let script = link.remote.path().join("forward-only.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nread line\nprintf 'SEP/1 200 OK\\n{}\\n{}\\n.\\n'\nexec sleep 30\n",
+            link.remote.tree().display(),
+            probe.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut importer = ChildGuard::spawn(
+        link.cmd("dipus-ssh-importer")
+            .arg(link.uri("root"))
+            .env("DIPUS_REMOTE", &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let forwarded = || {
+        std::fs::read_dir(link.scope())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".forward-"))
+            .collect::<Vec<String>>()
+    };
+    wait_until(SSH_TIMEOUT, "the probe's forward", || !forwarded().is_empty());
+    let names = forwarded();
+    let status = importer.terminate(DEFAULT_TIMEOUT).expect("the importer exits on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(forwarded(), Vec::<String>::new(), "left in the scope");
+    // A socket the master still listens on is in the kernel's table by
+    // the name it was bound at, even once that name is removed, with the
+    // flag of a listener (__SO_ACCEPTCON). (The connection the probe
+    // made may still be winding down: that one is not listening.)
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let listening: Vec<&str> = table
+        .lines()
+        .filter(|line| line.split_whitespace().nth(3) == Some("00010000"))
+        .filter(|line| names.iter().any(|name| line.contains(name.as_str())))
+        .collect();
+    assert_eq!(listening, Vec::<&str>::new(), "ssh's master still listens for the probe");
+}

@@ -277,12 +277,25 @@ impl SshTarget {
         if !status.status.is_success() {
             return Err(SshError::Refused { target: self.uri(), status });
         }
-        let root = channel.read_path_by(deadline)?;
-        let probe = channel.read_path_by(deadline)?;
-        let mut targets = Vec::new();
-        while let Some(path) = channel.read_path_or_end_by(deadline)? {
-            targets.push(path);
-        }
+        let answer = (|| {
+            let root = channel.read_path_by(deadline)?;
+            let probe = channel.read_path_by(deadline)?;
+            let mut targets = Vec::new();
+            while let Some(path) = channel.read_path_or_end_by(deadline)? {
+                targets.push(path);
+            }
+            Ok((root, probe, targets))
+        })();
+        let (root, probe, targets) = match answer {
+            Ok(answer) => answer,
+            // A remote tree at such a path is still reached through
+            // sessions, which name its sockets by their wire paths.
+            Err(SshError::Unforwardable { path }) => {
+                log::info!("{}: ssh cannot forward to {path:?}; one ssh session per connection", self.uri());
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
         let listen = self.forward_socket_name(tree, "probe")?;
         let mut forwards = vec![(listen.as_path(), probe.as_str())];
         let connect_at = match targets.first() {

@@ -1170,3 +1170,37 @@ fn an_ssh_importer_stopped_while_probing_leaves_no_forward_behind() {
         .collect();
     assert_eq!(listening, Vec::<&str>::new(), "ssh's master still listens for the probe");
 }
+
+/// A remote tree whose path ssh cannot forward to (`-L` splits on ':'):
+/// ssh:// still works, one session per connection, as where sshd refuses
+/// to forward.
+#[test]
+fn a_remote_tree_ssh_cannot_forward_to_is_reached_through_sessions() {
+    let Some(link) = Link::new() else { return };
+    let root = link.remote.path().join("odd:dir").join("tree");
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    let pid = link.remote.spawn(
+        link.remote.cmd("dipus-local-pipe").env("DIPUS_ROOT", &root).args(["LC_ALL=C sort", "sorter/text/plain"]),
+    );
+    let socket = root.join("local/text/plain/sorter.remote..0");
+    wait_until(DEFAULT_TIMEOUT, "the sorter's socket", || is_socket(&socket));
+    let remote = format!("env DIPUS_ROOT={} DIPUS_HOSTNAME=remote {}", root.display(), link.binary.display());
+    let out = run_with_timeout(
+        link.cmd("dcat").env("DIPUS_REMOTE", &remote).arg(format!("{}/sorter", link.uri("root"))),
+        Some(b"b\na\n"),
+        SSH_TIMEOUT,
+    );
+    link.assert_quiet_success(&out, "dcat");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\n");
+    let _importer = ChildGuard::spawn(
+        link.cmd("dipus-ssh-importer")
+            .arg(link.uri("root"))
+            .env("DIPUS_REMOTE", &remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_until(SSH_TIMEOUT, "the imported sorter", || services_under(&link.scope()) == ["text/plain/sorter.remote..0"]);
+    assert_eq!(link.ask(&["sorter.remote"], b"d\nc\n"), "c\nd\n");
+    stop(&link.remote, pid, "TERM");
+}

@@ -174,11 +174,16 @@ impl SshTarget {
         let mut words = ssh.split_whitespace();
         let mut command = Command::new(words.next().unwrap_or("ssh"));
         command.args(words);
+        // ssh reads an -o value as a line of its configuration: quoted,
+        // so that a space does not end it, and with '%' doubled, or `%u`
+        // in the path would be expanded and put the socket elsewhere.
+        let control_dir = control_dir.display().to_string();
+        let control_dir = control_dir.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%");
         command
             .arg("-o")
             .arg("ControlMaster=auto")
             .arg("-o")
-            .arg(format!("ControlPath={}/.ssh-%C", control_dir.display()))
+            .arg(format!("ControlPath=\"{control_dir}/.ssh-%C\""))
             .arg("-o")
             .arg("ControlPersist=60");
         if let Some(port) = self.port {

@@ -1204,3 +1204,34 @@ fn a_remote_tree_ssh_cannot_forward_to_is_reached_through_sessions() {
     assert_eq!(link.ask(&["sorter.remote"], b"d\nc\n"), "c\nd\n");
     stop(&link.remote, pid, "TERM");
 }
+
+/// ssh reads an `-o` value as a line of its configuration, where a space
+/// ends the value and `%u`, `%d`… are tokens: a client tree whose path has
+/// either still keeps its shared ssh connection's control socket in the
+/// user's own scope there, and works.
+#[test]
+fn a_client_tree_with_a_space_or_a_percent_in_its_path_works_over_ssh() {
+    let Some(link) = Link::new() else { return };
+    link.serve(&[], "LC_ALL=C sort", "sorter/text/plain");
+    let root = link.client.path().join("sp ace%d").join("tree");
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    let out = run_with_timeout(
+        link.cmd("dcat").env("DIPUS_ROOT", &root).arg(format!("{}/sorter", link.uri("root"))),
+        Some(b"b\na\n"),
+        SSH_TIMEOUT,
+    );
+    let scope = root.join(user_name());
+    let controls: Vec<PathBuf> = std::fs::read_dir(&scope)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(".ssh-"))
+        .map(|entry| entry.path())
+        .collect();
+    for socket in &controls {
+        let _ = link.control(socket, "exit");
+    }
+    link.assert_quiet_success(&out, "dcat");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\n");
+    assert_eq!(controls.len(), 1, "control sockets in {}: {controls:?}", scope.display());
+}

@@ -56,7 +56,8 @@ impl Error {
             Error::Usage(_)
             | Error::Name(_)
             | Error::Selector(_)
-            | Error::Tree(TreeError::Name(_) | TreeError::NoRoom { .. }) => EXIT_USAGE,
+            | Error::Tree(TreeError::Name(_) | TreeError::NoRoom { .. })
+            | Error::Ssh(crate::ssh::SshError::NoRoom { .. }) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
             Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
             Error::Tree(_) | Error::Failed(_) | Error::Import(_) => EXIT_FAILURE,

@@ -59,6 +59,12 @@ pub enum SshError {
     Unforwardable { path: String },
     #[error("{target}: no answer within {} s", PROBE_TIMEOUT.as_secs())]
     Timeout { target: String },
+    #[error(
+        "{} leaves no room for ssh's control socket: {length} bytes with the temporary name ssh binds first, \
+         more than the {limit} that fit in a UNIX socket address; use a shorter DIPUS_ROOT",
+        dir.display()
+    )]
+    NoRoom { dir: std::path::PathBuf, length: usize, limit: usize },
     #[error("{target}: the ssh connection was lost before the reply ended, so the reply is incomplete ({detail})")]
     Lost { target: String, detail: String },
 }
@@ -67,6 +73,11 @@ pub enum SshError {
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the forwarding probe may take in all, handshake included.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The control socket's name in the user's scope: `.ssh-` and the 40
+/// hex digits of `%C`; ssh binds it first at that name plus a dot and 16
+/// random characters, then renames it.
+const CONTROL_NAME_LENGTH: usize = "/.ssh-".len() + 40 + 17;
 
 /// ssh splits `-L` on ':' and expands '%' tokens in socket paths.
 fn forwardable(path: &str) -> bool {
@@ -172,6 +183,14 @@ impl SshTarget {
         let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
         let ssh = std::env::var("DIPUS_SSH").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "ssh".into());
         let mut words = ssh.split_whitespace();
+        // ssh takes the first value it is given for an option: a
+        // ControlPath of the user's, in DIPUS_SSH, is the one used.
+        let own_control_path =
+            ssh.split_whitespace().any(|word| word == "-S" || word.to_ascii_lowercase().contains("controlpath"));
+        let length = control_dir.as_os_str().len() + CONTROL_NAME_LENGTH;
+        if !own_control_path && length > crate::name::SUN_PATH_LIMIT {
+            return Err(SshError::NoRoom { dir: control_dir, length, limit: crate::name::SUN_PATH_LIMIT });
+        }
         let mut command = Command::new(words.next().unwrap_or("ssh"));
         command.args(words);
         // ssh reads an -o value as a line of its configuration: quoted,

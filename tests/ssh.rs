@@ -1235,3 +1235,36 @@ fn a_client_tree_with_a_space_or_a_percent_in_its_path_works_over_ssh() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\n");
     assert_eq!(controls.len(), 1, "control sockets in {}: {controls:?}", scope.display());
 }
+
+/// The control socket's name is about 60 bytes longer than the user's
+/// scope (ssh binds it at a temporary name first), so a DIPUS_ROOT that
+/// still leaves room for services may leave none for it: dcat says so,
+/// and what to do, rather than pass on ssh's complaint about a path.
+#[test]
+fn a_tree_too_deep_for_ssh_control_socket_is_named() {
+    let Some(link) = Link::new() else { return };
+    let base = link.client.path().display().to_string();
+    // 48 bytes: the control socket's own name fits, its temporary one not.
+    let root = PathBuf::from(format!("{base}/{}/tree", "d".repeat(48 - 6 - base.len())));
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    let out = run_with_timeout(
+        link.cmd("dcat").env("DIPUS_ROOT", &root).arg(format!("{}/sorter", link.uri("root"))),
+        Some(b""),
+        SSH_TIMEOUT,
+    );
+    let scope = root.join(user_name());
+    let socket = format!("{}/.ssh-{}.{}", scope.display(), "x".repeat(40), "x".repeat(16));
+    assert_eq!(
+        (out.status.code(), stderr_of(&out)),
+        (
+            Some(64),
+            format!(
+                "dcat: {} leaves no room for ssh's control socket: {} bytes with the temporary name ssh binds \
+                 first, more than the 107 that fit in a UNIX socket address; use a shorter DIPUS_ROOT\n",
+                scope.display(),
+                socket.len()
+            )
+        )
+    );
+    assert_eq!(link.logins(), 0);
+}

@@ -226,17 +226,18 @@ impl SshTarget {
     /// forward each connection to the remote socket `remote` (`ssh -O
     /// forward -L`): ssh alone then carries the bytes, as `ssh -L` does.
     pub fn forward(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
-        self.control(tree, "forward", &[(listen, remote)])
+        self.control(tree, "forward", &[(listen, remote)]).map(drop)
     }
 
     /// Withdraws a forward made by [`SshTarget::forward`]; connections it
     /// carries go on.
     pub fn cancel(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
-        self.control(tree, "cancel", &[(listen, remote)])
+        self.control(tree, "cancel", &[(listen, remote)]).map(drop)
     }
 
-    /// One `ssh -O OPERATION` for all of `forwards` (listen, remote).
-    fn control(&self, tree: &Tree, operation: &str, forwards: &[(&Path, &str)]) -> Result<(), SshError> {
+    /// One `ssh -O OPERATION` for all of `forwards` (listen, remote); what
+    /// ssh said on success.
+    fn control(&self, tree: &Tree, operation: &str, forwards: &[(&Path, &str)]) -> Result<String, SshError> {
         let mut command = self.base_command(tree)?;
         command.arg("-O").arg(operation);
         for &(listen, remote) in forwards {
@@ -253,14 +254,11 @@ impl SshTarget {
         let described = format!("{command:?}");
         let (status, message) = run_bounded(&mut command, CONTROL_TIMEOUT)
             .map_err(|source| SshError::Spawn { command: described.clone(), source })?;
+        let message = String::from_utf8_lossy(&message).trim().to_string();
         if status.success() {
-            return Ok(());
+            return Ok(message);
         }
-        Err(SshError::Control {
-            target: self.uri(),
-            operation: operation.to_string(),
-            message: String::from_utf8_lossy(&message).trim().to_string(),
-        })
+        Err(SshError::Control { target: self.uri(), operation: operation.to_string(), message })
     }
 
     /// Whether the shared connection still stands (`ssh -O check`), for a
@@ -268,12 +266,18 @@ impl SshTarget {
     /// master closes the sockets it forwards just as a service ending its
     /// reply would, so the end of such a reply proves nothing until the
     /// master is found alive. (A master that loses its connection exits,
-    /// and does not answer `-O check` while it does.)
+    /// and does not answer `-O check` while it does.) Only the master's
+    /// own `Master running` counts: ssh -O, connected to a master that
+    /// dies before it answers, goes on to make a connection of its own,
+    /// which may well succeed.
     pub fn check_connection(&self, tree: &Tree) -> Result<(), SshError> {
-        self.control(tree, "check", &[]).map_err(|error| match error {
-            SshError::Control { message, .. } => SshError::Lost { target: self.uri(), detail: message },
-            other => other,
-        })
+        match self.control(tree, "check", &[]) {
+            Ok(message) if message.starts_with("Master running") => Ok(()),
+            Ok(message) | Err(SshError::Control { message, .. }) => {
+                Err(SshError::Lost { target: self.uri(), detail: message })
+            }
+            Err(other) => Err(other),
+        }
     }
 
     /// Whether this host's sshd forwards to sockets of the remote tree,
@@ -332,7 +336,7 @@ impl SshTarget {
         for &(listen, remote) in &forwards {
             making(listen, remote);
         }
-        if let Err(error) = self.control(tree, "forward", &forwards) {
+        if let Err(error) = self.control(tree, "forward", &forwards).map(drop) {
             // One of the two may have been made before the other failed.
             self.withdraw(tree, &forwards);
             log::info!("{error}; one ssh session per connection");

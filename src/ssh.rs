@@ -299,7 +299,11 @@ impl SshTarget {
         let mut channel = self.open(tree, &Request::Forward(selector.map(str::to_string)))?;
         let status = channel.read_status_by(deadline)?;
         if status.status == Status::BadRequest {
-            log::info!("{}: the remote dipus does not offer FORWARD; one ssh session per connection", self.uri());
+            log::info!(
+                "{}: no FORWARD there ({}); one ssh session per connection",
+                self.uri(),
+                status.to_line().trim_end()
+            );
             return Ok(None);
         }
         if !status.status.is_success() {

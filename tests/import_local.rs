@@ -362,8 +362,13 @@ fn a_private_scope_open_to_others_is_refused_by_serve_and_no_concern_of_the_expo
 
     let answer = serve_stdio(&root, format!("SEP/1 CONNECT {wire}\nhello\n").as_bytes());
     assert!(answer.starts_with("SEP/1 403 forbidden: ") && answer.ends_with(&format!(": {wire}\n")), "{answer:?}");
+    // No probe socket in such a scope: FORWARD is not offered, and the
+    // client falls back to CONNECT, refused as above.
     let answer = serve_stdio(&root, b"SEP/1 FORWARD mine\n");
-    assert!(answer.starts_with("SEP/1 403 forbidden: ") && answer.lines().count() == 1, "{answer:?}");
+    assert!(
+        answer.starts_with("SEP/1 400 bad request: forwarding unavailable: ") && answer.lines().count() == 1,
+        "{answer:?}"
+    );
     mine.set_nonblocking(true).unwrap();
     assert!(mine.accept().is_err(), "serve connected into a scope open to others");
 

@@ -1268,3 +1268,19 @@ fn a_tree_too_deep_for_ssh_control_socket_is_named() {
     );
     assert_eq!(link.logins(), 0);
 }
+
+/// A remote tree whose root is not open to all (0755, root's): the ssh
+/// user has no scope there and cannot get one, so there is no place for
+/// FORWARD's probe socket. The services are still theirs to use, through
+/// sessions, as from a dipus without FORWARD.
+#[test]
+fn a_user_without_a_scope_on_the_remote_host_still_reaches_its_services() {
+    let shared = SharedBinary::new();
+    let Some(link) = Link::with_binary(shared.path.clone()) else { return };
+    let user = link.sshd.add_user("dpn");
+    link.serve(&["--mode", "0666"], "LC_ALL=C sort", "sorter/text/plain");
+    std::fs::set_permissions(link.remote.tree(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let theirs = link.uri(user.name());
+    assert_eq!(link.ask(&[&format!("{theirs}/sorter")], b"b\na\n"), "a\nb\n");
+    assert!(!link.remote.tree().join(user.name()).exists());
+}

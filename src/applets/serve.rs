@@ -184,11 +184,16 @@ const PROBE_WAIT: Duration = Duration::from_secs(20);
 /// connections without this process in the path. Ends at the first
 /// connection, when stdin closes, or after [`PROBE_WAIT`].
 fn forward(tree: &Tree, view: &View, selector: Option<&str>) -> Result<(), Error> {
-    // Refused like a CONNECT into it: with a status line, which is what
-    // the client reads.
+    // Without a place for the probe (no scope of the user's, and none to
+    // be made: a root not open to all), FORWARD is not offered here, and
+    // is answered as a dipus without it answers: the client then uses
+    // CONNECT, which needs no such place.
+    let unavailable = |why: &dyn std::fmt::Display| {
+        send(&StatusLine::with_detail(Status::BadRequest, &format!("forwarding unavailable: {why}")).to_line())
+    };
     let scope = match tree.ensure_scope(&Tree::own_scope()?) {
         Ok(scope) => scope,
-        Err(error) => return send(&StatusLine::with_detail(Status::Forbidden, &error.to_string()).to_line()),
+        Err(error) => return unavailable(&error),
     };
     let root = std::fs::canonicalize(tree.root()).map_err(|e| Error::io("cannot resolve the tree's root", e))?;
     let targets = match selector {
@@ -202,7 +207,10 @@ fn forward(tree: &Tree, view: &View, selector: Option<&str>) -> Result<(), Error
         .map_err(|e| Error::io("cannot resolve the user's scope", e))?
         .join(format!(".forward-probe-{}", std::process::id()));
     let _ = std::fs::remove_file(&probe);
-    let listener = crate::net::unix_listen(&probe, 1).map_err(|e| Error::io("cannot make the probe socket", e))?;
+    let listener = match crate::net::unix_listen(&probe, 1) {
+        Ok(listener) => listener,
+        Err(error) => return unavailable(&format!("cannot make {}: {error}", probe.display())),
+    };
     struct Remove<'a>(&'a std::path::Path);
     impl Drop for Remove<'_> {
         fn drop(&mut self) {

@@ -193,16 +193,18 @@ impl SshTarget {
         }
         let mut command = Command::new(words.next().unwrap_or("ssh"));
         command.args(words);
-        // ssh reads an -o value as a line of its configuration: quoted,
-        // so that a space does not end it, and with '%' doubled, or `%u`
-        // in the path would be expanded and put the socket elsewhere.
-        let control_dir = control_dir.display().to_string();
-        let control_dir = control_dir.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%");
+        // ssh reads an -o value as a line of its configuration: '%'
+        // doubled, or `%u` in the path would be expanded and put the socket
+        // elsewhere; quoted where a space, a quote or a `#` would end it.
+        let mut control_path = format!("{}/.ssh-", control_dir.display()).replace('%', "%%") + "%C";
+        if control_path.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '#')) {
+            control_path = format!("\"{}\"", control_path.replace('\\', "\\\\").replace('"', "\\\""));
+        }
         command
             .arg("-o")
             .arg("ControlMaster=auto")
             .arg("-o")
-            .arg(format!("ControlPath=\"{control_dir}/.ssh-%C\""))
+            .arg(format!("ControlPath={control_path}"))
             .arg("-o")
             .arg("ControlPersist=60");
         if let Some(port) = self.port {

@@ -39,6 +39,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
-    let args: Vec<String> = std::env::args().collect();
+    // Not `env::args()`: it panics on an argument that is not UTF-8.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     std::process::exit(applets::dispatch(&args));
 }

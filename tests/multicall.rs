@@ -139,3 +139,79 @@ fn bench_names_an_unknown_mode() {
         assert_error(&out, 64, "bench", &["unknown mode \"snd\"", "sink, source, echo, send, recv, rr or connect"]);
     }
 }
+
+/// A pipe-like stdout or stderr whose reader is already gone: every write
+/// to it fails with EPIPE, at once and without a race.
+fn reader_gone() -> std::process::Stdio {
+    let (writer, reader) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    drop(reader);
+    std::process::Stdio::from(std::os::fd::OwnedFd::from(writer))
+}
+
+/// Runs `cmd` (bounded in time) with stdout, or with stderr if `stderr_gone`,
+/// going to a reader that is gone; returns the exit status and what the
+/// other stream said.
+fn run_reader_gone(root: &TestRoot, cmd: &mut Command, stderr_gone: bool) -> (Option<i32>, String) {
+    let other = root.path().join(format!("other-{}", next_id()));
+    let file = std::fs::File::create(&other).expect("create the capture file");
+    cmd.stdin(std::process::Stdio::null());
+    if stderr_gone {
+        cmd.stdout(file).stderr(reader_gone());
+    } else {
+        cmd.stdout(reader_gone()).stderr(file);
+    }
+    let mut child = ChildGuard::spawn(cmd);
+    let status = child.wait_timeout(DEFAULT_TIMEOUT).unwrap_or_else(|| panic!("{cmd:?} did not exit"));
+    (status.code(), std::fs::read_to_string(&other).unwrap_or_default())
+}
+
+#[test]
+fn help_and_listings_into_a_closed_pipe_end_quietly() {
+    let root = TestRoot::new();
+    let mut cases: Vec<Command> = Vec::new();
+    for args in [&["--help"][..], &["--list"], &["--version"], &["ls", "--help"]] {
+        let mut cmd = root.cmd("dipus");
+        cmd.args(args);
+        cases.push(cmd);
+    }
+    let mut dls_help = root.cmd("dls");
+    dls_help.arg("--help");
+    cases.push(dls_help);
+    for mut cmd in cases {
+        let (status, stderr) = run_reader_gone(&root, &mut cmd, false);
+        assert_eq!((status, stderr.as_str()), (Some(0), ""), "{cmd:?}");
+    }
+}
+
+#[test]
+fn errors_into_a_closed_pipe_keep_their_exit_status() {
+    let root = TestRoot::new();
+    let mut unknown_option = root.cmd("dls");
+    unknown_option.arg("--bogus");
+    let mut no_service = root.cmd("dcat");
+    no_service.arg("nosuch");
+    let mut unknown_applet = root.cmd("dipus");
+    unknown_applet.arg("frobnicate");
+    for (cmd, code) in [(&mut unknown_option, 64), (&mut no_service, 69), (&mut unknown_applet, 64)] {
+        let (status, stdout) = run_reader_gone(&root, cmd, true);
+        assert_eq!((status, stdout.as_str()), (Some(code), ""), "{cmd:?}");
+    }
+}
+
+#[test]
+fn arguments_that_are_not_utf8_are_a_usage_error() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let root = TestRoot::new();
+    let bad = OsStr::from_bytes(b"x\xff");
+    let out = run(root.cmd("dcat").arg("svc").arg(bad));
+    let message = assert_error(&out, 64, "dcat", &["x\\xFF", "UTF-8"]);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    let out = run(root.cmd("dipus").args([OsStr::new("ls"), bad]));
+    assert_error(&out, 64, "dls", &["x\\xFF", "UTF-8"]);
+    // A name that is not UTF-8 is no applet's name: the first argument decides.
+    let out = run(root.cmd("dipus").arg0(bad).arg("--version"));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("dipus {}\n", env!("CARGO_PKG_VERSION")));
+}

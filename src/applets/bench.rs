@@ -730,7 +730,7 @@ fn poll_once(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) ->
 
 /// Prints the result line; errors make the exit status 1.
 fn report(line: String, errors: u64) -> Result<(), Error> {
-    println!("{line}");
+    crate::applets::print_quietly(&format!("{line}\n"));
     match errors {
         0 => Ok(()),
         errors => Err(Error::Failed(format!("{errors} error(s) (the figures above count only what succeeded)"))),

@@ -68,7 +68,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         .collect::<Result<Vec<Input>, Error>>()?;
     let connection = transport::connect(&target)?;
     if args.verbose {
-        eprintln!("{name}: connected to {}", connection.description);
+        crate::applets::eprint_quietly(&format!("{name}: connected to {}\n", connection.description));
     }
     let socket_relay = |socket: std::os::fd::OwnedFd| -> Result<Relay, Error> {
         let socket = UnixStream::from(socket);

@@ -2,6 +2,8 @@
 //! argument picks the applet. Adding an applet is adding a file here and a
 //! row in [`APPLETS`].
 
+use std::ffi::OsString;
+use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, EXIT_USAGE};
@@ -137,49 +139,87 @@ fn known_names() -> String {
 }
 
 /// Runs the applet `args` name and returns the exit status.
-pub fn dispatch(args: &[String]) -> i32 {
+pub fn dispatch(raw_args: &[OsString]) -> i32 {
+    // The names that pick the applet are matched lossily: a name that is
+    // not UTF-8 is no applet's, and gets the multiplexer's answer.
+    let args: Vec<String> = raw_args.iter().map(|arg| arg.to_string_lossy().into_owned()).collect();
     let invoked = args
         .first()
         .map(|arg0| Path::new(arg0).file_name().and_then(|n| n.to_str()).unwrap_or("dipus"))
         .unwrap_or("dipus");
-    let (applet, rest) = match find(invoked) {
-        Some(applet) => (applet, &args[args.len().min(1)..]),
+    let (applet, skipped) = match find(invoked) {
+        Some(applet) => (applet, args.len().min(1)),
         None => match args.get(1).map(String::as_str) {
             None | Some("--help") | Some("-h") | Some("help") => {
-                print!("{}", usage());
+                print_quietly(&usage());
                 return if args.len() < 2 { EXIT_USAGE } else { 0 };
             }
             Some("--version") | Some("-V") => {
-                println!("dipus {}", env!("CARGO_PKG_VERSION"));
+                print_quietly(&format!("dipus {}\n", env!("CARGO_PKG_VERSION")));
                 return 0;
             }
             Some("--list") => {
-                for applet in APPLETS {
-                    println!("{}", applet.name);
-                    for alias in applet.aliases {
-                        println!("{alias}");
-                    }
-                }
+                let names: String = APPLETS
+                    .iter()
+                    .flat_map(|a| std::iter::once(a.name).chain(a.aliases.iter().copied()))
+                    .map(|name| format!("{name}\n"))
+                    .collect();
+                print_quietly(&names);
                 return 0;
             }
             Some(name) => match find(name) {
-                Some(applet) => (applet, &args[2..]),
+                Some(applet) => (applet, 2),
                 None => {
-                    eprintln!("dipus: unknown applet {name:?}; known applets: {}", known_names());
+                    eprint_quietly(&format!("dipus: unknown applet {name:?}; known applets: {}\n", known_names()));
                     return EXIT_USAGE;
                 }
             },
         },
     };
     let display_name = applet.aliases.first().copied().unwrap_or(applet.name);
-    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
-    match (applet.main)(display_name, &rest) {
+    let result = applet_arguments(&raw_args[skipped..]).and_then(|rest| {
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        (applet.main)(display_name, &rest)
+    });
+    match result {
         Ok(()) => 0,
         Err(error) => {
-            eprintln!("{display_name}: {error}");
+            eprint_quietly(&format!("{display_name}: {error}\n"));
             error.exit_status()
         }
     }
+}
+
+/// The applet's arguments as text. Names, selectors and URIs are UTF-8 by
+/// definition, and the applets take their FILE arguments as text too: an
+/// argument that is not UTF-8 is refused here, naming it, rather than
+/// mangled into a different file name.
+fn applet_arguments(raw_args: &[OsString]) -> Result<Vec<String>, Error> {
+    raw_args
+        .iter()
+        .map(|arg| {
+            arg.clone().into_string().map_err(|arg| {
+                Error::Usage(format!("argument {arg:?} is not valid UTF-8 (dipus takes names and paths in UTF-8)"))
+            })
+        })
+        .collect()
+}
+
+/// Prints help and listings. The reader may be gone (`dipus --list | head
+/// -1`): with SIGPIPE ignored, `print!` would panic on EPIPE, and there is
+/// no one left to tell.
+pub fn print_quietly(text: &str) {
+    write_quietly(std::io::stdout().lock(), text);
+}
+
+/// Prints messages on stderr, which may be a pipe whose reader is gone
+/// (`dcat x 2>&1 | head -1`) as well; `eprint!` would panic there.
+pub fn eprint_quietly(text: &str) {
+    write_quietly(std::io::stderr().lock(), text);
+}
+
+fn write_quietly(mut out: impl Write, text: &str) {
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Parses an applet's arguments with argh; `--help` prints and exits 0, a
@@ -189,15 +229,12 @@ pub fn parse_args<T: argh::FromArgs>(name: &str, args: &[&str]) -> T {
         Ok(parsed) => parsed,
         Err(early) => match early.status {
             Ok(()) => {
-                print!("{}", early.output);
+                print_quietly(&early.output);
                 std::process::exit(0);
             }
             Err(()) => {
-                eprint!("{name}: {}", early.output);
-                if !early.output.ends_with('\n') {
-                    eprintln!();
-                }
-                eprintln!("Run {name} --help for usage.");
+                let newline = if early.output.ends_with('\n') { "" } else { "\n" };
+                eprint_quietly(&format!("{name}: {}{newline}Run {name} --help for usage.\n", early.output));
                 std::process::exit(EXIT_USAGE);
             }
         },

@@ -145,8 +145,10 @@ impl LineStream {
     }
 
     /// The next line (with its `\n`), `Ok(None)` at EOF, `TimedOut` after
-    /// `silence` without a byte.
-    pub fn next_line(&mut self, silence: Duration) -> io::Result<Option<Vec<u8>>> {
+    /// `silence` without a byte. `output` is where the caller prints: if
+    /// its reader goes away while the peer only sends keepalives, this
+    /// returns `BrokenPipe` rather than wait on for a change to print.
+    pub fn next_line(&mut self, silence: Duration, output: std::os::fd::RawFd) -> io::Result<Option<Vec<u8>>> {
         loop {
             if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
                 return Ok(Some(self.buffer.drain(..=end).collect()));
@@ -154,9 +156,14 @@ impl LineStream {
             if self.buffer.len() > sep::MAX_REQUEST_LINE {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
             }
-            let mut poll = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let ready = unsafe { libc::poll(&mut poll, 1, silence.as_millis().min(i32::MAX as u128) as libc::c_int) };
+            let mut fds = [
+                libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 },
+                // No events asked: only errors and hang-ups are reported.
+                libc::pollfd { fd: output, events: 0, revents: 0 },
+            ];
+            let timeout = silence.as_millis().min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: a valid array of two pollfds.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
             if ready < 0 {
                 let error = io::Error::last_os_error();
                 if error.kind() == io::ErrorKind::Interrupted {
@@ -166,6 +173,12 @@ impl LineStream {
             }
             if ready == 0 {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer went silent"));
+            }
+            if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            if fds[0].revents == 0 {
+                continue;
             }
             let mut chunk = [0u8; 4096];
             // SAFETY: reading into a local buffer from a descriptor the

@@ -4,12 +4,12 @@
 mod common;
 
 use common::service::{
-    assert_success, egid, euid, group_name, listen_at, serve, serve_with, stale_at, stop, user_name,
+    assert_success, egid, euid, group_name, listen_at, serve, serve_with, spawn_exporter, stale_at, stop, user_name,
 };
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn dls(root: &TestRoot, args: &[&str]) -> String {
     let out = run_with_timeout(root.cmd("dls").args(args), None, DEFAULT_TIMEOUT);
@@ -285,4 +285,38 @@ fn watch_prints_present_services_then_changes() {
     stop(&root, first, "TERM");
     lines.expect_line(&format!("- {}", first_path.display()), DEFAULT_TIMEOUT);
     assert_eq!(lines.next_line(std::time::Duration::from_millis(200)), None, "nothing else changed");
+}
+
+/// Reads the first line `child` prints (bounded in time), then closes the
+/// reading end of its stdout, as `| head -1` does.
+fn read_first_line_and_leave(child: &mut ChildGuard) -> String {
+    use std::io::BufRead;
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = sender.send((line, reader));
+    });
+    let (line, reader) = receiver.recv_timeout(DEFAULT_TIMEOUT).expect("no first line");
+    drop(reader);
+    line
+}
+
+#[test]
+fn watch_ends_when_its_reader_goes_away_while_nothing_changes() {
+    let root = TestRoot::new();
+    let (_exporter, port) = spawn_exporter(&root, &[]);
+    let local = root.cmd("dls").arg("-w").stdin(Stdio::null()).stdout(Stdio::piped()).spawn();
+    let remote_uri = format!("sep://127.0.0.1:{port}");
+    let remote = root.cmd("dls").args(["-w", &remote_uri]).stdin(Stdio::null()).stdout(Stdio::piped()).spawn();
+    for (what, child) in [("dls -w", local), ("dls -w sep://", remote)] {
+        let mut child = ChildGuard(child.expect("spawn dls"));
+        assert_eq!(read_first_line_and_leave(&mut child), "= synced\n", "{what}");
+        // Well within the exporter's 5 s keepalive: the closed stdout is
+        // noticed by itself, not at the next line to print.
+        let status = child.wait_timeout(std::time::Duration::from_secs(3));
+        assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{what} did not end quietly");
+    }
 }

@@ -192,9 +192,11 @@ fn watch_remote(host: &RemoteHost, selector: &Selector, format: &Format) -> Resu
     let mut synced = false;
     let mut out = std::io::stdout().lock();
     loop {
-        let line = match lines.next_line(silence) {
+        let line = match lines.next_line(silence, libc::STDOUT_FILENO) {
             Ok(Some(line)) => line,
             Ok(None) => return Err(Error::Failed(format!("{}: the watch was closed", host.uri()))),
+            // Our reader went away: end quietly.
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
             Err(error) => return Err(Error::io(format!("{}: watch lost", host.uri()), error)),
         };
         let event = Event::parse(&line).map_err(|e| Error::Failed(format!("{}: {e}", host.uri())))?;

@@ -79,6 +79,21 @@ pub fn wait(poll: &mut mio::Poll, events: &mut mio::Events, timeout: Option<Dura
     }
 }
 
+/// Registers `output`, where a client prints its lines, under `token`,
+/// so that its reader going away wakes the loop even while there is
+/// nothing to print ([`output_gone`] says so). False where the descriptor
+/// cannot be polled (a regular file, /dev/null): such an output never goes
+/// away.
+pub fn register_output(registry: &mio::Registry, output: std::os::fd::RawFd, token: Token) -> bool {
+    registry.register(&mut mio::unix::SourceFd(&output), token, mio::Interest::WRITABLE).is_ok()
+}
+
+/// Whether an event on an output registered by [`register_output`] says
+/// its reader has gone (`| head -1` exited).
+pub fn output_gone(event: &mio::event::Event) -> bool {
+    event.is_error() || event.is_write_closed()
+}
+
 /// What an event says a descriptor can do. Hang-ups and errors count as
 /// both: the next read or write reports them.
 /// Whether the peer has closed its sending side (or the descriptor broke):

@@ -59,6 +59,12 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
             .register(&mut mio::unix::SourceFd(fd), Token(index), Interest::READABLE)
             .map_err(|e| Error::io("cannot create an event loop", e))?;
     }
+    // Lines are printed only as exporters come and go: without this, a
+    // reader that left would be noticed at the next change, maybe never.
+    let output = Token(discovery.fds().len());
+    if args.watch {
+        crate::event_loop::register_output(poll.registry(), libc::STDOUT_FILENO, output);
+    }
     discovery.query();
     let deadline = (!args.watch).then(|| Instant::now() + listen);
     let mut events = Events::with_capacity(16);
@@ -71,7 +77,10 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         let timeout =
             crate::event_loop::earliest(discovery.timeout(), deadline.map(|d| d.saturating_duration_since(now)));
         crate::event_loop::wait(&mut poll, &mut events, timeout).map_err(|e| Error::io("event loop failed", e))?;
-        if !events.is_empty() {
+        if events.iter().any(|event| event.token() == output && crate::event_loop::output_gone(event)) {
+            return Ok(());
+        }
+        if events.iter().any(|event| event.token() != output) {
             discovery.handle_readable();
         }
         discovery.handle_timers();

@@ -3,9 +3,9 @@
 //! ones, stops the removed ones and leaves the unchanged ones (and their
 //! open connections) alone; a bad file is refused at start naming file and
 //! line, and ignored at SIGHUP; `-c N` caps a service's children, and a
-//! SIGHUP that only changes the cap keeps the socket; `--pidfile`; SIGTERM
-//! exits 0 at once and takes every socket dipusd made along, and nothing
-//! else.
+//! SIGHUP that only changes the cap keeps the socket; `--max-conns 0` is
+//! refused; `--pidfile`; SIGTERM exits 0 at once and takes every socket
+//! dipusd made along, and nothing else.
 
 mod common;
 
@@ -233,6 +233,18 @@ fn a_bad_services_file_at_start_is_refused_naming_file_and_line() {
     let line = assert_error(&out, 1, "dipusd", &[&format!("{}:3: ", services.display()), "remote"]);
     assert_eq!(line.lines().count(), 1, "{line}");
     assert!(!root.tree().exists(), "the tree was created");
+    assert!(!pidfile.exists(), "the pidfile was written");
+}
+
+#[test]
+fn a_connection_cap_of_0_is_refused_as_by_the_exporter() {
+    let root = TestRoot::new();
+    let services = write_services(&root, "");
+    let pidfile = root.path().join("dipusd.pid");
+    let mut cmd = dipusd_cmd(&root, &services, &pidfile, &["--max-conns", "0"]);
+    let out = run_with_timeout(&mut cmd, None, DEFAULT_TIMEOUT);
+    let line = assert_error(&out, 64, "dipusd", &["--max-conns must be at least 1"]);
+    assert_eq!(line.lines().count(), 1, "{line}");
     assert!(!pidfile.exists(), "the pidfile was written");
 }
 

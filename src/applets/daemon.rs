@@ -125,6 +125,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     }
     let port = crate::applets::exporter::port(args.port)?;
     let discovery_port = if args.no_discovery { None } else { Some(Discovery::default_port()?) };
+    let max_connections = crate::applets::exporter::max_connections(args.max_conns)?;
     let host = crate::applets::host_name()?;
     let allow = AllowList::from_args(&args.allow).map_err(|e| Error::Usage(e.to_string()))?;
     let mut import_options =
@@ -163,7 +164,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         ExporterConfig {
             listen: binds.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(),
             allow,
-            max_connections: args.max_conns,
+            max_connections,
         },
     )
     .map_err(|e| Error::io("cannot start the exporter", e))?;

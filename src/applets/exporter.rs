@@ -59,6 +59,14 @@ pub fn port(explicit: Option<u16>) -> Result<u16, Error> {
     }
 }
 
+/// `--max-conns`: an exporter capped at 0 would refuse every connection.
+pub fn max_connections(cap: usize) -> Result<usize, Error> {
+    match cap {
+        0 => Err(Error::Usage("--max-conns must be at least 1".into())),
+        cap => Ok(cap),
+    }
+}
+
 /// Drops root for `user`: its groups, then its gid, then its uid.
 pub fn drop_privileges(user: &str) -> Result<(), Error> {
     use nix::unistd::{setgid, setgroups, setuid, User};
@@ -73,9 +81,7 @@ pub fn drop_privileges(user: &str) -> Result<(), Error> {
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let args: Args = crate::applets::parse_args(name, args);
     let port = port(args.port)?;
-    if args.max_conns == 0 {
-        return Err(Error::Usage("--max-conns must be at least 1".into()));
-    }
+    let max_connections = max_connections(args.max_conns)?;
     let allow = AllowList::from_args(&args.allow).map_err(|e| Error::Usage(e.to_string()))?;
     let binds = if args.bind.is_empty() { vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)] } else { args.bind };
     let listen: Vec<SocketAddr> = binds.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
@@ -83,7 +89,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let tree = Tree::from_env()?;
     let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT])
         .map_err(|e| Error::io("cannot set up signal handling", e))?;
-    let mut exporter = Exporter::new(tree, ExporterConfig { listen, allow, max_connections: args.max_conns })
+    let mut exporter = Exporter::new(tree, ExporterConfig { listen, allow, max_connections })
         .map_err(|e| Error::io("cannot start the exporter", e))?;
     if let Some(user) = &args.user {
         drop_privileges(user)?;

@@ -37,6 +37,10 @@ pub struct TreeWatcher {
     known: BTreeMap<PathBuf, Service>,
     /// Changes found while setting up watches, not yet handed out.
     pending: Vec<Change>,
+    /// A watch on the root's parent, for the root itself being removed or
+    /// moved away: the root's own IN_DELETE_SELF comes only once nothing
+    /// holds the directory any more, and every socket bound below it does.
+    parent: Option<WatchDescriptor>,
 }
 
 fn watch_flags() -> AddWatchFlags {
@@ -62,9 +66,16 @@ impl TreeWatcher {
             directories: HashMap::new(),
             known: BTreeMap::new(),
             pending: Vec::new(),
+            parent: None,
         };
         watcher.watch_directory(tree.root().to_path_buf())?;
         watcher.pending.clear();
+        if let Some(parent) = tree.root().parent() {
+            let flags = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_ONLYDIR;
+            // Without it (a parent we may not read), a removed root is
+            // noticed when the last socket below it is closed.
+            watcher.parent = watcher.inotify.add_watch(parent, flags).ok();
+        }
         Ok(watcher)
     }
 
@@ -91,6 +102,13 @@ impl TreeWatcher {
             for event in events {
                 if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                     self.rescan_into_pending();
+                    continue;
+                }
+                if Some(event.wd) == self.parent {
+                    let root = self.tree.root().to_path_buf();
+                    if event.mask.contains(AddWatchFlags::IN_ISDIR) && event.name.as_deref() == root.file_name() {
+                        self.forget_directory(&root);
+                    }
                     continue;
                 }
                 let Some(directory) = self.directories.get(&event.wd).cloned() else {
@@ -139,11 +157,19 @@ impl TreeWatcher {
     /// clients; daemons put [`fd`](Self::fd) in their event loop instead).
     /// `output` is where the caller prints: if its reader goes away while
     /// nothing changes, this returns `BrokenPipe` rather than wait on.
+    /// Once the root itself is removed or moved away, after the services
+    /// under it were reported gone, this returns `NotFound`: a root made
+    /// again in its place would never be watched, and waiting on would
+    /// report nothing, for ever.
     pub fn wait_changes(&mut self, output: RawFd) -> io::Result<Vec<Change>> {
         loop {
             let changes = self.read_changes()?;
             if !changes.is_empty() {
                 return Ok(changes);
+            }
+            if !self.directories.values().any(|directory| directory == self.tree.root()) {
+                let root = self.tree.root().display();
+                return Err(io::Error::new(io::ErrorKind::NotFound, format!("{root} was removed or moved away")));
             }
             let mut fds = [
                 libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 },

@@ -148,3 +148,23 @@ fn sockets_in_directories_made_in_a_burst_are_all_reported() {
     assert_eq!(lines.next_line(QUIET), None, "each reported once");
     assert!(root.with_child(monitor, |c| c.is_running()));
 }
+
+#[test]
+fn a_removed_root_ends_the_monitor_and_dls_watch_with_status_74() {
+    let root = TestRoot::new();
+    // A server keeps its socket, and so the root, alive in the kernel after
+    // the removal: the root's own watch says nothing until it is gone.
+    let (_server, path) = serve(&root, "cat", "held/text/plain", "local/text/plain/held.testhost..0");
+    let (monitor, mut monitor_lines) = root.spawn_lines(&mut root.cmd("dipus-service-monitor"));
+    let (watch, mut watch_lines) = root.spawn_lines(root.cmd("dls").arg("-w"));
+    wait_watching(monitor, 4);
+    watch_lines.expect_line(&plus(&path), DEFAULT_TIMEOUT);
+    watch_lines.expect_line("= synced", DEFAULT_TIMEOUT);
+    wait_watching(watch, 4);
+    std::fs::remove_dir_all(root.tree()).expect("remove the tree");
+    for (pid, lines) in [(monitor, &mut monitor_lines), (watch, &mut watch_lines)] {
+        lines.expect_line(&minus(&path), DEFAULT_TIMEOUT);
+        let status = root.with_child(pid, |child| child.wait_timeout(DEFAULT_TIMEOUT));
+        assert_eq!(status.map(|s| s.code()), Some(Some(74)), "a watch of a tree that is gone went on");
+    }
+}

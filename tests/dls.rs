@@ -320,3 +320,25 @@ fn watch_ends_when_its_reader_goes_away_while_nothing_changes() {
         assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{what} did not end quietly");
     }
 }
+
+/// Runs `cmd` (bounded in time) with stdout on /dev/full, where every
+/// write fails with ENOSPC; returns the exit status and stderr.
+fn run_into_a_full_disk(root: &TestRoot, cmd: &mut Command) -> (Option<i32>, String) {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let stderr = root.path().join(format!("stderr-{}", next_id()));
+    cmd.stdin(Stdio::null()).stdout(full).stderr(std::fs::File::create(&stderr).unwrap());
+    let mut child = ChildGuard::spawn(cmd);
+    let status = child.wait_timeout(DEFAULT_TIMEOUT).unwrap_or_else(|| panic!("{cmd:?} did not exit"));
+    (status.code(), std::fs::read_to_string(&stderr).unwrap_or_default())
+}
+
+#[test]
+fn a_listing_lost_to_a_write_error_is_a_failure_not_success() {
+    let root = TestRoot::new();
+    let _services = plant(&root, &["local/text/plain/sorter.beta..0"]);
+    for args in [&["-1"][..], &[], &["-w"]] {
+        let (status, stderr) = run_into_a_full_disk(&root, root.cmd("dls").args(args));
+        assert_eq!(status, Some(74), "dls {args:?}: {stderr}");
+        assert_eq!(stderr, "dls: cannot write to stdout: No space left on device (os error 28)\n", "dls {args:?}");
+    }
+}

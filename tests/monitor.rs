@@ -168,3 +168,25 @@ fn a_removed_root_ends_the_monitor_and_dls_watch_with_status_74() {
         assert_eq!(status.map(|s| s.code()), Some(Some(74)), "a watch of a tree that is gone went on");
     }
 }
+
+#[test]
+fn lines_lost_to_a_write_error_end_the_monitor_with_status_74() {
+    let root = TestRoot::new();
+    let (_server, _) = serve(&root, "cat", "held/text/plain", "local/text/plain/held.testhost..0");
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let mut cmd = root.cmd("dipus-service-monitor");
+    cmd.arg("--initial").stdin(std::process::Stdio::null()).stdout(full).stderr(std::process::Stdio::piped());
+    let out = run_child(cmd);
+    assert_eq!(out.0, Some(74), "{}", out.1);
+    assert_eq!(out.1, "dipus-service-monitor: cannot write to stdout: No space left on device (os error 28)\n");
+}
+
+/// Waits (bounded) for `cmd` to exit; its status and its piped stderr.
+fn run_child(mut cmd: std::process::Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = ChildGuard::spawn(&mut cmd);
+    let status = child.wait_timeout(DEFAULT_TIMEOUT).unwrap_or_else(|| panic!("{cmd:?} did not exit"));
+    let mut stderr = String::new();
+    child.0.stderr.take().expect("piped stderr").read_to_string(&mut stderr).unwrap();
+    (status.code(), stderr)
+}

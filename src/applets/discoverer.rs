@@ -91,17 +91,17 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
                     PeerEvent::Left { host, .. } => format!("- {host}"),
                     PeerEvent::Heard { .. } => continue,
                 };
-                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                if !crate::applets::written(writeln!(out, "{line}").and_then(|()| out.flush()))? {
                     return Ok(());
                 }
             }
         }
     }
+    let mut text = String::new();
     for peer in discovery.peers() {
-        if writeln!(out, "{} {} {}", peer.host, peer.address, peer.port).is_err() {
-            break;
-        }
+        text.push_str(&format!("{} {} {}\n", peer.host, peer.address, peer.port));
     }
+    crate::applets::written(out.write_all(text.as_bytes()).and_then(|()| out.flush()))?;
     if discovery.drops.total() > 0 {
         log::info!("dropped datagrams: {:?}", discovery.drops.by_reason);
     }

@@ -18,6 +18,7 @@ use std::os::unix::fs::MetadataExt;
 
 use argh::FromArgs;
 
+use crate::applets::written;
 use crate::error::Error;
 use crate::name::ServicePath;
 use crate::probe;
@@ -87,7 +88,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     }
     let services: Vec<Listed> = tree.list()?.iter().filter(|s| selected(s)).map(Listed::local).collect();
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(render(&services, &format).as_bytes());
+    written(out.write_all(render(&services, &format).as_bytes()).and_then(|()| out.flush()))?;
     Ok(())
 }
 
@@ -163,7 +164,8 @@ fn list_remote(remotes: &[(RemoteHost, Selector)], format: &Format, watch: bool)
     for (host, selector) in remotes {
         services.extend(host.list(selector)?.iter().filter_map(|wire| Listed::remote(host, wire)));
     }
-    let _ = std::io::stdout().lock().write_all(render(&services, format).as_bytes());
+    let mut out = std::io::stdout().lock();
+    written(out.write_all(render(&services, format).as_bytes()).and_then(|()| out.flush()))?;
     Ok(())
 }
 
@@ -219,7 +221,7 @@ fn watch_remote(host: &RemoteHost, selector: &Selector, format: &Format) -> Resu
                 None => continue,
             },
         };
-        let written = if terminal {
+        let result = if terminal {
             if !synced {
                 continue;
             }
@@ -228,7 +230,7 @@ fn watch_remote(host: &RemoteHost, selector: &Selector, format: &Format) -> Resu
         } else {
             out.write_all(text.as_bytes())
         };
-        if written.and_then(|()| out.flush()).is_err() {
+        if !written(result.and_then(|()| out.flush()))? {
             return Ok(());
         }
     }
@@ -325,10 +327,10 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
     let redraw = |out: &mut std::io::StdoutLock, watcher: &TreeWatcher| {
         let services: Vec<Listed> = watcher.current().iter().filter(|s| selected(s)).map(Listed::local).collect();
         // Home, clear to the end of the screen, table.
-        write!(out, "\x1b[H\x1b[2J{}", render(&services, format)).and_then(|()| out.flush()).is_ok()
+        write!(out, "\x1b[H\x1b[2J{}", render(&services, format)).and_then(|()| out.flush())
     };
     if terminal {
-        if !redraw(&mut out, &watcher) {
+        if !written(redraw(&mut out, &watcher))? {
             return Ok(());
         }
     } else {
@@ -337,7 +339,7 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
             text.push_str(&format!("+ {}\n", service.full.display()));
         }
         text.push_str("= synced\n");
-        if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        if !written(out.write_all(text.as_bytes()).and_then(|()| out.flush()))? {
             return Ok(());
         }
     }
@@ -349,7 +351,7 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
             Err(error) => return Err(Error::io("cannot read changes", error)),
         };
         if terminal {
-            if !redraw(&mut out, &watcher) {
+            if !written(redraw(&mut out, &watcher))? {
                 return Ok(());
             }
             continue;
@@ -366,7 +368,7 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
                 _ => {}
             }
         }
-        if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        if !written(out.write_all(text.as_bytes()).and_then(|()| out.flush()))? {
             return Ok(());
         }
     }

@@ -205,6 +205,18 @@ fn applet_arguments(raw_args: &[OsString]) -> Result<Vec<String>, Error> {
         .collect()
 }
 
+/// What became of output to stdout: `Ok(true)` written, `Ok(false)` the
+/// reader went away (`| head -1`: their choice, so the applet ends
+/// quietly), and an error where the output was lost otherwise (a full
+/// disk, EIO), which a script must not take for success.
+pub fn written(result: std::io::Result<()>) -> Result<bool, Error> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(error) => Err(Error::io("cannot write to stdout", error)),
+    }
+}
+
 /// Prints help and listings. The reader may be gone (`dipus --list | head
 /// -1`): with SIGPIPE ignored, `print!` would panic on EPIPE, and there is
 /// no one left to tell.

@@ -12,6 +12,7 @@ use std::io::Write;
 
 use argh::FromArgs;
 
+use crate::applets::written;
 use crate::error::Error;
 use crate::selector::Selector;
 use crate::tree::Tree;
@@ -36,14 +37,14 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let mut watcher =
         TreeWatcher::new(&tree).map_err(|e| Error::io(format!("cannot watch {}", tree.root().display()), e))?;
     let mut out = std::io::stdout().lock();
-    let mut emit = |line: String| -> bool { writeln!(out, "{line}").and_then(|()| out.flush()).is_ok() };
+    let mut emit = |line: String| written(writeln!(out, "{line}").and_then(|()| out.flush()));
     if args.initial {
         for service in watcher.current() {
-            if selector.matches(&service.path, &service.full) && !emit(format!("+ {}", service.full.display())) {
+            if selector.matches(&service.path, &service.full) && !emit(format!("+ {}", service.full.display()))? {
                 return Ok(());
             }
         }
-        if !emit("= synced".into()) {
+        if !emit("= synced".into())? {
             return Ok(());
         }
     }
@@ -65,7 +66,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
                 _ => continue,
             };
             // A closed stdout ends the monitor quietly.
-            if !emit(line) {
+            if !emit(line)? {
                 return Ok(());
             }
         }

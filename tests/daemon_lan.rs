@@ -11,7 +11,7 @@ mod common;
 use common::lan::Lan;
 use common::service::{assert_success, sockets, text, wait_for_socket};
 use common::*;
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A new service is usable on the other hosts this soon.
@@ -196,4 +196,17 @@ fn a_discovery_port_that_is_no_port_is_a_usage_error() {
         let out = run_with_timeout(lan.on(0, applet, args).env("DIPUS_DISCOVERY_PORT", "7347x"), None, DEFAULT_TIMEOUT);
         common::service::assert_error(&out, 64, applet, &["DIPUS_DISCOVERY_PORT=\"7347x\" is not a port number"]);
     }
+}
+
+#[test]
+fn the_discoverer_watching_ends_when_its_reader_goes_away_while_no_exporter_is_heard() {
+    // On a host of its own: the discoverer asks the LAN at start.
+    let Some(lan) = Lan::new(&["h1"]) else { return };
+    let mut child =
+        ChildGuard::spawn(lan.on(0, "dipus-discoverer", &["-w"]).stdin(Stdio::null()).stdout(Stdio::piped()));
+    // The reader leaves before anything is printed: `| head -1` on a LAN
+    // that stays as it is.
+    drop(child.0.stdout.take());
+    let status = child.wait_timeout(Duration::from_secs(3));
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "the discoverer kept watching for no one");
 }

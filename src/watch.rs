@@ -70,13 +70,20 @@ impl TreeWatcher {
         };
         watcher.watch_directory(tree.root().to_path_buf())?;
         watcher.pending.clear();
-        if let Some(parent) = tree.root().parent() {
+        Ok(watcher)
+    }
+
+    /// Also watches the root's parent, so that the root itself being
+    /// removed or moved away is noticed at once, for the clients that wait
+    /// with [`wait_changes`](Self::wait_changes). Not for daemons: the
+    /// parent is usually /tmp, whose every deletion would wake them.
+    pub fn follow_root(&mut self) {
+        if let Some(parent) = self.tree.root().parent() {
             let flags = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_ONLYDIR;
             // Without it (a parent we may not read), a removed root is
             // noticed when the last socket below it is closed.
-            watcher.parent = watcher.inotify.add_watch(parent, flags).ok();
+            self.parent = self.inotify.add_watch(parent, flags).ok();
         }
-        Ok(watcher)
     }
 
     pub fn fd(&self) -> RawFd {

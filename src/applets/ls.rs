@@ -322,6 +322,7 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
     tree.ensure_root()?;
     let mut watcher =
         TreeWatcher::new(tree).map_err(|e| Error::io(format!("cannot watch {}", tree.root().display()), e))?;
+    watcher.follow_root();
     let mut out = std::io::stdout().lock();
     let terminal = std::io::stdout().is_terminal();
     let redraw = |out: &mut std::io::StdoutLock, watcher: &TreeWatcher| {

@@ -36,6 +36,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     tree.ensure_root()?;
     let mut watcher =
         TreeWatcher::new(&tree).map_err(|e| Error::io(format!("cannot watch {}", tree.root().display()), e))?;
+    watcher.follow_root();
     let mut out = std::io::stdout().lock();
     let mut emit = |line: String| written(writeln!(out, "{line}").and_then(|()| out.flush()));
     if args.initial {

@@ -130,6 +130,11 @@ impl Tree {
             if meta.file_type().is_symlink() {
                 return Err(TreeError::RootSymlink(root));
             }
+            // A missing root is an empty tree; a file is a mistake, and
+            // listing nothing from it would hide that.
+            if !meta.is_dir() {
+                return Err(TreeError::NotDirectory(root));
+            }
         }
         Ok(Tree { root })
     }

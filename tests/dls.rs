@@ -342,3 +342,27 @@ fn a_listing_lost_to_a_write_error_is_a_failure_not_success() {
         assert_eq!(stderr, "dls: cannot write to stdout: No space left on device (os error 28)\n", "dls {args:?}");
     }
 }
+
+#[test]
+fn a_root_that_is_a_file_is_an_error_not_an_empty_tree() {
+    let root = TestRoot::new();
+    let file = root.path().join("not-a-tree");
+    std::fs::write(&file, "").unwrap();
+    let out = run_with_timeout(root.cmd("dls").env("DIPUS_ROOT", &file), None, DEFAULT_TIMEOUT);
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).as_ref(),
+            String::from_utf8_lossy(&out.stderr).as_ref()
+        ),
+        (
+            Some(1),
+            "",
+            format!("dls: {} is not a directory (a symlink or a file is in the way)\n", file.display()).as_str()
+        )
+    );
+    // A root that is not there yet is only an empty tree.
+    let out =
+        run_with_timeout(root.cmd("dls").arg("-1").env("DIPUS_ROOT", root.path().join("none")), None, DEFAULT_TIMEOUT);
+    assert_eq!((out.status.code(), out.stdout.as_slice(), out.stderr.as_slice()), (Some(0), &b""[..], &b""[..]));
+}

@@ -111,6 +111,23 @@ impl Raw {
     }
 }
 
+/// `request` sent (with the write side shut if `end`) and the whole answer,
+/// retried while it is that all connection slots are taken.
+fn answered_once_a_slot_is_free(port: u16, request: &[u8], end: bool) -> (Raw, String) {
+    let mut answered = None;
+    wait_until(DEFAULT_TIMEOUT, "a free connection slot", || {
+        let mut raw = Raw::request(port, request);
+        if end {
+            raw.0.shutdown(Shutdown::Write).unwrap();
+        }
+        let reply = raw.rest(DEFAULT_TIMEOUT);
+        let busy = reply == "SEP/1 503 service unavailable: too many connections\n";
+        answered = Some((raw, reply));
+        !busy
+    });
+    answered.unwrap()
+}
+
 /// Asserts that a listener the test holds was never connected to.
 fn assert_untouched(listener: &UnixListener, what: &str) {
     listener.set_nonblocking(true).unwrap();
@@ -186,14 +203,16 @@ fn a_request_line_unfinished_after_10_s_gets_400_and_a_close() {
 fn a_request_cut_off_by_the_end_of_data_gets_400_at_once_and_a_lingering_peer_is_let_go() {
     let root = sorter_root();
     let port = start_exporter(&root, &["--max-conns", "1"]);
-    let mut cut = Raw::request(port, b"SEP/1 PI");
-    cut.0.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(cut.rest(Duration::from_secs(5)), "SEP/1 400 bad request: the request line ends without a line feed\n");
+    // The probe that saw the exporter start frees the one slot only once
+    // the exporter has read its close; a connection made before that is
+    // turned away, so the first request waits for the slot.
+    let (cut, reply) = answered_once_a_slot_is_free(port, b"SEP/1 PI", true);
+    assert_eq!(reply, "SEP/1 400 bad request: the request line ends without a line feed\n");
     drop(cut);
     // A peer that has its answer but keeps the connection open holds the
     // only slot for the 5 s linger, not for the 30 s stall timer.
-    let mut held = Raw::request(port, b"SEP/1 PING\n");
-    assert_eq!(held.rest(DEFAULT_TIMEOUT), "SEP/1 200 OK\n");
+    let (held, answer) = answered_once_a_slot_is_free(port, b"SEP/1 PING\n", false);
+    assert_eq!(answer, "SEP/1 200 OK\n");
     let answered = Instant::now();
     assert_eq!(
         Raw::request(port, b"SEP/1 PING\n").rest(DEFAULT_TIMEOUT),

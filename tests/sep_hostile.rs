@@ -547,3 +547,15 @@ fn the_exporter_runs_as_the_user_it_is_told_once_it_has_bound_and_still_serves()
     assert_eq!(ids("Groups:").iter().filter(|g| *g == "0").count(), 0, "no supplementary root group");
     assert_sorter_works(&root, &sorter_uri(port));
 }
+
+#[test]
+fn the_exporter_exits_0_on_sigterm_sigint_and_sighup() {
+    // As the other servers do: a supervisor or a closed terminal is no
+    // failure of the exporter's.
+    for signal in ["TERM", "INT", "HUP"] {
+        let root = sorter_root();
+        let (pid, _) = common::service::spawn_exporter(&root, &[]);
+        let status = stop(&root, pid, signal);
+        assert_eq!(status.code(), Some(0), "SIG{signal}: {status}");
+    }
+}

@@ -87,7 +87,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let listen: Vec<SocketAddr> = binds.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
     crate::net::raise_fd_limit();
     let tree = Tree::from_env()?;
-    let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT])
+    let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
         .map_err(|e| Error::io("cannot set up signal handling", e))?;
     let mut exporter = Exporter::new(tree, ExporterConfig { listen, allow, max_connections })
         .map_err(|e| Error::io("cannot start the exporter", e))?;

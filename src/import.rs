@@ -323,13 +323,28 @@ impl HostLock {
         keys.dedup();
         let mut files = Vec::with_capacity(keys.len());
         for key in keys {
-            let key: String =
-                key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+            let key = lock_key(&key);
             // Taken ones are let go again (and removed) if a later one is held.
             files.push(LockFile::take(&directory.join(format!(".import-{key}.lock")), &uri)?);
         }
         Ok(HostLock { _files: files })
     }
+}
+
+/// `key` as a file name, one to one: letters, digits, '.' and '-' as they
+/// are, any other byte as `_` and two hex digits. (Mapping them all to
+/// '_' made `ssh://a_b@c` and `ssh://a@b_c` one lock, and refused the
+/// second import of two different hosts.)
+fn lock_key(key: &str) -> String {
+    let mut name = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'.' || byte == b'-' {
+            name.push(byte as char);
+        } else {
+            name.push_str(&format!("_{byte:02x}"));
+        }
+    }
+    name
 }
 
 impl LockFile {
@@ -1211,5 +1226,18 @@ fn read_status_line(link: &mut Link) -> io::Result<Option<Vec<u8>>> {
                 }
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_names_are_one_to_one() {
+        assert_eq!(lock_key("127.0.0.1:7347"), "127.0.0.1_3a7347");
+        assert_eq!(lock_key("[::1]:7347"), "_5b_3a_3a1_5d_3a7347");
+        assert_ne!(lock_key("ssh://a_b@c"), lock_key("ssh://a@b_c"));
+        assert_ne!(lock_key("a_b"), lock_key("a:b"));
     }
 }

@@ -166,7 +166,7 @@ fn importing_the_same_exporter_twice_is_refused() {
     let port = start_exporter(&a, &[]);
     let b = TestRoot::new().with_host("hostb");
     let first = import(&b, &[], &uri(port));
-    let lock = b.tree().join(format!("imported/.import-127.0.0.1_{port}.lock"));
+    let lock = b.tree().join(format!("imported/.import-127.0.0.1_3a{port}.lock"));
     for extra in [&[][..], &["-f"][..]] {
         let out = import_cmd(&b, &[extra, &[&uri(port)]].concat());
         let stderr = assert_error(&out, 1, "dipus-import", &[]);

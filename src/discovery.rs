@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt};
 
-use crate::datagram::{Datagram, RateLimiter, DISCOVERY_PORT, MAX_DATAGRAM};
+use crate::datagram::{Datagram, RateLimiter, MAX_DATAGRAM};
 
 /// An exporter heard of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,17 +197,6 @@ impl Discovery {
             drops: Drops::new(),
             events: Vec::new(),
         })
-    }
-
-    /// The UDP port: `DIPUS_DISCOVERY_PORT`, else 7347. A value that is no
-    /// port is a usage error, not a silent fall back to the LAN's port.
-    pub fn default_port() -> Result<u16, crate::error::Error> {
-        match std::env::var("DIPUS_DISCOVERY_PORT") {
-            Ok(text) if !text.is_empty() => text
-                .parse()
-                .map_err(|_| crate::error::Error::Usage(format!("DIPUS_DISCOVERY_PORT={text:?} is not a port number"))),
-            _ => Ok(DISCOVERY_PORT),
-        }
     }
 
     pub fn fds(&self) -> [i32; 2] {

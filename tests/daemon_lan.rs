@@ -11,6 +11,8 @@ mod common;
 use common::lan::Lan;
 use common::service::{assert_success, sockets, text, wait_for_socket};
 use common::*;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -192,9 +194,13 @@ fn a_discovery_port_that_is_no_port_is_a_usage_error() {
         ("dipusd", &["--port", "0", "--services", "/dev/null"]),
         ("dipus-ssh-importer", &["--discover"]),
     ];
-    for (applet, args) in runs {
-        let out = run_with_timeout(lan.on(0, applet, args).env("DIPUS_DISCOVERY_PORT", "7347x"), None, DEFAULT_TIMEOUT);
-        common::service::assert_error(&out, 64, applet, &["DIPUS_DISCOVERY_PORT=\"7347x\" is not a port number"]);
+    let cases: [(&OsStr, &str); 2] = [
+        (OsStr::new("7347x"), "DIPUS_DISCOVERY_PORT=\"7347x\" is not a port number"),
+        (OsStr::from_bytes(b"73\xff"), "DIPUS_DISCOVERY_PORT=\"73\\xFF\" is not valid UTF-8"),
+    ];
+    for ((applet, args), (value, message)) in runs.into_iter().flat_map(|run| cases.map(|case| (run, case))) {
+        let out = run_with_timeout(lan.on(0, applet, args).env("DIPUS_DISCOVERY_PORT", value), None, DEFAULT_TIMEOUT);
+        common::service::assert_error(&out, 64, applet, &[message]);
     }
 }
 

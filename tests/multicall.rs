@@ -215,3 +215,37 @@ fn arguments_that_are_not_utf8_are_a_usage_error() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(text(&out.stdout), format!("dipus {}\n", env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn settings_in_the_environment_that_are_not_utf8_or_no_port_are_a_usage_error() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    // Falling back to the default port or host name would put the service
+    // or the exporter where the user did not ask for it.
+    let root = TestRoot::new();
+    let bad = OsStr::from_bytes(b"b\xff");
+    let exporter = ["--bind", "127.0.0.1"];
+    let cases: [(&str, &[&str], &str, &OsStr, &str); 4] = [
+        ("dipus-exporter", &exporter, "DIPUS_PORT", OsStr::new("7347x"), "DIPUS_PORT=\"7347x\" is not a port number"),
+        ("dipus-exporter", &exporter, "DIPUS_PORT", bad, "DIPUS_PORT=\"b\\xFF\" is not valid UTF-8"),
+        (
+            "dipus-local-pipe",
+            &["cat", "echo/text/plain"],
+            "DIPUS_HOSTNAME",
+            bad,
+            "DIPUS_HOSTNAME=\"b\\xFF\" is not valid UTF-8",
+        ),
+        (
+            "dipus-export-pipe",
+            &["cat", "echo/text/plain"],
+            "DIPUS_HOSTNAME",
+            bad,
+            "DIPUS_HOSTNAME=\"b\\xFF\" is not valid UTF-8",
+        ),
+    ];
+    for (applet, args, name, value, message) in cases {
+        let out = run(root.cmd(applet).args(args).env(name, value));
+        assert_error(&out, 64, applet, &[message]);
+    }
+    assert!(!root.tree().exists(), "nothing was created");
+}

@@ -124,7 +124,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         return Err(Error::Usage(format!("--ttl {}: expected 1 to {}", args.ttl, crate::datagram::MAX_TTL)));
     }
     let port = crate::applets::exporter::port(args.port)?;
-    let discovery_port = if args.no_discovery { None } else { Some(Discovery::default_port()?) };
+    let discovery_port = if args.no_discovery { None } else { Some(crate::applets::discovery_port()?) };
     let max_connections = crate::applets::exporter::max_connections(args.max_conns)?;
     let host = crate::applets::host_name()?;
     let allow = AllowList::from_args(&args.allow).map_err(|e| Error::Usage(e.to_string()))?;

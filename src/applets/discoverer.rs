@@ -51,7 +51,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         .filter(|d| !d.is_zero() && *d < Duration::from_secs(86400))
         .ok_or_else(|| Error::Usage(format!("-t {}: expected seconds, more than 0, e.g. 2 or 0.5", args.time)))?;
     let host = crate::applets::host_name()?;
-    let mut discovery = Discovery::new(&host, None, Discovery::default_port()?)
+    let mut discovery = Discovery::new(&host, None, crate::applets::discovery_port()?)
         .map_err(|e| Error::io("cannot listen for exporters", e))?;
     let mut poll = Poll::new().map_err(|e| Error::io("cannot create an event loop", e))?;
     for (index, fd) in discovery.fds().iter().enumerate() {

@@ -51,12 +51,7 @@ pub fn port(explicit: Option<u16>) -> Result<u16, Error> {
     if let Some(port) = explicit {
         return Ok(port);
     }
-    match std::env::var("DIPUS_PORT") {
-        Ok(text) if !text.is_empty() => {
-            text.parse().map_err(|_| Error::Usage(format!("DIPUS_PORT={text:?} is not a port number")))
-        }
-        _ => Ok(crate::sep::DEFAULT_PORT),
-    }
+    super::port_setting("DIPUS_PORT", crate::sep::DEFAULT_PORT)
 }
 
 /// `--max-conns`: an exporter capped at 0 would refuse every connection.

@@ -63,7 +63,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         return Err(Error::Usage("name at least one HOST, or --discover".into()));
     }
     let targets = args.hosts.iter().map(|host| parse_host(host)).collect::<Result<Vec<_>, _>>()?;
-    let discovery_port = if args.discover { Some(Discovery::default_port()?) } else { None };
+    let discovery_port = if args.discover { Some(crate::applets::discovery_port()?) } else { None };
     let options = crate::applets::pipe::socket_options(
         Some(args.mode.as_deref().unwrap_or("0600")),
         args.group.as_deref(),

@@ -388,6 +388,8 @@ pub enum ImportError {
     AlreadyImported { uri: String, lock: std::path::PathBuf },
     #[error("cannot open the import lock {}: {source}", path.display())]
     Lock { path: std::path::PathBuf, source: io::Error },
+    #[error("too many imports at once; not importing {uri}")]
+    TooMany { uri: String },
 }
 
 /// What happened to the session, for the caller (the applet waits for the

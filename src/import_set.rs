@@ -9,7 +9,7 @@ use std::time::Duration;
 use mio::Registry;
 
 use crate::event_loop::{self, earliest};
-use crate::import::{Dialer, HostLock, ImportConfig, Importer};
+use crate::import::{Dialer, HostLock, ImportConfig, ImportError, Importer};
 use crate::name::Scope;
 use crate::tree::{SocketOptions, Tree};
 
@@ -42,20 +42,24 @@ impl ImportSet {
     }
 
     /// Starts importing what `selector` picks (everything if `None`).
-    pub fn start(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>) {
+    pub fn start(
+        &mut self,
+        registry: &Registry,
+        key: String,
+        dialer: Dialer,
+        selector: Option<String>,
+    ) -> Result<(), ImportError> {
         if self.imports.contains_key(&key) {
-            return;
+            return Ok(());
         }
         let Some(component) = self.free_components.pop() else {
-            log::warn!("{key}: too many imports at once; not importing");
-            return;
+            return Err(ImportError::TooMany { uri: dialer.uri() });
         };
         let lock = match HostLock::acquire(&self.tree.scope_dir(&self.scope), &dialer) {
             Ok(lock) => lock,
             Err(error) => {
-                log::warn!("{key}: {error}");
                 self.free_components.push(component);
-                return;
+                return Err(error);
             }
         };
         let config = ImportConfig { dialer, selector, scope: self.scope.clone(), options: self.options.clone() };
@@ -63,6 +67,7 @@ impl ImportSet {
         importer.handle_timers(registry);
         self.key_of.insert(component, key.clone());
         self.imports.insert(key, Import { importer, component, _lock: lock });
+        Ok(())
     }
 
     pub fn stop(&mut self, registry: &Registry, key: &str) {

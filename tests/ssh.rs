@@ -888,6 +888,37 @@ fn the_ssh_importer_imports_and_cleans_up() {
     }
 }
 
+/// A named host that another importer holds is refused at once, as
+/// dipus-import refuses it, instead of leaving an importer that imports
+/// nothing; what the other importer made stays.
+#[test]
+fn the_ssh_importer_refuses_a_host_already_imported() {
+    let Some(link) = Link::new() else { return };
+    link.serve(&[], "LC_ALL=C sort", "sorter/text/plain");
+    let scope = link.scope();
+    let host = format!("root@127.0.0.1:{}", link.port());
+    let mut first = ChildGuard::spawn(
+        link.cmd("dipus-ssh-importer").arg(&host).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()),
+    );
+    let wanted = ["text/plain/sorter.remote..0"];
+    wait_until(SSH_TIMEOUT, "the first importer's proxy", || services_under(&scope) == wanted);
+    let other_spelling = format!("root@localhost:{}", link.port());
+    for hosts in [vec![host.clone()], vec![other_spelling, host.clone()]] {
+        let out = run_with_timeout(link.cmd("dipus-ssh-importer").args(&hosts), None, SSH_TIMEOUT);
+        let stderr = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{hosts:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("dipus-ssh-importer: {} is already being imported (lock ", link.uri("root")))
+                && stderr.lines().count() == 1,
+            "{hosts:?}: {stderr}"
+        );
+        assert_eq!(services_under(&scope), wanted, "{hosts:?}");
+        assert_eq!(link.ask(&["sorter.remote"], b"b\na\n"), "a\nb\n");
+    }
+    let status = first.terminate(DEFAULT_TIMEOUT).expect("the importer exits on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
 #[test]
 fn the_remote_kernel_judges_as_the_remote_user() {
     let shared = SharedBinary::new();

@@ -94,8 +94,14 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         None
     };
     let mut imports = ImportSet::new(tree, scope, options, FIRST_IMPORTER);
+    // A host named here that another importer holds is refused, as
+    // dipus-import refuses it: running on without it would look like
+    // success.
     for target in targets {
-        imports.start(poll.registry(), target.uri(), Dialer::Ssh(target), None);
+        if let Err(error) = imports.start(poll.registry(), target.uri(), Dialer::Ssh(target), None) {
+            imports.stop_all(poll.registry());
+            return Err(error.into());
+        }
     }
     let result = run(&mut poll, &signals, &mut imports, discovery.as_mut());
     imports.stop_all(poll.registry());
@@ -135,7 +141,10 @@ fn run(
                     PeerEvent::Joined(peer) => {
                         let target = SshTarget { user: None, host: peer.address.to_string(), port: None };
                         imports.stop(poll.registry(), &peer.host);
-                        imports.start(poll.registry(), peer.host, Dialer::Ssh(target), None);
+                        if let Err(error) = imports.start(poll.registry(), peer.host.clone(), Dialer::Ssh(target), None)
+                        {
+                            log::warn!("{}: {error}", peer.host);
+                        }
                     }
                     PeerEvent::Left { host, .. } => imports.stop(poll.registry(), &host),
                     PeerEvent::Heard { host } => imports.retry_now(&host),

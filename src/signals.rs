@@ -73,3 +73,59 @@ impl SignalPipe {
         signals
     }
 }
+
+/// The signal noted while [`Deferred`] holds, 0 for none.
+static DEFERRED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_signal(number: libc::c_int) {
+    // The same signal twice: the user insists, and gets it now.
+    if DEFERRED.swap(number, Ordering::Relaxed) == number {
+        // SAFETY: signal(2) and raise(3) are async-signal-safe.
+        unsafe {
+            libc::signal(number, libc::SIG_DFL);
+            libc::raise(number);
+        }
+    }
+}
+
+/// While held, SIGINT, SIGTERM and SIGHUP are noted instead of acted on,
+/// so that a short section that leaves state outside the process (ssh
+/// forwards in a shared master) undoes it before the process ends. Dropped,
+/// it puts back what was there and raises the signal noted, which then
+/// acts as it would have. A signal the process ignores stays ignored; the
+/// same signal twice acts at once.
+pub struct Deferred {
+    previous: Vec<(Signal, SigAction)>,
+}
+
+impl Deferred {
+    pub fn hold() -> io::Result<Deferred> {
+        DEFERRED.store(0, Ordering::Relaxed);
+        let action = SigAction::new(SigHandler::Handler(note_signal), SaFlags::SA_RESTART, SigSet::empty());
+        let mut deferred = Deferred { previous: Vec::new() };
+        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: the handler only calls async-signal-safe functions.
+            let previous = unsafe { sigaction(signal, &action) }.map_err(io::Error::from)?;
+            deferred.previous.push((signal, previous));
+            if previous.handler() == SigHandler::SigIgn {
+                // SAFETY: putting back the disposition that was there.
+                unsafe { sigaction(signal, &previous) }.map_err(io::Error::from)?;
+            }
+        }
+        Ok(deferred)
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        for (signal, previous) in self.previous.drain(..) {
+            // SAFETY: putting back the disposition that was there.
+            let _ = unsafe { sigaction(signal, &previous) };
+        }
+        let noted = DEFERRED.swap(0, Ordering::Relaxed);
+        if noted != 0 {
+            // SAFETY: raising a signal at ourselves.
+            unsafe { libc::raise(noted) };
+        }
+    }
+}

@@ -83,7 +83,13 @@ fn connect_sep(server: &Server, selector: &Selector) -> Result<Connection, Error
 fn connect_ssh(ssh: &SshTarget, selector: &Selector) -> Result<Connection, Error> {
     let tree = Tree::from_env()?;
     if let Some(argument) = selector_argument(selector) {
-        match ssh.probe_forwarding(&tree, Some(&argument), &mut |_, _| {}) {
+        // Ctrl-C midway would leave the probe's forwards listening in
+        // ssh's master, and their names in the user's scope: it waits
+        // until they are withdrawn, and then takes effect.
+        let deferred = crate::signals::Deferred::hold().map_err(|e| Error::io("cannot set up signal handling", e))?;
+        let probed = ssh.probe_forwarding(&tree, Some(&argument), &mut |_, _| {});
+        drop(deferred);
+        match probed {
             Ok(Some(forwarding)) => {
                 if let (Some(target), Some(stream)) = (forwarding.targets.first(), forwarding.connection) {
                     let wire = target.strip_prefix(&forwarding.root).unwrap_or(target).trim_start_matches('/');

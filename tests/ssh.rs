@@ -1154,8 +1154,62 @@ fn an_ssh_import_outlives_the_loss_of_its_control_socket() {
 #[test]
 fn an_ssh_importer_stopped_while_probing_leaves_no_forward_behind() {
     let Some(link) = Link::new() else { return };
+    let (_silent, script) = forward_only_remote(&link);
+    let mut importer = ChildGuard::spawn(
+        link.cmd("dipus-ssh-importer")
+            .arg(link.uri("root"))
+            .env("DIPUS_REMOTE", &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_until(SSH_TIMEOUT, "the probe's forward", || !forward_names(&link).is_empty());
+    let names = forward_names(&link);
+    let status = importer.terminate(DEFAULT_TIMEOUT).expect("the importer exits on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert_no_forward_left(&link, &names);
+}
+
+/// Ctrl-C while dcat probes: dcat withdraws the forwards first, then ends
+/// by the signal as it would have. (The probe here answers only once the
+/// signal is sent.)
+#[test]
+fn dcat_interrupted_while_probing_leaves_no_forward_behind() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(link) = Link::new() else { return };
+    let (probe, script) = forward_only_remote(&link);
+    let mut dcat = ChildGuard::spawn(
+        link.cmd("dcat")
+            .arg(format!("{}/sorter", link.uri("root")))
+            .env("DIPUS_REMOTE", &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_until(SSH_TIMEOUT, "the probe's forward", || !forward_names(&link).is_empty());
+    let names = forward_names(&link);
+    assert!(dcat.signal("INT"));
+    probe.set_nonblocking(true).unwrap();
+    let mut answered = false;
+    wait_until(SSH_TIMEOUT, "dcat to end", || {
+        if let (false, Ok((mut connection, _))) = (answered, probe.accept()) {
+            connection.set_nonblocking(false).unwrap();
+            connection.write_all(b"SEP/1 200 OK\n").unwrap();
+            answered = true;
+        }
+        !dcat.is_running()
+    });
+    let status = dcat.try_status().unwrap();
+    assert_eq!(status.signal(), Some(2), "{status}");
+    assert_no_forward_left(&link, &names);
+}
+
+/// A remote whose `dipus serve` answers FORWARD, and nothing else, with
+/// a probe socket the returned listener holds: it accepts, and the test
+/// decides whether the probe is ever answered.
+fn forward_only_remote(link: &Link) -> (std::os::unix::net::UnixListener, PathBuf) {
     let probe = link.remote.path().join("silent-probe.sock");
-    let _silent = std::os::unix::net::UnixListener::bind(&probe).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&probe).unwrap();
     let script = link.remote.path().join("forward-only.sh");
     std::fs::write(
         &script,
@@ -1167,28 +1221,24 @@ fn an_ssh_importer_stopped_while_probing_leaves_no_forward_behind() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut importer = ChildGuard::spawn(
-        link.cmd("dipus-ssh-importer")
-            .arg(link.uri("root"))
-            .env("DIPUS_REMOTE", &script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    let forwarded = || {
-        std::fs::read_dir(link.scope())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.file_name().to_string_lossy().into_owned())
-            .filter(|name| name.starts_with(".forward-"))
-            .collect::<Vec<String>>()
-    };
-    wait_until(SSH_TIMEOUT, "the probe's forward", || !forwarded().is_empty());
-    let names = forwarded();
-    let status = importer.terminate(DEFAULT_TIMEOUT).expect("the importer exits on SIGTERM");
-    assert_eq!(status.code(), Some(0));
-    assert_eq!(forwarded(), Vec::<String>::new(), "left in the scope");
+    (listener, script)
+}
+
+/// The names of short-lived forwards in the user's scope.
+fn forward_names(link: &Link) -> Vec<String> {
+    std::fs::read_dir(link.scope())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".forward-"))
+        .collect()
+}
+
+/// Neither the names of the forwards `names` are left in the scope, nor
+/// the forwards in ssh's master.
+fn assert_no_forward_left(link: &Link, names: &[String]) {
+    assert_eq!(forward_names(link), Vec::<String>::new(), "left in the scope");
     // A socket the master still listens on is in the kernel's table by
     // the name it was bound at, even once that name is removed, with the
     // flag of a listener (__SO_ACCEPTCON). (The connection the probe

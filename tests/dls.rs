@@ -327,9 +327,7 @@ fn run_into_a_full_disk(root: &TestRoot, cmd: &mut Command) -> (Option<i32>, Str
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
     let stderr = root.path().join(format!("stderr-{}", next_id()));
     cmd.stdin(Stdio::null()).stdout(full).stderr(std::fs::File::create(&stderr).unwrap());
-    let mut child = ChildGuard::spawn(cmd);
-    let status = child.wait_timeout(DEFAULT_TIMEOUT).unwrap_or_else(|| panic!("{cmd:?} did not exit"));
-    (status.code(), std::fs::read_to_string(&stderr).unwrap_or_default())
+    status_and_capture(cmd, &stderr)
 }
 
 #[test]

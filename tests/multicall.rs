@@ -160,9 +160,7 @@ fn run_reader_gone(root: &TestRoot, cmd: &mut Command, stderr_gone: bool) -> (Op
     } else {
         cmd.stdout(reader_gone()).stderr(file);
     }
-    let mut child = ChildGuard::spawn(cmd);
-    let status = child.wait_timeout(DEFAULT_TIMEOUT).unwrap_or_else(|| panic!("{cmd:?} did not exit"));
-    (status.code(), std::fs::read_to_string(&other).unwrap_or_default())
+    status_and_capture(cmd, &other)
 }
 
 #[test]

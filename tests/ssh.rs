@@ -1155,16 +1155,7 @@ fn an_ssh_import_outlives_the_loss_of_its_control_socket() {
 fn an_ssh_importer_stopped_while_probing_leaves_no_forward_behind() {
     let Some(link) = Link::new() else { return };
     let (_silent, script) = forward_only_remote(&link);
-    let mut importer = ChildGuard::spawn(
-        link.cmd("dipus-ssh-importer")
-            .arg(link.uri("root"))
-            .env("DIPUS_REMOTE", &script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    wait_until(SSH_TIMEOUT, "the probe's forward", || !forward_names(&link).is_empty());
-    let names = forward_names(&link);
+    let (mut importer, names) = caught_probing(&link, &script, "dipus-ssh-importer", &link.uri("root"));
     let status = importer.terminate(DEFAULT_TIMEOUT).expect("the importer exits on SIGTERM");
     assert_eq!(status.code(), Some(0));
     assert_no_forward_left(&link, &names);
@@ -1178,16 +1169,7 @@ fn dcat_interrupted_while_probing_leaves_no_forward_behind() {
     use std::os::unix::process::ExitStatusExt;
     let Some(link) = Link::new() else { return };
     let (probe, script) = forward_only_remote(&link);
-    let mut dcat = ChildGuard::spawn(
-        link.cmd("dcat")
-            .arg(format!("{}/sorter", link.uri("root")))
-            .env("DIPUS_REMOTE", &script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    wait_until(SSH_TIMEOUT, "the probe's forward", || !forward_names(&link).is_empty());
-    let names = forward_names(&link);
+    let (mut dcat, names) = caught_probing(&link, &script, "dcat", &format!("{}/sorter", link.uri("root")));
     assert!(dcat.signal("INT"));
     probe.set_nonblocking(true).unwrap();
     let mut answered = false;
@@ -1222,6 +1204,21 @@ fn forward_only_remote(link: &Link) -> (std::os::unix::net::UnixListener, PathBu
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     (listener, script)
+}
+
+/// `applet ARGUMENT` against the remote `script`, once its probe's
+/// forwards are made; with their names.
+fn caught_probing(link: &Link, script: &Path, applet: &str, argument: &str) -> (ChildGuard, Vec<String>) {
+    let child = ChildGuard::spawn(
+        link.cmd(applet)
+            .arg(argument)
+            .env("DIPUS_REMOTE", script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_until(SSH_TIMEOUT, "the probe's forward", || !forward_names(link).is_empty());
+    (child, forward_names(link))
 }
 
 /// The names of short-lived forwards in the user's scope.

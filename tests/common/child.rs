@@ -296,3 +296,12 @@ pub fn try_run_with_timeout(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Du
 pub fn run_with_timeout(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
     try_run_with_timeout(cmd, stdin, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Runs `cmd`, whose streams the caller has set, until it exits (bounded
+/// in time); returns its exit status and what it wrote to the file
+/// `captured` (one of its streams).
+pub fn status_and_capture(cmd: &mut Command, captured: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = ChildGuard::spawn(cmd);
+    let status = child.wait_timeout(super::DEFAULT_TIMEOUT).unwrap_or_else(|| panic!("{cmd:?} did not exit"));
+    (status.code(), std::fs::read_to_string(captured).unwrap_or_default())
+}

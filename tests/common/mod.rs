@@ -29,7 +29,7 @@ pub mod sshd;
 
 // Not every test uses every re-export.
 #[allow(unused_imports)]
-pub use child::{run_with_timeout, spawn_lines, try_run_with_timeout, ChildGuard, LineReader};
+pub use child::{run_with_timeout, spawn_lines, status_and_capture, try_run_with_timeout, ChildGuard, LineReader};
 #[allow(unused_imports)]
 pub use root::TestRoot;
 

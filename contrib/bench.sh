@@ -239,7 +239,8 @@ runs() {
 # TARGET, the cases taken in turn, BENCH_BULK_ROUNDS rounds: a slow spell of the
 # shared machine then falls on every case of a comparison, not on one of
 # them (run back to back, a case and its reference drifted apart by up
-# to 20% between runs of the bench). TPUTS[NAME]: the median MB/s;
+# to 20% between runs of the bench). Odd rounds take the cases in the
+# reverse order, so that going first or last favours none of them. TPUTS[NAME]: the median MB/s;
 # TPUT_ERRORS[NAME]: errors over all runs (a run that printed nothing is
 # one); SAMPLES[NAME]: each round's MB/s ("-" for none), for `paired`.
 # SEND_PREFIX: what the client runs under (taskset, to pin it).
@@ -249,7 +250,7 @@ throughputs() {
     local cases=("$@") i k name line sample
     local -A lines=()
     for ((i = 0; i < BENCH_BULK_ROUNDS; i++)); do
-        for ((k = 0; k < ${#cases[@]}; k += 2)); do
+        for k in $(case_order "${#cases[@]}" "$i"); do
             name=${cases[k]}
             quiesce
             line=$(timeout 600 "${SEND_PREFIX[@]}" "$BIN" bench send --connect "${cases[k + 1]}" --bytes "$BYTES" 2>>"$TMP/logs/$name.log" | tail -1)
@@ -266,6 +267,11 @@ throughputs() {
     done
 }
 total_lines() { grep -c . || true; }
+# case_order COUNT ROUND — the even indexes below COUNT (each a NAME of a
+# NAME TARGET list), ascending in even rounds and descending in odd ones.
+case_order() {
+    if (($2 % 2 == 0)); then seq 0 2 $(($1 - 2)); else seq $(($1 - 2)) -2 0; fi
+}
 
 # paired NAME REFERENCE — NAME's MB/s over REFERENCE's, round by round
 # (see throughputs): PAIRED, their median; PAIRED_RANGE, "lowest–highest".
@@ -617,23 +623,25 @@ if [[ -z $SSH_NOTE ]]; then
     throughputs ssh-L "$L_SINK" ssh-import "$SSHI_SINK"
     SSH_L=${TPUTS[ssh-L]} SSH_L_ERR=${TPUT_ERRORS[ssh-L]}
     SSH_IMP=${TPUTS[ssh-import]} SSH_IMP_ERR=${TPUT_ERRORS[ssh-import]}
-    # In turn, as throughputs does.
-    # Each round also times an empty call of each (nothing to send: the
-    # fixed cost of a call) and so the transfer alone, the whole
-    # process's time less that.
+    # In turn and in alternating order, as throughputs does. Each round
+    # also times an empty call of each (nothing to send: the fixed cost of
+    # a call) and so the transfer alone, the whole process's time less
+    # that.
+    dcat_sample() {
+        local name=$1 root=$2 target=$3 sample empty
+        quiesce
+        sample=$(DIPUS_ROOT=$root whole_sample "$name" "$PAYLOAD" "$TMP/out" "$BIN" cat "$target")
+        SAMPLES[$name]+="${sample:--} "
+        empty=$(DIPUS_ROOT=$root empty_seconds "$name" "$BIN" cat "$target")
+        SAMPLES[$name-empty]+="${empty:--} "
+        SAMPLES[$name-transfer]+="$(transfer_mbps "$sample" "$empty") "
+    }
+    dcat_cases=(dcat-ssh "$ROOT_S" "ssh://root@127.0.0.1:$SSH_PORT/bench/sink" dcat-L "$ROOT_A" "$L_SINK")
     for ((i = 0; i < BENCH_BULK_ROUNDS; i++)); do
-        quiesce
-        sample=$(DIPUS_ROOT=$ROOT_S whole_sample dcat-ssh "$PAYLOAD" "$TMP/out" "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")
-        SAMPLES[dcat-ssh]+="${sample:--} "
-        empty=$(DIPUS_ROOT=$ROOT_S empty_seconds dcat-ssh "$BIN" cat "ssh://root@127.0.0.1:$SSH_PORT/bench/sink")
-        SAMPLES[dcat-ssh-empty]+="${empty:--} "
-        SAMPLES[dcat-ssh-transfer]+="$(transfer_mbps "$sample" "$empty") "
-        quiesce
-        sample=$(whole_sample dcat-L "$PAYLOAD" "$TMP/out" "$BIN" cat "$L_SINK")
-        SAMPLES[dcat-L]+="${sample:--} "
-        empty=$(empty_seconds dcat-L "$BIN" cat "$L_SINK")
-        SAMPLES[dcat-L-empty]+="${empty:--} "
-        SAMPLES[dcat-L-transfer]+="$(transfer_mbps "$sample" "$empty") "
+        if ((i % 2 == 0)); then order=(0 3); else order=(3 0); fi
+        for k in "${order[@]}"; do
+            dcat_sample "${dcat_cases[@]:k:3}"
+        done
     done
     DCAT_SSH=$(samples_median dcat-ssh)
     DCAT_L=$(samples_median dcat-L)

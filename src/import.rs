@@ -78,6 +78,19 @@ impl Dialer {
             Dialer::Ssh(_) => crate::ssh::importable(wire),
         }
     }
+
+    /// The other remote paths that have `wire`'s local path: over ssh the
+    /// remote `local/` and `exported/` meet in one scope here.
+    fn namesakes(&self, wire: &str) -> Vec<String> {
+        match (self, self.local_path(wire)) {
+            (Dialer::Ssh(_), Some(local)) => crate::ssh::IMPORTED_SCOPES
+                .iter()
+                .map(|scope| format!("{scope}/{local}"))
+                .filter(|other| other != wire)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -783,6 +796,7 @@ impl Importer {
                     self.proxies.keys().filter(|wire| !self.announced.contains(*wire)).cloned().collect();
                 for wire in stale {
                     self.remove_proxy(registry, &wire);
+                    self.add_heir(registry, &wire)?;
                 }
                 // Clients that came while there was no session found
                 // nobody to accept them, and their edge has passed.
@@ -808,7 +822,10 @@ impl Importer {
             }
             Event::Removed(path) => {
                 self.announced.remove(&path);
-                self.remove_proxy(registry, &path)
+                if self.proxies.contains_key(&path) {
+                    self.remove_proxy(registry, &path);
+                    self.add_heir(registry, &path)?;
+                }
             }
         }
         Ok(())
@@ -851,14 +868,14 @@ impl Importer {
                     return Err(format!("cannot import {wire}: {}", refused.expect("checked")));
                 }
                 // This name alone (taken here by a live socket, say).
-                Err(error) => log::warn!("cannot import {wire}: {error}"),
+                Err(error) => self.not_imported(wire, &error),
             }
             return Ok(());
         }
         let socket = match ServiceSocket::bind_exact(&self.tree, &self.config.scope, &path, &self.config.options) {
             Ok(socket) => socket,
             Err(error) => {
-                log::warn!("cannot import {wire}: {error}");
+                self.not_imported(wire, &error);
                 return Ok(());
             }
         };
@@ -875,6 +892,31 @@ impl Importer {
         // Clients may already be waiting on a socket we just made.
         self.accept(registry, wire);
         Ok(())
+    }
+
+    /// Says why `wire` has no proxy: a warning, unless a namesake of it
+    /// holds the name (see [`Importer::add_heir`]).
+    fn not_imported(&self, wire: &str, error: &dyn std::fmt::Display) {
+        let namesakes = self.config.dialer.namesakes(wire);
+        match namesakes.iter().find(|other| self.proxies.contains_key(*other)) {
+            Some(holder) => log::info!("{wire} has the name of {holder} here; it is mirrored if that one goes"),
+            None => log::warn!("cannot import {wire}: {error}"),
+        }
+    }
+
+    /// Gives the name `gone` had to an announced namesake, which could
+    /// not have it while `gone` held it.
+    fn add_heir(&mut self, registry: &Registry, gone: &str) -> Result<(), String> {
+        let heir = self
+            .config
+            .dialer
+            .namesakes(gone)
+            .into_iter()
+            .find(|other| self.announced.contains(other) && !self.proxies.contains_key(other));
+        match heir {
+            Some(heir) => self.add_proxy(registry, &heir),
+            None => Ok(()),
+        }
     }
 
     fn remove_proxy(&mut self, registry: &Registry, wire: &str) {

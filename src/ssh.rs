@@ -591,8 +591,11 @@ impl Drop for SshChannel {
 /// other never loop.
 pub fn importable(wire: &str) -> Option<&str> {
     let (scope, rest) = wire.split_once('/')?;
-    matches!(scope, "local" | "exported").then_some(rest)
+    IMPORTED_SCOPES.contains(&scope).then_some(rest)
 }
+
+/// The remote scopes an ssh import mirrors, into one scope here.
+pub const IMPORTED_SCOPES: [&str; 2] = ["local", "exported"];
 
 #[cfg(test)]
 mod tests {

@@ -840,6 +840,42 @@ fn an_ssh_import_mirrors_follows_and_cleans_up() {
     assert_eq!(link.logins(), 1, "sshd log:\n{}", link.sshd.log());
 }
 
+/// The remote `local/` and `exported/` meet in one scope here: of two
+/// services of one name, the second is mirrored as soon as the first goes,
+/// not only once a new session lists it again. In the foreground the
+/// import hears the first go; in the background its first session is
+/// renewed (from the background) just as the first goes, and the new one
+/// never lists it.
+#[test]
+fn a_name_in_both_remote_local_and_exported_passes_to_the_other_when_one_goes() {
+    for foreground in [true, false] {
+        let Some(link) = Link::new() else { return };
+        let (in_local, _) = link.serve(&[], "echo from-local", "twin/text/plain");
+        let (in_exported, _) = link.export("echo from-exported", "twin/text/plain");
+        let (_in_foreground, _in_background);
+        if foreground {
+            _in_foreground = ChildGuard::spawn(
+                link.cmd("dipus-import").args(["-f", &link.uri("root")]).stdin(Stdio::null()).stdout(Stdio::null()),
+            );
+            wait_until(SSH_TIMEOUT, "the import's proxy", || !services_under(&link.scope()).is_empty());
+        } else {
+            _in_background = import(&link, &link.uri("root"));
+        }
+        assert_eq!(services_under(&link.scope()), ["text/plain/twin.remote..0"]);
+        let first = link.ask(&["twin"], b"");
+        let (holder, other) = match first.as_str() {
+            "from-local\n" => (in_local, "from-exported\n"),
+            "from-exported\n" => (in_exported, "from-local\n"),
+            _ => panic!("twin answered {first:?}"),
+        };
+        stop(&link.remote, holder, "TERM");
+        wait_until(SSH_TIMEOUT, "the other twin to take the name", || {
+            link.run("dcat", &["twin"], Some(b"")).stdout == other.as_bytes()
+        });
+        assert_eq!(services_under(&link.scope()), ["text/plain/twin.remote..0"], "foreground: {foreground}");
+    }
+}
+
 #[test]
 fn the_ssh_importer_imports_and_cleans_up() {
     let Some(link) = Link::new() else { return };

@@ -57,7 +57,7 @@ impl Error {
             | Error::Name(_)
             | Error::Selector(_)
             | Error::Tree(TreeError::Name(_) | TreeError::NoRoom { .. })
-            | Error::Ssh(crate::ssh::SshError::NoRoom { .. }) => EXIT_USAGE,
+            | Error::Ssh(crate::ssh::SshError::NoRoom { .. } | crate::ssh::SshError::Setting { .. }) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
             Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
             Error::Tree(_) | Error::Failed(_) | Error::Import(_) => EXIT_FAILURE,

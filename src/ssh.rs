@@ -67,6 +67,19 @@ pub enum SshError {
     NoRoom { dir: std::path::PathBuf, length: usize, limit: usize },
     #[error("{target}: the ssh connection was lost before the reply ended, so the reply is incomplete ({detail})")]
     Lost { target: String, detail: String },
+    #[error("{name}={raw:?} is not valid UTF-8")]
+    Setting { name: String, raw: std::ffi::OsString },
+}
+
+/// A command from the environment variable `name`, `default` when unset
+/// or blank. One that is not UTF-8 is an error: running the default
+/// instead would hide the user's setting.
+fn command_setting(name: &str, default: &str) -> Result<String, SshError> {
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => Ok(value),
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(default.to_string()),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(SshError::Setting { name: name.to_string(), raw }),
+    }
 }
 
 /// How long `ssh -O` may take: it only talks to the local master.
@@ -173,15 +186,18 @@ impl SshTarget {
         crate::selector::Remote::Ssh { user: self.user.clone(), host: self.host.clone(), port: self.port }.to_string()
     }
 
+    /// The remote dipus command (checked by [`SshTarget::base_command`]
+    /// before any is run).
     fn remote_command() -> String {
-        std::env::var("DIPUS_REMOTE").ok().filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "dipus".into())
+        command_setting("DIPUS_REMOTE", "dipus").unwrap_or_else(|_| "dipus".into())
     }
 
     /// ssh with dipus's options and the target's port and user, without
     /// the host: what both sessions and control commands (`-O`) need.
     fn base_command(&self, tree: &Tree) -> Result<Command, SshError> {
+        let ssh = command_setting("DIPUS_SSH", "ssh")?;
+        command_setting("DIPUS_REMOTE", "dipus")?;
         let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
-        let ssh = std::env::var("DIPUS_SSH").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "ssh".into());
         let mut words = ssh.split_whitespace();
         // ssh takes the first value it is given for an option: a
         // ControlPath of the user's, in DIPUS_SSH, is the one used.

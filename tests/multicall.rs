@@ -218,12 +218,13 @@ fn arguments_that_are_not_utf8_are_a_usage_error() {
 fn settings_in_the_environment_that_are_not_utf8_or_no_port_are_a_usage_error() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    // Falling back to the default port or host name would put the service
-    // or the exporter where the user did not ask for it.
+    // Falling back to the default port, host name or command would put
+    // the service or the exporter where the user did not ask for it, or
+    // run another ssh than the one asked for.
     let root = TestRoot::new();
     let bad = OsStr::from_bytes(b"b\xff");
     let exporter = ["--bind", "127.0.0.1"];
-    let cases: [(&str, &[&str], &str, &OsStr, &str); 4] = [
+    let cases: [(&str, &[&str], &str, &OsStr, &str); 6] = [
         ("dipus-exporter", &exporter, "DIPUS_PORT", OsStr::new("7347x"), "DIPUS_PORT=\"7347x\" is not a port number"),
         ("dipus-exporter", &exporter, "DIPUS_PORT", bad, "DIPUS_PORT=\"b\\xFF\" is not valid UTF-8"),
         (
@@ -240,6 +241,9 @@ fn settings_in_the_environment_that_are_not_utf8_or_no_port_are_a_usage_error() 
             bad,
             "DIPUS_HOSTNAME=\"b\\xFF\" is not valid UTF-8",
         ),
+        // Before ssh runs, or the private scope is made for its socket.
+        ("dcat", &["ssh://nowhere.invalid/echo"], "DIPUS_SSH", bad, "DIPUS_SSH=\"b\\xFF\" is not valid UTF-8"),
+        ("dls", &["ssh://nowhere.invalid"], "DIPUS_REMOTE", bad, "DIPUS_REMOTE=\"b\\xFF\" is not valid UTF-8"),
     ];
     for (applet, args, name, value, message) in cases {
         let out = run(root.cmd(applet).args(args).env(name, value));

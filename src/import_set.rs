@@ -4,7 +4,7 @@
 //! removed) by key.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::Registry;
 
@@ -19,6 +19,17 @@ struct Import {
     _lock: HostLock,
 }
 
+/// An import another process holds the lock of, tried again now and then:
+/// when that process ends, this one takes over.
+struct Waiting {
+    dialer: Dialer,
+    selector: Option<String>,
+    next_try: Instant,
+}
+
+/// How often a held lock is tried again.
+const LOCK_RETRY: Duration = Duration::from_secs(10);
+
 pub struct ImportSet {
     tree: Tree,
     scope: Scope,
@@ -26,6 +37,7 @@ pub struct ImportSet {
     imports: HashMap<String, Import>,
     free_components: Vec<u8>,
     key_of: HashMap<u8, String>,
+    waiting: HashMap<String, Waiting>,
 }
 
 impl ImportSet {
@@ -38,6 +50,21 @@ impl ImportSet {
             imports: HashMap::new(),
             free_components: (first..=u8::MAX).rev().collect(),
             key_of: HashMap::new(),
+            waiting: HashMap::new(),
+        }
+    }
+
+    /// [`ImportSet::start`], for a daemon: a host another process is
+    /// importing is tried again every 10 s until that process lets go of
+    /// it (or [`ImportSet::stop`]); other failures are logged.
+    pub fn start_or_wait(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>) {
+        match self.start(registry, key.clone(), dialer.clone(), selector.clone()) {
+            Ok(()) => {}
+            Err(error @ ImportError::AlreadyImported { .. }) => {
+                log::warn!("{key}: {error}; trying again every {} s", LOCK_RETRY.as_secs());
+                self.waiting.insert(key, Waiting { dialer, selector, next_try: Instant::now() + LOCK_RETRY });
+            }
+            Err(error) => log::warn!("{key}: {error}"),
         }
     }
 
@@ -71,6 +98,7 @@ impl ImportSet {
     }
 
     pub fn stop(&mut self, registry: &Registry, key: &str) {
+        self.waiting.remove(key);
         if let Some(mut import) = self.imports.remove(key) {
             import.importer.shutdown(registry);
             self.key_of.remove(&import.component);
@@ -79,6 +107,7 @@ impl ImportSet {
     }
 
     pub fn stop_all(&mut self, registry: &Registry) {
+        self.waiting.clear();
         let keys: Vec<String> = self.imports.keys().cloned().collect();
         for key in keys {
             self.stop(registry, &key);
@@ -101,6 +130,19 @@ impl ImportSet {
     }
 
     pub fn handle_timers(&mut self, registry: &Registry) {
+        let now = Instant::now();
+        let due: Vec<String> =
+            self.waiting.iter().filter(|(_, waiting)| waiting.next_try <= now).map(|(key, _)| key.clone()).collect();
+        for key in due {
+            let Some(waiting) = self.waiting.remove(&key) else { continue };
+            match self.start(registry, key.clone(), waiting.dialer.clone(), waiting.selector.clone()) {
+                Ok(()) => log::info!("{key}: its lock is free now; importing"),
+                Err(ImportError::AlreadyImported { .. }) => {
+                    self.waiting.insert(key, Waiting { next_try: now + LOCK_RETRY, ..waiting });
+                }
+                Err(error) => log::warn!("{key}: {error}"),
+            }
+        }
         for import in self.imports.values_mut() {
             import.importer.handle_timers(registry);
             for event in import.importer.take_events() {
@@ -110,6 +152,8 @@ impl ImportSet {
     }
 
     pub fn timeout(&self) -> Option<Duration> {
-        self.imports.values().fold(None, |timeout, import| earliest(timeout, import.importer.timeout()))
+        let now = Instant::now();
+        let waiting = self.waiting.values().map(|waiting| waiting.next_try.saturating_duration_since(now)).min();
+        self.imports.values().fold(waiting, |timeout, import| earliest(timeout, import.importer.timeout()))
     }
 }

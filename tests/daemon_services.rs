@@ -338,3 +338,29 @@ fn a_stopped_dipusd_removes_its_pidfile_only_while_it_names_it() {
     assert_eq!(stop(&root, second.pid, "TERM").code(), Some(0));
     assert!(!second.pidfile.exists(), "the second dipusd left its pidfile");
 }
+
+/// A `--host` that a dipus-import already imports is not imported twice;
+/// once that importer stops, dipusd takes over within its 10 s retry.
+#[test]
+fn a_host_imported_by_another_process_is_taken_over_when_that_one_stops() {
+    let other = TestRoot::new().with_host("hostb");
+    let port = exporting_host(&other);
+    let root = TestRoot::new();
+    let host = format!("sep://127.0.0.1:{port}");
+    let proxy = root.tree().join("imported/text/plain/remote.hostb..0");
+    let mut importer =
+        ChildGuard::spawn(root.cmd("dipus-import").args(["-f", &host]).stdin(Stdio::null()).stderr(Stdio::null()));
+    wait_until(DEFAULT_TIMEOUT, "dipus-import's proxy", || is_socket(&proxy));
+    let services = write_services(&root, "");
+    let mut daemon = start_dipusd(&root, &services, &["--host", &host]);
+    let warning = daemon.stderr.next_line(DEFAULT_TIMEOUT).expect("a warning about the lock");
+    assert!(
+        warning.contains(&format!("{host} is already being imported (lock "))
+            && warning.ends_with("trying again every 10 s"),
+        "{warning}"
+    );
+    assert_eq!(importer.terminate(DEFAULT_TIMEOUT).and_then(|s| s.code()), Some(0));
+    assert!(!proxy.exists(), "dipus-import left its proxy");
+    wait_until(Duration::from_secs(15), "dipusd to import the host", || is_socket(&proxy));
+    assert_answers(&root, "remote", "through the import\n", "through the import\n");
+}

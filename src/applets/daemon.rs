@@ -199,10 +199,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     daemon.register(poll.registry(), &signals).map_err(|e| Error::io("cannot create an event loop", e))?;
     daemon.apply_services(poll.registry(), service_lines);
     for (uri, server, selector) in servers {
-        // Another importer of that host holds its lock: it is imported.
-        if let Err(error) = daemon.imports.start(poll.registry(), uri.clone(), Dialer::Sep(server), selector) {
-            log::warn!("{uri}: {error}");
-        }
+        daemon.imports.start_or_wait(poll.registry(), uri, Dialer::Sep(server), selector);
     }
     if let Some(path) = &args.pidfile {
         crate::pidfile::write(path, std::process::id())?;
@@ -330,9 +327,7 @@ impl Daemon {
                     }
                     self.stop_import(registry, &peer.host);
                     let server = Server::new(&peer.address.to_string(), Some(peer.port));
-                    if let Err(error) = self.imports.start(registry, peer.host.clone(), Dialer::Sep(server), None) {
-                        log::warn!("{}: {error}", peer.host);
-                    }
+                    self.imports.start_or_wait(registry, peer.host, Dialer::Sep(server), None);
                 }
                 // A host heard again may have restarted: an import waiting
                 // out its backoff tries at once.

@@ -141,10 +141,7 @@ fn run(
                     PeerEvent::Joined(peer) => {
                         let target = SshTarget { user: None, host: peer.address.to_string(), port: None };
                         imports.stop(poll.registry(), &peer.host);
-                        if let Err(error) = imports.start(poll.registry(), peer.host.clone(), Dialer::Ssh(target), None)
-                        {
-                            log::warn!("{}: {error}", peer.host);
-                        }
+                        imports.start_or_wait(poll.registry(), peer.host, Dialer::Ssh(target), None);
                     }
                     PeerEvent::Left { host, .. } => imports.stop(poll.registry(), &host),
                     PeerEvent::Heard { host } => imports.retry_now(&host),

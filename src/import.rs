@@ -310,7 +310,7 @@ fn stop_probe(ssh: &SshTarget, tree: &Tree, child: nix::unistd::Pid, text: &[u8]
 /// `sep://localhost:P` and `sep://127.0.0.1:P` are the same exporter; an
 /// ssh:// host is taken as spelled (ssh's own configuration may alias it).
 pub struct HostLock {
-    _files: Vec<LockFile>,
+    files: Vec<LockFile>,
 }
 
 struct LockFile {
@@ -340,7 +340,7 @@ impl HostLock {
             // Taken ones are let go again (and removed) if a later one is held.
             files.push(LockFile::take(&directory.join(format!(".import-{key}.lock")), &uri)?);
         }
-        Ok(HostLock { _files: files })
+        Ok(HostLock { files })
     }
 }
 
@@ -358,6 +358,13 @@ fn lock_key(key: &str) -> String {
         }
     }
     name
+}
+
+impl HostLock {
+    /// Whether the lock file at `path` is one of these.
+    pub fn holds(&self, path: &std::path::Path) -> bool {
+        self.files.iter().any(|file| file.path == path)
+    }
 }
 
 impl LockFile {

@@ -16,7 +16,7 @@ use crate::tree::{SocketOptions, Tree};
 struct Import {
     importer: Importer,
     component: u8,
-    _lock: HostLock,
+    lock: HostLock,
 }
 
 /// An import another process holds the lock of, tried again now and then:
@@ -60,6 +60,13 @@ impl ImportSet {
     pub fn start_or_wait(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>) {
         match self.start(registry, key.clone(), dialer.clone(), selector.clone()) {
             Ok(()) => {}
+            // Held by another import here (two URIs of one host): waiting
+            // would only end when that one is stopped.
+            Err(ImportError::AlreadyImported { ref lock, .. })
+                if self.imports.values().any(|import| import.lock.holds(lock)) =>
+            {
+                log::warn!("{key}: this host is imported here already; not importing it twice");
+            }
             Err(error @ ImportError::AlreadyImported { .. }) => {
                 log::warn!("{key}: {error}; trying again every {} s", LOCK_RETRY.as_secs());
                 self.waiting.insert(key, Waiting { dialer, selector, next_try: Instant::now() + LOCK_RETRY });
@@ -93,7 +100,7 @@ impl ImportSet {
         let mut importer = Importer::new(self.tree.clone(), config, component);
         importer.handle_timers(registry);
         self.key_of.insert(component, key.clone());
-        self.imports.insert(key, Import { importer, component, _lock: lock });
+        self.imports.insert(key, Import { importer, component, lock });
         Ok(())
     }
 

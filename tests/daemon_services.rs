@@ -364,3 +364,23 @@ fn a_host_imported_by_another_process_is_taken_over_when_that_one_stops() {
     wait_until(Duration::from_secs(15), "dipusd to import the host", || is_socket(&proxy));
     assert_answers(&root, "remote", "through the import\n", "through the import\n");
 }
+
+/// Two `--host` URIs of one host: the second is refused for good (it
+/// would wait for a lock dipusd itself holds).
+#[test]
+fn a_second_host_uri_of_a_host_dipusd_imports_is_refused_not_retried() {
+    let other = TestRoot::new().with_host("hostb");
+    let port = exporting_host(&other);
+    let root = TestRoot::new();
+    let services = write_services(&root, "");
+    let (first, second) = (format!("sep://127.0.0.1:{port}"), format!("sep://localhost:{port}/remote"));
+    let mut daemon = start_dipusd(&root, &services, &["--host", &first, "--host", &second]);
+    let warning = daemon.stderr.next_line(DEFAULT_TIMEOUT).expect("a warning about the second URI");
+    assert!(
+        warning.ends_with(&format!("{second}: this host is imported here already; not importing it twice")),
+        "{warning}"
+    );
+    wait_until(DEFAULT_TIMEOUT, "the import of hostb", || {
+        is_socket(&root.tree().join("imported/text/plain/remote.hostb..0"))
+    });
+}

@@ -1259,12 +1259,22 @@ fn caught_probing(link: &Link, script: &Path, applet: &str, argument: &str) -> (
 
 /// The names of short-lived forwards in the user's scope.
 fn forward_names(link: &Link) -> Vec<String> {
-    std::fs::read_dir(link.scope())
+    entries_named(&link.scope(), ".forward-")
+        .iter()
+        .filter_map(|path| path.file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// What is in `dir` (none if it is not there) with a name starting with
+/// `prefix`.
+fn entries_named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(".forward-"))
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(prefix))
+        .map(|entry| entry.path())
         .collect()
 }
 
@@ -1335,13 +1345,7 @@ fn a_client_tree_with_a_space_or_a_percent_in_its_path_works_over_ssh() {
         SSH_TIMEOUT,
     );
     let scope = root.join(user_name());
-    let controls: Vec<PathBuf> = std::fs::read_dir(&scope)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|entry| entry.file_name().to_string_lossy().starts_with(".ssh-"))
-        .map(|entry| entry.path())
-        .collect();
+    let controls = entries_named(&scope, ".ssh-");
     for socket in &controls {
         let _ = link.control(socket, "exit");
     }

@@ -40,6 +40,8 @@ pub enum Error {
     Ssh(#[from] crate::ssh::SshError),
     #[error(transparent)]
     Import(#[from] crate::import::ImportError),
+    #[error(transparent)]
+    Setting(#[from] crate::settings::SettingError),
     #[error("{0}")]
     Failed(String),
 }
@@ -57,7 +59,8 @@ impl Error {
             | Error::Name(_)
             | Error::Selector(_)
             | Error::Tree(TreeError::Name(_) | TreeError::NoRoom { .. })
-            | Error::Ssh(crate::ssh::SshError::NoRoom { .. } | crate::ssh::SshError::Setting { .. }) => EXIT_USAGE,
+            | Error::Setting(_)
+            | Error::Ssh(crate::ssh::SshError::NoRoom { .. } | crate::ssh::SshError::Setting(_)) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
             Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
             Error::Tree(_) | Error::Failed(_) | Error::Import(_) => EXIT_FAILURE,

@@ -25,6 +25,7 @@ mod sep;
 mod sep_client;
 mod sep_server;
 mod services;
+mod settings;
 mod signals;
 mod ssh;
 mod transport;

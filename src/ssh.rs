@@ -67,19 +67,15 @@ pub enum SshError {
     NoRoom { dir: std::path::PathBuf, length: usize, limit: usize },
     #[error("{target}: the ssh connection was lost before the reply ended, so the reply is incomplete ({detail})")]
     Lost { target: String, detail: String },
-    #[error("{name}={raw:?} is not valid UTF-8")]
-    Setting { name: String, raw: std::ffi::OsString },
+    #[error(transparent)]
+    Setting(#[from] crate::settings::SettingError),
 }
 
 /// A command from the environment variable `name`, `default` when unset
-/// or blank. One that is not UTF-8 is an error: running the default
-/// instead would hide the user's setting.
+/// or blank.
 fn command_setting(name: &str, default: &str) -> Result<String, SshError> {
-    match std::env::var(name) {
-        Ok(value) if !value.trim().is_empty() => Ok(value),
-        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(default.to_string()),
-        Err(std::env::VarError::NotUnicode(raw)) => Err(SshError::Setting { name: name.to_string(), raw }),
-    }
+    let command = crate::settings::text(name)?.filter(|command| !command.trim().is_empty());
+    Ok(command.unwrap_or_else(|| default.to_string()))
 }
 
 /// How long `ssh -O` may take: it only talks to the local master.

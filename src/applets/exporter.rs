@@ -51,7 +51,7 @@ pub fn port(explicit: Option<u16>) -> Result<u16, Error> {
     if let Some(port) = explicit {
         return Ok(port);
     }
-    super::port_setting("DIPUS_PORT", crate::sep::DEFAULT_PORT)
+    Ok(crate::settings::port("DIPUS_PORT", crate::sep::DEFAULT_PORT)?)
 }
 
 /// `--max-conns`: an exporter capped at 0 would refuse every connection.

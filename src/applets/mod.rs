@@ -253,36 +253,15 @@ pub fn parse_args<T: argh::FromArgs>(name: &str, args: &[&str]) -> T {
     }
 }
 
-/// The environment variable `name`: None when unset or empty. A value that
-/// is not UTF-8 is a usage error: falling back to the default would hide a
-/// setting the user made.
-pub fn setting(name: &str) -> Result<Option<String>, Error> {
-    match std::env::var(name) {
-        Ok(text) if text.is_empty() => Ok(None),
-        Ok(text) => Ok(Some(text)),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(raw)) => Err(Error::Usage(format!("{name}={raw:?} is not valid UTF-8"))),
-    }
-}
-
-/// A port from the environment variable `name`, else `default`; a value
-/// that is no port is a usage error, not a silent fall back.
-pub fn port_setting(name: &str, default: u16) -> Result<u16, Error> {
-    match setting(name)? {
-        Some(text) => text.parse().map_err(|_| Error::Usage(format!("{name}={text:?} is not a port number"))),
-        None => Ok(default),
-    }
-}
-
 /// The UDP port of discovery: `DIPUS_DISCOVERY_PORT`, else 7347.
 pub fn discovery_port() -> Result<u16, Error> {
-    port_setting("DIPUS_DISCOVERY_PORT", crate::datagram::DISCOVERY_PORT)
+    Ok(crate::settings::port("DIPUS_DISCOVERY_PORT", crate::datagram::DISCOVERY_PORT)?)
 }
 
 /// The host name services are created under: `DIPUS_HOSTNAME`, or the
 /// short host name.
 pub fn host_name() -> Result<String, Error> {
-    let host = match setting("DIPUS_HOSTNAME")? {
+    let host = match crate::settings::text("DIPUS_HOSTNAME")? {
         Some(host) => host,
         None => {
             let full = nix::unistd::gethostname().map_err(|e| Error::io("cannot read the host name", e.into()))?;

@@ -83,12 +83,18 @@ fn connect_sep(server: &Server, selector: &Selector) -> Result<Connection, Error
 fn connect_ssh(ssh: &SshTarget, selector: &Selector) -> Result<Connection, Error> {
     let tree = Tree::from_env()?;
     if let Some(argument) = selector_argument(selector) {
-        // Ctrl-C midway would leave the probe's forwards listening in
-        // ssh's master, and their names in the user's scope: it waits
-        // until they are withdrawn, and then takes effect.
-        let deferred = crate::signals::Deferred::hold().map_err(|e| Error::io("cannot set up signal handling", e))?;
-        let probed = ssh.probe_forwarding(&tree, Some(&argument), &mut |_, _| {});
-        drop(deferred);
+        // Ctrl-C once the probe's forwards are asked for would leave them
+        // listening in ssh's master, and their names in the user's scope:
+        // from then on it waits until they are withdrawn. (Before, while
+        // ssh logs in or the remote answers, it acts at once.)
+        let mut deferred = None;
+        let probed = ssh.probe_forwarding(&tree, Some(&argument), &mut |_, _| {
+            if deferred.is_none() {
+                deferred =
+                    Some(crate::signals::Deferred::hold().map_err(|e| Error::io("cannot set up signal handling", e)));
+            }
+        });
+        drop(deferred.transpose()?);
         match probed {
             Ok(Some(forwarding)) => {
                 if let (Some(target), Some(stream)) = (forwarding.targets.first(), forwarding.connection) {

@@ -1222,6 +1222,31 @@ fn dcat_interrupted_while_probing_leaves_no_forward_behind() {
     assert_no_forward_left(&link, &names);
 }
 
+/// Ctrl-C while dcat waits for the remote to answer FORWARD (nothing is
+/// forwarded yet): dcat ends at once, not when the probe gives up.
+#[test]
+fn dcat_interrupted_before_forwarding_ends_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(link) = Link::new() else { return };
+    let script = link.remote.path().join("mute-forward.sh");
+    std::fs::write(&script, "#!/bin/sh\nread line\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut dcat = ChildGuard::spawn(
+        link.cmd("dcat")
+            .arg(format!("{}/sorter", link.uri("root")))
+            .env("DIPUS_REMOTE", &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let script_name = script.display().to_string();
+    wait_until(SSH_TIMEOUT, "the remote to be asked FORWARD", || !proc::with_command_line(&script_name).is_empty());
+    assert!(dcat.signal("INT"));
+    let status = dcat.wait_timeout(Duration::from_secs(3)).expect("dcat still waits 3 s after SIGINT");
+    assert_eq!(status.signal(), Some(2), "{status}");
+    assert_eq!(forward_names(&link), Vec::<String>::new());
+}
+
 /// A remote whose `dipus serve` answers FORWARD, and nothing else, with
 /// a probe socket the returned listener holds: it accepts, and the test
 /// decides whether the probe is ever answered.

@@ -349,12 +349,13 @@ impl HostLock {
 /// '_' made `ssh://a_b@c` and `ssh://a@b_c` one lock, and refused the
 /// second import of two different hosts.)
 fn lock_key(key: &str) -> String {
+    use std::fmt::Write;
     let mut name = String::with_capacity(key.len());
     for byte in key.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'.' || byte == b'-' {
             name.push(byte as char);
         } else {
-            name.push_str(&format!("_{byte:02x}"));
+            let _ = write!(name, "_{byte:02x}");
         }
     }
     name
@@ -801,9 +802,13 @@ impl Importer {
                 // session keeps its proxies until now).
                 let stale: Vec<String> =
                     self.proxies.keys().filter(|wire| !self.announced.contains(*wire)).cloned().collect();
-                for wire in stale {
-                    self.remove_proxy(registry, &wire);
-                    self.add_heir(registry, &wire)?;
+                for wire in &stale {
+                    self.remove_proxy(registry, wire);
+                }
+                // Heirs only once every stale name is gone: an heir that
+                // fails ends the session, and must not keep the rest.
+                for wire in &stale {
+                    self.add_heir(registry, wire)?;
                 }
                 // Clients that came while there was no session found
                 // nobody to accept them, and their edge has passed.

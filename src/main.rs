@@ -28,6 +28,7 @@ mod services;
 mod settings;
 mod signals;
 mod ssh;
+mod ssh_mux;
 mod transport;
 mod tree;
 mod watch;

@@ -7,7 +7,10 @@
 //! a handshake and each further one costs a session on the shared
 //! connection. The control socket lives in the user's private dipus scope
 //! (`<root>/<user>/`, 0700) under ssh's hashed `%C` name, which keeps the
-//! path short enough for `sun_path` whatever the host name.
+//! path short enough for `sun_path` whatever the host name. Requests to
+//! the master itself (forward, cancel, check) go over that socket
+//! ([`crate::ssh_mux`]) once `ssh -G` has said where it is, and through
+//! `ssh -O` where it has not.
 //!
 //! `DIPUS_SSH` replaces the `ssh` command (it is split on white space, so
 //! it can carry options: tests point it at their key and port), and
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::sep::{self, Request, SepError, Status, StatusLine};
+use crate::ssh_mux::{Forward, Master, MuxError};
 use crate::tree::{Tree, TreeError};
 
 #[derive(Debug, Error)]
@@ -118,19 +122,25 @@ fn readable_by(fd: std::os::fd::RawFd, deadline: Instant) -> io::Result<bool> {
 /// Runs `command` to its end, killed after `timeout`: its exit status and
 /// its stderr (a line or two). The end of stderr is the event waited for.
 fn run_bounded(command: &mut Command, timeout: Duration) -> io::Result<(ExitStatus, Vec<u8>)> {
-    use std::io::Read;
     let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    let mut stderr = child.stderr.take().expect("piped");
-    let deadline = Instant::now() + timeout;
+    let stderr = child.stderr.take().expect("piped");
+    finish_bounded(child, stderr.into(), Instant::now() + timeout)
+}
+
+/// Reads `pipe` (one of `child`'s outputs) to its end and waits for the
+/// child, which is killed at `deadline`; its exit status and what it wrote.
+fn finish_bounded(mut child: Child, pipe: OwnedFd, deadline: Instant) -> io::Result<(ExitStatus, Vec<u8>)> {
+    use std::io::Read;
+    let mut pipe = std::fs::File::from(pipe);
     let mut message = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
-        if !readable_by(stderr.as_raw_fd(), deadline)? {
+        if !readable_by(pipe.as_raw_fd(), deadline)? {
             let _ = child.kill();
             message.extend_from_slice(b" (timed out)");
             break;
         }
-        match stderr.read(&mut chunk) {
+        match pipe.read(&mut chunk) {
             Ok(0) => break,
             Ok(count) => message.extend_from_slice(&chunk[..count]),
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -167,6 +177,86 @@ pub struct Forwarding {
     /// carried by the shared connection's master (forwarded in the same
     /// `ssh -O` calls as the probe, which is one call less each way).
     pub connection: Option<std::os::unix::net::UnixStream>,
+}
+
+/// What `ssh -O` is asked to do.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    Forward,
+    Cancel,
+    Check,
+}
+
+impl Control {
+    fn word(self) -> &'static str {
+        match self {
+            Control::Forward => "forward",
+            Control::Cancel => "cancel",
+            Control::Check => "check",
+        }
+    }
+}
+
+/// [`Control`] spoken to the master itself. Forwards stop at the first
+/// refused (the caller withdraws what was made); cancels go through all,
+/// reporting the first refusal.
+fn ask_master(socket: &Path, operation: Control, forwards: &[Forward]) -> Result<String, MuxError> {
+    let mut master = Master::connect(socket, CONTROL_TIMEOUT)?;
+    match operation {
+        // As `ssh -O check` says it.
+        Control::Check => master.alive().map(|pid| format!("Master running (pid={pid})")),
+        Control::Forward => {
+            forwards.iter().try_for_each(|&forward| master.open_forward(forward)).map(|()| String::new())
+        }
+        Control::Cancel => {
+            let results: Vec<_> = forwards.iter().map(|&forward| master.close_forward(forward)).collect();
+            results.into_iter().find(Result::is_err).unwrap_or(Ok(())).map(|()| String::new())
+        }
+    }
+}
+
+/// Each target's control socket as `ssh -G` gave it (`None`: not given).
+static CONTROL_SOCKETS: std::sync::Mutex<Vec<(SshTarget, Option<std::path::PathBuf>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// `ssh -G` at work (see [`SshTarget::look_up_control_socket`]).
+pub struct ControlLookup {
+    target: SshTarget,
+    running: Option<(Child, OwnedFd)>,
+    deadline: Instant,
+}
+
+impl ControlLookup {
+    /// Waits for ssh's answer and keeps it for the process's later calls.
+    pub fn finish(mut self) -> Option<std::path::PathBuf> {
+        let socket = self.running.take().and_then(|(child, stdout)| {
+            let (status, output) = finish_bounded(child, stdout, self.deadline).ok()?;
+            if status.success() {
+                control_path_in(&output)
+            } else {
+                None
+            }
+        });
+        let mut known = CONTROL_SOCKETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.push((self.target.clone(), socket.clone()));
+        socket
+    }
+}
+
+impl Drop for ControlLookup {
+    /// Reaped even when its caller gave up (a session that failed).
+    fn drop(&mut self) {
+        if let Some((child, stdout)) = self.running.take() {
+            let _ = finish_bounded(child, stdout, self.deadline);
+        }
+    }
+}
+
+/// The control socket in `ssh -G`'s output: an absolute path, not `none`.
+fn control_path_in(output: &[u8]) -> Option<std::path::PathBuf> {
+    let text = std::str::from_utf8(output).ok()?;
+    let path = text.lines().find_map(|line| line.strip_prefix("controlpath "))?;
+    path.starts_with('/').then(|| std::path::PathBuf::from(path))
 }
 
 /// Where to ssh to.
@@ -240,29 +330,46 @@ impl SshTarget {
     /// forward each connection to the remote socket `remote` (`ssh -O
     /// forward -L`): ssh alone then carries the bytes, as `ssh -L` does.
     pub fn forward(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
-        self.control(tree, "forward", &[(listen, remote)]).map(drop)
+        self.control(tree, Control::Forward, &[(listen, remote)]).map(drop)
     }
 
     /// Withdraws a forward made by [`SshTarget::forward`]; connections it
     /// carries go on.
     pub fn cancel(&self, tree: &Tree, listen: &Path, remote: &str) -> Result<(), SshError> {
-        self.control(tree, "cancel", &[(listen, remote)]).map(drop)
+        self.control(tree, Control::Cancel, &[(listen, remote)]).map(drop)
     }
 
     /// One `ssh -O OPERATION` for all of `forwards` (listen, remote); what
-    /// ssh said on success.
-    fn control(&self, tree: &Tree, operation: &str, forwards: &[(&Path, &str)]) -> Result<String, SshError> {
-        let mut command = self.base_command(tree)?;
-        command.arg("-O").arg(operation);
+    /// ssh said on success. Asked of the master over its control socket
+    /// where ssh has said where that is ([`crate::ssh_mux`]), which spares
+    /// an ssh process; of `ssh -O` where it has not, or where no master
+    /// answers there (ssh then says what it makes of it).
+    fn control(&self, tree: &Tree, operation: Control, forwards: &[Forward]) -> Result<String, SshError> {
         for &(listen, remote) in forwards {
-            let listen = listen
-                .to_str()
-                .filter(|path| forwardable(path))
-                .ok_or_else(|| SshError::Unforwardable { path: listen.display().to_string() })?;
+            if !listen.to_str().is_some_and(forwardable) {
+                return Err(SshError::Unforwardable { path: listen.display().to_string() });
+            }
             if !forwardable(remote) {
                 return Err(SshError::Unforwardable { path: remote.to_string() });
             }
-            command.arg("-L").arg(format!("{listen}:{remote}"));
+        }
+        if let Some(socket) = self.control_socket(tree) {
+            match ask_master(&socket, operation, forwards) {
+                Ok(message) => return Ok(message),
+                Err(MuxError::Refused(message)) => {
+                    return Err(SshError::Control {
+                        target: self.uri(),
+                        operation: operation.word().to_string(),
+                        message,
+                    })
+                }
+                Err(error) => log::debug!("{error}; asking ssh -O {}", operation.word()),
+            }
+        }
+        let mut command = self.base_command(tree)?;
+        command.arg("-O").arg(operation.word());
+        for &(listen, remote) in forwards {
+            command.arg("-L").arg(format!("{}:{remote}", listen.display()));
         }
         command.arg("--").arg(&self.host);
         let described = format!("{command:?}");
@@ -272,7 +379,52 @@ impl SshTarget {
         if status.success() {
             return Ok(message);
         }
-        Err(SshError::Control { target: self.uri(), operation: operation.to_string(), message })
+        Err(SshError::Control { target: self.uri(), operation: operation.word().to_string(), message })
+    }
+
+    /// Where the shared connection's control socket is, once ssh has said
+    /// (see [`SshTarget::look_up_control_socket`]); `None` where it does
+    /// not (not OpenSSH, `ControlPath none`).
+    fn control_socket(&self, tree: &Tree) -> Option<std::path::PathBuf> {
+        if let Some(known) = self.known_control_socket() {
+            return known;
+        }
+        match self.look_up_control_socket(tree) {
+            Ok(Some(lookup)) => lookup.finish(),
+            Ok(None) => self.known_control_socket().flatten(),
+            Err(_) => None,
+        }
+    }
+
+    fn known_control_socket(&self) -> Option<Option<std::path::PathBuf>> {
+        let known = CONTROL_SOCKETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.iter().find(|(target, _)| target == self).map(|(_, socket)| socket.clone())
+    }
+
+    /// Starts `ssh -G`, which prints ssh's configuration for this target
+    /// with ControlPath expanded as the master uses it (the user's
+    /// configuration and DIPUS_SSH's options applied: `%C` hashes what
+    /// they make of the host). `None` if that is known already. Callers
+    /// about to wait for something else (a session) start it first.
+    pub fn look_up_control_socket(&self, tree: &Tree) -> Result<Option<ControlLookup>, SshError> {
+        if self.known_control_socket().is_some() {
+            return Ok(None);
+        }
+        let mut command = self.base_command(tree)?;
+        command.arg("-G").arg("--").arg(&self.host);
+        let described = format!("{command:?}");
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| SshError::Spawn { command: described, source })?;
+        let stdout = child.stdout.take().expect("piped").into();
+        Ok(Some(ControlLookup {
+            target: self.clone(),
+            running: Some((child, stdout)),
+            deadline: Instant::now() + CONTROL_TIMEOUT,
+        }))
     }
 
     /// Whether the shared connection still stands (`ssh -O check`), for a
@@ -285,7 +437,7 @@ impl SshTarget {
     /// dies before it answers, goes on to make a connection of its own,
     /// which may well succeed.
     pub fn check_connection(&self, tree: &Tree) -> Result<(), SshError> {
-        match self.control(tree, "check", &[]) {
+        match self.control(tree, Control::Check, &[]) {
             Ok(message) if message.starts_with("Master running") => Ok(()),
             Ok(message) | Err(SshError::Control { message, .. }) => {
                 Err(SshError::Lost { target: self.uri(), detail: message })
@@ -310,6 +462,9 @@ impl SshTarget {
         making: &mut dyn FnMut(&Path, &str),
     ) -> Result<Option<Forwarding>, SshError> {
         let deadline = Instant::now() + PROBE_TIMEOUT;
+        // While the session logs in and the remote answers: where the
+        // forwards below are asked for.
+        let lookup = self.look_up_control_socket(tree).ok().flatten();
         let mut channel = self.open(tree, &Request::Forward(selector.map(str::to_string)))?;
         let status = channel.read_status_by(deadline)?;
         if status.status == Status::BadRequest {
@@ -342,6 +497,9 @@ impl SshTarget {
             }
             Err(error) => return Err(error),
         };
+        if let Some(lookup) = lookup {
+            lookup.finish();
+        }
         let listen = self.forward_socket_name(tree, "probe")?;
         let mut forwards = vec![(listen.as_path(), probe.as_str())];
         let connect_at = match targets.first() {
@@ -354,7 +512,7 @@ impl SshTarget {
         for &(listen, remote) in &forwards {
             making(listen, remote);
         }
-        if let Err(error) = self.control(tree, "forward", &forwards).map(drop) {
+        if let Err(error) = self.control(tree, Control::Forward, &forwards).map(drop) {
             // One of the two may have been made before the other failed.
             self.withdraw(tree, &forwards);
             log::info!("{error}; one ssh session per connection");
@@ -387,7 +545,7 @@ impl SshTarget {
     /// Cancels short-lived forwards and removes their sockets, as far as
     /// it can: what is left is only a stale name in the user's own scope.
     pub fn withdraw(&self, tree: &Tree, forwards: &[(&Path, &str)]) {
-        let _ = self.control(tree, "cancel", forwards);
+        let _ = self.control(tree, Control::Cancel, forwards);
         for (listen, _) in forwards {
             let _ = std::fs::remove_file(listen);
         }
@@ -612,6 +770,14 @@ pub const IMPORTED_SCOPES: [&str; 2] = ["local", "exported"];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_control_socket_is_read_from_ssh_g() {
+        let dump = b"user root\ncontrolmaster auto\ncontrolpath /tmp/t/sp ace/.ssh-0123\ncontrolpersist 60\n";
+        assert_eq!(control_path_in(dump), Some("/tmp/t/sp ace/.ssh-0123".into()));
+        assert_eq!(control_path_in(b"controlpath none\n"), None);
+        assert_eq!(control_path_in(b"usage: ssh [-46AaCfGgKkMNnqsTtVvXxYy]\n"), None);
+    }
 
     #[test]
     fn a_bounded_command_reports_its_status_and_message() {

@@ -705,6 +705,89 @@ fn dcat_over_ssh_lets_ssh_carry_the_bytes() {
     assert_serve_sessions_during_dcat(&link, 0);
 }
 
+/// The rig's ssh behind a script that notes each command line it is given
+/// in `log`, one per line; with `without_config_dump`, `ssh -G` fails, as
+/// where DIPUS_SSH is not OpenSSH's.
+fn logging_ssh(link: &Link, log: &Path, without_config_dump: bool) -> PathBuf {
+    let script = link.client.path().join(format!("logging-ssh-{}", next_id()));
+    let refuse = if without_config_dump { "for arg; do [ \"$arg\" = -G ] && exit 1; done\n" } else { "" };
+    let body =
+        format!("#!/bin/sh\n{refuse}printf '%s\\n' \"$*\" >> {}\nexec {} \"$@\"\n", log.display(), link.ssh_command());
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// How many of the logged ssh command lines hold each of `words`.
+fn ssh_calls(log: &Path, words: &[&str]) -> Vec<usize> {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let count = |word: &str| log.lines().filter(|line| line.split(' ').any(|arg| arg == word)).count();
+    words.iter().map(|word| count(word)).collect()
+}
+
+/// dcat asks the shared connection's master for its forwards, and whether
+/// it still stands, over the master's control socket: one `ssh -G` (to
+/// learn where that is) beside the session, and no `ssh -O` process.
+/// Where ssh does not say (`-G` fails), `ssh -O` does the same.
+#[test]
+fn dcat_over_ssh_asks_the_master_itself_for_its_forwards() {
+    let Some(link) = Link::new() else { return };
+    link.serve(&[], "LC_ALL=C sort", "sorter/text/plain");
+    for without_config_dump in [false, true] {
+        let log = link.client.path().join(format!("ssh-{without_config_dump}.log"));
+        let ssh = logging_ssh(&link, &log, without_config_dump);
+        let out = run_with_timeout(
+            link.cmd("dcat").env("DIPUS_SSH", &ssh).arg(format!("{}/sorter", link.uri("root"))),
+            Some(b"b\na\n"),
+            SSH_TIMEOUT,
+        );
+        link.assert_quiet_success(&out, "dcat");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\n");
+        let calls = ssh_calls(&log, &["-G", "-O", "forward", "cancel", "check"]);
+        let expected = if without_config_dump { [0, 3, 1, 1, 1] } else { [1, 0, 0, 0, 0] };
+        assert_eq!(
+            calls,
+            expected,
+            "-G, -O (forward, cancel, check); ssh was run as:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert_eq!(forward_names(&link), Vec::<String>::new());
+    }
+}
+
+/// An import, likewise: each service's forward asked of the master, and
+/// withdrawn from it when the service goes, without an ssh process.
+#[test]
+fn an_ssh_import_asks_the_master_itself_for_its_forwards() {
+    let Some(link) = Link::new() else { return };
+    serve_for_connections(&link);
+    let log = link.client.path().join("ssh.log");
+    let ssh = logging_ssh(&link, &log, false);
+    let mut importer = ChildGuard::spawn(
+        link.cmd("dipus-import")
+            .args(["-f", &link.uri("root")])
+            .env("DIPUS_SSH", &ssh)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
+    let all =
+        ["application/octet-stream/echo.remote..0", "text/plain/greeter.remote..0", "text/plain/sorter.remote..0"];
+    wait_until(SSH_TIMEOUT, "the three proxies", || services_under(&link.scope()) == all);
+    assert_eq!(link.ask(&["greeter.remote"], b""), "hello\n");
+    let greeter = link.scope().join("text/plain/greeter.remote..0");
+    let greeter_inode = std::fs::metadata(&greeter).unwrap().ino();
+    std::fs::remove_file(link.remote.tree().join("local/text/plain/greeter.remote..0")).unwrap();
+    wait_until(SSH_TIMEOUT, "ssh to stop listening for the removed service", || {
+        !greeter.exists() && !unix_listeners().contains_key(&greeter_inode)
+    });
+    assert!(importer.is_running());
+    assert_eq!(importer.terminate(DEFAULT_TIMEOUT).expect("the importer exits on SIGTERM").code(), Some(0));
+    let calls = ssh_calls(&log, &["-G", "-O"]);
+    assert_eq!(calls[1], 0, "ssh -O was run; ssh was run as:\n{}", std::fs::read_to_string(&log).unwrap());
+    assert!(calls[0] >= 1, "ssh -G was never run:\n{}", std::fs::read_to_string(&log).unwrap());
+}
+
 #[test]
 fn where_sshd_refuses_forwarding_dcat_over_ssh_relays_through_a_session() {
     let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };

@@ -66,6 +66,11 @@ static:
 	@case '$(MUSL_TARGET)' in $$(uname -m)-*) \
 	  $(STATIC_BIN) --list >/dev/null || { echo "static: $(STATIC_BIN) does not run" >&2; exit 1; } ;; \
 	esac
+	@# The unit tests against musl too: its constants and behaviour differ
+	@# from glibc's (its SOMAXCONN capped every listen backlog at 128).
+	@case '$(MUSL_TARGET)' in $$(uname -m)-*) \
+	  $(CARGO) test --quiet --target $(MUSL_TARGET) --bin dipus ;; \
+	esac
 
 # Installs the binary and one symlink per installed name. `dipus --list`
 # prints every subcommand name and every alias; the aliases are the names

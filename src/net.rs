@@ -10,11 +10,23 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use nix::sys::socket::{
-    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr,
+    bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr,
 };
 
 fn to_io(errno: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(errno as i32)
+}
+
+/// listen(2) with `backlog` as asked; the kernel caps it at
+/// net.core.somaxconn. (nix's `Backlog` refuses anything above the C
+/// library's SOMAXCONN, which musl has at 128: the static binary listened
+/// with 128 where it asked for [`crate::tree::BACKLOG`].)
+fn listen(fd: &impl AsRawFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: listen(2) on a socket the caller owns.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A listening UNIX stream socket at `path`, nonblocking, with `backlog`.
@@ -23,7 +35,7 @@ pub fn unix_listen(path: &Path, backlog: i32) -> io::Result<UnixListener> {
     let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
         .map_err(to_io)?;
     bind(fd.as_raw_fd(), &address).map_err(to_io)?;
-    listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN)).map_err(to_io)?;
+    listen(&fd, backlog)?;
     Ok(UnixListener::from(fd))
 }
 
@@ -43,7 +55,7 @@ pub fn tcp_listen(address: SocketAddr, backlog: i32) -> io::Result<std::net::Tcp
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None).map_err(to_io)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(to_io)?;
     bind(fd.as_raw_fd(), &SockaddrStorage::from(address)).map_err(to_io)?;
-    listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN)).map_err(to_io)?;
+    listen(&fd, backlog)?;
     Ok(std::net::TcpListener::from(fd))
 }
 
@@ -185,6 +197,36 @@ impl DescriptorReserve {
 mod tests {
     use super::*;
     use nix::sys::socket::getsockopt;
+
+    /// The backlog asked for is the one the kernel applies, whatever the
+    /// C library's SOMAXCONN (musl's is 128): a UNIX listener queues
+    /// BACKLOG + 1 connections, and refuses the next with EAGAIN.
+    #[test]
+    fn a_listener_gets_the_backlog_it_asks_for() {
+        const ASKED: usize = 300;
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        if somaxconn < ASKED {
+            eprintln!("SKIPPED: net.core.somaxconn is {somaxconn}, under {ASKED}");
+            return;
+        }
+        let path = std::env::temp_dir().join(format!("dipus-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = unix_listen(&path, ASKED as i32).unwrap();
+        let connect = || -> io::Result<std::os::fd::OwnedFd> {
+            let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK, None).map_err(to_io)?;
+            nix::sys::socket::connect(fd.as_raw_fd(), &UnixAddr::new(&path).map_err(to_io)?).map_err(to_io)?;
+            Ok(fd)
+        };
+        let queued: Vec<_> =
+            (0..=ASKED).map(|index| connect().unwrap_or_else(|e| panic!("connection {index}: {e}"))).collect();
+        let refused = connect().map(drop).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EAGAIN), "{refused}");
+        drop((queued, listener));
+        std::fs::remove_file(&path).unwrap();
+    }
 
     fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
         let mut value: libc::c_int = -1;

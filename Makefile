@@ -17,14 +17,15 @@ SIZE_LIMIT  := 1048576
 # into one (--icf=all), about 13 KB off the static binary, and the
 # static-pie's relative relocations are packed (-z pack-relative-relocs,
 # DT_RELR, which the bundled musl 1.2.5 applies at start), about 26 KB
-# off. The unwinder's index (.eh_frame_hdr, about 15 KB) is left out: with
-# panic = "abort" nothing unwinds, and a panic still prints its message
-# and location; only RUST_BACKTRACE's frames (bare addresses anyway, the
-# binary being stripped) are lost. Without rust-lld (a distribution's
-# rustc), the default linker is used.
+# off. The unwind tables and their index (.eh_frame_hdr, about 15 KB;
+# .eh_frame, about 105 KB, by contrib/static-no-eh-frame.ld) are left out:
+# with panic = "abort" nothing unwinds, and a panic still prints its
+# message and location; only RUST_BACKTRACE's frames (bare addresses
+# anyway, the binary being stripped) are lost. Without rust-lld (a
+# distribution's rustc), the default linker is used.
 comma       := ,
 GCC_LD      := $(shell rustc --print sysroot 2>/dev/null)/lib/rustlib/$(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')/bin/gcc-ld
-STATIC_LINK := $(if $(wildcard $(GCC_LD)/ld.lld),-C link-arg=-fuse-ld=lld -C link-arg=-B$(GCC_LD) -C link-arg=-Wl$(comma)--icf=all -C link-arg=-Wl$(comma)-z$(comma)pack-relative-relocs -C link-arg=-Wl$(comma)--no-eh-frame-hdr)
+STATIC_LINK := $(if $(wildcard $(GCC_LD)/ld.lld),-C link-arg=-fuse-ld=lld -C link-arg=-B$(GCC_LD) -C link-arg=-Wl$(comma)--icf=all -C link-arg=-Wl$(comma)-z$(comma)pack-relative-relocs -C link-arg=-Wl$(comma)--no-eh-frame-hdr -C link-arg=-Wl$(comma)-T$(comma)$(CURDIR)/contrib/static-no-eh-frame.ld)
 
 # Tests run the real binary, so `cargo test --release`: the 256 MiB data
 # tests take seconds instead of minutes. Two test threads suit a 2-core

@@ -7,7 +7,7 @@
 # Environment (defaults in brackets):
 #   BENCH_BYTES         bytes per bulk run, K/M/G suffixes [2G]; 256M is a quick run
 #   BENCH_RUNS          runs per case; the median is reported [3]
-#   BENCH_BULK_ROUNDS   rounds of each bulk comparison (cases in turn) [5]
+#   BENCH_BULK_ROUNDS   rounds of each bulk comparison (cases in turn) [7]
 #   BENCH_SECONDS       seconds per request/response or connect run [2]
 #   BENCH_LATENCY_RUNS  whole-process dcat/socat runs per latency sample [200]
 #   BENCH_SERVICES      services for dls and the import mirror [10000]
@@ -40,7 +40,7 @@ export LC_ALL=C
 
 BENCH_BYTES=${BENCH_BYTES:-2G}
 BENCH_RUNS=${BENCH_RUNS:-3}
-BENCH_BULK_ROUNDS=${BENCH_BULK_ROUNDS:-5}
+BENCH_BULK_ROUNDS=${BENCH_BULK_ROUNDS:-7}
 BENCH_SECONDS=${BENCH_SECONDS:-2}
 BENCH_LATENCY_RUNS=${BENCH_LATENCY_RUNS:-200}
 BENCH_SERVICES=${BENCH_SERVICES:-10000}
@@ -667,7 +667,7 @@ if [[ -z $SSH_NOTE ]]; then
     bulk_row 3 "**dcat ssh://…/sink** (whole process)" "$(round "$DCAT_SSH") MB/s" "dcat via ssh -L" "$(with_range "$r")" "≥ 0.9×" "$VERDICT"
     empty_ssh=$(samples_median dcat-ssh-empty)
     empty_l=$(samples_median dcat-L-empty)
-    bulk_row 3 "″ its fixed cost: an empty call (one ssh session for FORWARD, then ssh -O forward and cancel)" "$(milliseconds "$empty_ssh") ms" "dcat via ssh -L, empty" "$(milliseconds "$empty_l") ms" "" ""
+    bulk_row 3 "″ its fixed cost: an empty call (one ssh session for FORWARD, ssh -G beside it, then forward, cancel and check asked of the master)" "$(milliseconds "$empty_ssh") ms" "dcat via ssh -L, empty" "$(milliseconds "$empty_l") ms" "" ""
     paired dcat-ssh-transfer dcat-L-transfer
     transfer_ssh=$(samples_median dcat-ssh-transfer)
     bulk_row 3 "″ the transfer alone (whole process less an empty call)" "$(round "$transfer_ssh") MB/s" "dcat via ssh -L, likewise" "$(with_range "$PAIRED")" "" ""

@@ -58,9 +58,14 @@ pub const APPLETS: &[&str] = &[
     "dipusd",
 ];
 
-/// The multicall binary built by cargo for this test run.
+/// The multicall binary under test: cargo's build for this test run, or
+/// the one `DIPUS_TEST_BIN` names (`make test-static` points it at the
+/// static musl binary).
 pub fn dipus_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_dipus"))
+    match std::env::var_os("DIPUS_TEST_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_dipus")),
+    }
 }
 
 /// Per-process counter feeding every unique name the rig makes.

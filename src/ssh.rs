@@ -209,8 +209,12 @@ fn ask_master(socket: &Path, operation: Control, forwards: &[Forward]) -> Result
             forwards.iter().try_for_each(|&forward| master.open_forward(forward)).map(|()| String::new())
         }
         Control::Cancel => {
-            let results: Vec<_> = forwards.iter().map(|&forward| master.close_forward(forward)).collect();
-            results.into_iter().find(Result::is_err).unwrap_or(Ok(())).map(|()| String::new())
+            let mut first_refusal = Ok(());
+            for &forward in forwards {
+                let closed = master.close_forward(forward);
+                first_refusal = first_refusal.and(closed);
+            }
+            first_refusal.map(|()| String::new())
         }
     }
 }

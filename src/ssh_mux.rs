@@ -66,7 +66,7 @@ impl Master {
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Master, MuxError> {
         let path = socket.display().to_string();
         let unreachable = |error: io::Error| MuxError::Unreachable { path: path.clone(), detail: error.to_string() };
-        let stream = UnixStream::connect(socket).map_err(unreachable)?;
+        let stream = crate::net::unix_connect(socket).map_err(unreachable)?;
         stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
         stream.set_write_timeout(Some(timeout)).map_err(unreachable)?;
         let mut master = Master { stream, path, next_request: 1 };

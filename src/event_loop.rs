@@ -43,6 +43,12 @@ impl Timers {
         self.heap.peek().map(|Reverse((when, _))| when.saturating_duration_since(now))
     }
 
+    /// Entries for `key` not yet expired.
+    #[cfg(test)]
+    pub fn pending(&self, key: usize) -> usize {
+        self.heap.iter().filter(|Reverse((_, k))| *k == key).count()
+    }
+
     /// Keys whose deadline has passed.
     pub fn expired(&mut self, now: Instant) -> Vec<usize> {
         let mut keys = Vec::new();

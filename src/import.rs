@@ -49,6 +49,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 const SESSION: usize = 0;
 const TIMER_SESSION: usize = usize::MAX;
+/// Most bytes of the session read in one turn of the event loop. An
+/// exporter that sends without a pause never lets a read say EAGAIN:
+/// unbounded, the loop (which dipusd's exporter and relays share) would
+/// never get back to them, and the lines read but not yet applied would
+/// fill memory. The rest is read on the next turn.
+const SESSION_READ_BUDGET: usize = 256 * 1024;
 const PROXY_BASE: usize = 1;
 const LINK_BASE: usize = 1 << 40;
 /// Tokens per link: the remote's read side, the client, the remote's
@@ -439,6 +445,13 @@ pub struct Importer {
     /// What the current session has announced.
     announced: std::collections::HashSet<String>,
     forwarding: Forwarding,
+    /// The session's one deadline ([`TIMER_SESSION`]); entries of the
+    /// timer heap for any other instant are stale and ignored, so a
+    /// session never keeps more than one timer going.
+    session_deadline: Option<Instant>,
+    /// The session's read stopped at [`SESSION_READ_BUDGET`] with more
+    /// maybe waiting: mio's edge has been used, so read again next turn.
+    read_pending: bool,
 }
 
 /// Whether `fd` has something to read (data or its end) right now.
@@ -471,6 +484,8 @@ impl Importer {
             reserve: DescriptorReserve::new(),
             announced: std::collections::HashSet::new(),
             forwarding: Forwarding::Unknown,
+            session_deadline: None,
+            read_pending: false,
         }
     }
 
@@ -517,6 +532,7 @@ impl Importer {
         let now = Instant::now();
         let session = match &self.session {
             Session::Idle { retry_at } => Some(retry_at.saturating_duration_since(now)),
+            Session::Watching { .. } if self.read_pending => Some(Duration::ZERO),
             _ => None,
         };
         event_loop::earliest(session, self.timers.timeout(now))
@@ -524,15 +540,24 @@ impl Importer {
 
     /// Starts (or retries) the session when it is due.
     pub fn handle_timers(&mut self, registry: &Registry) {
-        let now = Instant::now();
+        self.handle_timers_at(registry, Instant::now());
+    }
+
+    fn handle_timers_at(&mut self, registry: &Registry, now: Instant) {
         if let Session::Idle { retry_at } = self.session {
             if now >= retry_at {
                 self.connect_session(registry);
             }
         }
+        if std::mem::take(&mut self.read_pending) {
+            self.session_ready(registry);
+        }
         for key in self.timers.expired(now) {
             if key == TIMER_SESSION {
-                self.check_session(registry, now);
+                if self.session_deadline.is_some_and(|deadline| deadline <= now) {
+                    self.session_deadline = None;
+                    self.check_session(registry, now);
+                }
             } else if key >= LINK_BASE {
                 let stuck = self.links.get(&key).is_some_and(|link| {
                     !matches!(link.state, LinkState::Relaying(_)) && now.duration_since(link.since) >= CONNECT_TIMEOUT
@@ -587,7 +612,7 @@ impl Importer {
                             last_heard: Instant::now(),
                         };
                         // The first answer includes ssh's handshake.
-                        self.timers.after(SILENCE, TIMER_SESSION);
+                        self.arm_session_timer(Instant::now() + SILENCE);
                     }
                     Err(error) => self.session_failed(registry, error.to_string()),
                 }
@@ -607,7 +632,7 @@ impl Importer {
                     return self.session_failed(registry, error.to_string());
                 }
                 self.session = Session::Connecting { tcp, address, since: Instant::now() };
-                self.timers.after(CONNECT_TIMEOUT, TIMER_SESSION);
+                self.arm_session_timer(Instant::now() + CONNECT_TIMEOUT);
             }
             Err(error) => self.session_failed(registry, format!("cannot connect to {}: {error}", server.authority())),
         }
@@ -724,7 +749,7 @@ impl Importer {
                 status_read: false,
                 last_heard: Instant::now(),
             };
-            self.timers.after(SILENCE, TIMER_SESSION);
+            self.arm_session_timer(Instant::now() + SILENCE);
         }
         if matches!(self.session, Session::Watching { .. }) {
             if let Err(message) = self.read_session(registry) {
@@ -745,7 +770,12 @@ impl Importer {
                 return Ok(());
             };
             let mut buffer = [0u8; 16 * 1024];
+            let mut taken = 0;
             loop {
+                if taken >= SESSION_READ_BUDGET {
+                    self.read_pending = true;
+                    break;
+                }
                 match stream.read(&mut buffer) {
                     Ok(0) => {
                         ended = Some(match reader.finish() {
@@ -756,6 +786,7 @@ impl Importer {
                     }
                     Ok(count) => {
                         *last_heard = Instant::now();
+                        taken += count;
                         let mut offset = 0;
                         while offset < count {
                             offset += reader.feed(&buffer[offset..count]);
@@ -962,6 +993,11 @@ impl Importer {
         }
     }
 
+    fn arm_session_timer(&mut self, when: Instant) {
+        self.session_deadline = Some(when);
+        self.timers.at(when, TIMER_SESSION);
+    }
+
     fn check_session(&mut self, registry: &Registry, now: Instant) {
         match &self.session {
             Session::Connecting { since, .. } if now.duration_since(*since) >= CONNECT_TIMEOUT => {
@@ -974,14 +1010,20 @@ impl Importer {
             Session::Watching { stream, last_heard, .. }
                 if now.duration_since(*last_heard) >= SILENCE && readable_now(stream.read_fd()) =>
             {
-                self.timers.at(now + Duration::from_secs(1), TIMER_SESSION);
+                self.arm_session_timer(now + Duration::from_secs(1));
             }
             Session::Watching { last_heard, .. } if now.duration_since(*last_heard) >= SILENCE => {
                 let message = format!("{}: silent for {} s, session lost", self.uri(), SILENCE.as_secs());
                 self.session_failed(registry, message);
             }
-            Session::Watching { last_heard, .. } => self.timers.at(*last_heard + SILENCE, TIMER_SESSION),
-            Session::Connecting { since, .. } => self.timers.at(*since + CONNECT_TIMEOUT, TIMER_SESSION),
+            Session::Watching { last_heard, .. } => {
+                let deadline = *last_heard + SILENCE;
+                self.arm_session_timer(deadline);
+            }
+            Session::Connecting { since, .. } => {
+                let deadline = *since + CONNECT_TIMEOUT;
+                self.arm_session_timer(deadline);
+            }
             Session::Idle { .. } => {}
         }
     }
@@ -1288,6 +1330,43 @@ fn read_status_line(link: &mut Link) -> io::Result<Option<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The session is armed when it connects and again when it starts
+    /// watching; when the first deadline passes, only the current one may
+    /// go on (two chains used to go on forever, two more for each
+    /// reconnection).
+    #[test]
+    fn a_session_keeps_one_timer_going() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("dipus-import-timer-{}", std::process::id()));
+        let tree = Tree::at(dir.clone()).unwrap();
+        let config = ImportConfig {
+            dialer: Dialer::Sep(crate::sep_client::Server::new("127.0.0.1", Some(port))),
+            selector: None,
+            scope: Scope::Imported,
+            options: SocketOptions::default(),
+        };
+        let mut importer = Importer::new(tree, config, 1);
+        let poll = mio::Poll::new().unwrap();
+        let start = Instant::now();
+        importer.handle_timers_at(poll.registry(), start);
+        assert!(matches!(importer.session, Session::Connecting { .. }));
+        // The kernel completes the connection from the listen queue.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !matches!(importer.session, Session::Watching { .. }) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            importer.session_ready(poll.registry());
+        }
+        assert!(matches!(importer.session, Session::Watching { .. }));
+        assert_eq!(importer.timers.pending(TIMER_SESSION), 2, "armed on connecting and on watching");
+        // Past the connect deadline, short of the silence limit.
+        importer.handle_timers_at(poll.registry(), start + CONNECT_TIMEOUT + Duration::from_millis(500));
+        assert!(matches!(importer.session, Session::Watching { .. }));
+        assert_eq!(importer.timers.pending(TIMER_SESSION), 1);
+        drop(listener);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn lock_names_are_one_to_one() {

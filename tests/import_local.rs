@@ -346,6 +346,54 @@ fn an_exporter_flooding_one_endless_line_is_given_up_without_hoarding_it() {
     assert!(written < 64 << 20, "the importer took {} MiB of one line", written >> 20);
 }
 
+/// A fake exporter that syncs and then sends keepalives without a pause:
+/// every read of the session has more, so an importer that reads until
+/// EAGAIN never comes back to its loop (its signals, its clients) and
+/// hoards the lines. It must stay small and stop on SIGTERM, taking its
+/// proxy along.
+#[test]
+fn an_exporter_flooding_keepalives_neither_holds_the_importer_nor_fills_its_memory() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let flood = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the importer connects");
+        let mut request = [0u8; 64];
+        let _ = stream.read(&mut request);
+        let chunk = b".\n".repeat(1 << 19);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut written = 0usize;
+        if stream.write_all(b"SEP/1 200 OK\n+ text/plain/flood.hosta..0\n= synced\n").is_ok() {
+            while Instant::now() < deadline && !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match stream.write(&chunk) {
+                    Ok(n) => written += n,
+                    Err(_) => break,
+                }
+            }
+        }
+        written
+    });
+    let b = TestRoot::new().with_host("hostb");
+    let importer = import(&b, &[], &uri(port));
+    assert_eq!(imported(&b), ["text/plain/flood.hosta..0"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", importer.pid())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    let stopped_in_time = importer.terminate(Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = flood.join().unwrap();
+    assert!(written > 16 << 20, "the flood sent only {} MiB: it did not test anything", written >> 20);
+    assert!(rss_kib < 32 * 1024, "the importer grew to {} MiB under the flood", rss_kib >> 10);
+    assert!(stopped_in_time, "the importer did not stop on SIGTERM within 5 s under the flood");
+    assert_eq!(imported(&b), Vec::<String>::new(), "the proxy was left behind");
+}
+
 /// The user's own scope is trusted only while it is theirs alone (0700):
 /// open to others, `dipus serve` refuses to connect into it, as it
 /// refuses to list it, and the exporter, which never offers it, still

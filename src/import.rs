@@ -196,8 +196,44 @@ struct Link {
 /// connection's master listens on and forwards by itself, as `ssh -L`
 /// does, with no process of ours in the path.
 enum Proxy {
-    Listening { socket: ServiceSocket, id: usize },
+    Listening { socket: ServiceSocket, id: usize, _slot: ProxySlot },
     Forwarded { socket: PlacedSocket, remote: String },
+}
+
+/// Most services one import mirrors: well above the 10,000 a large host
+/// may offer, and a bound on what an exporter (any host on the allowed
+/// networks, for dipusd) can make an importer create.
+pub const MAX_PROXIES: usize = 16384;
+
+/// Listening proxies of this process, all imports together: each holds a
+/// descriptor, and connections need theirs too.
+static LISTENING_PROXIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One listening proxy's share of [`LISTENING_PROXIES`], given back when
+/// the proxy goes, however it goes.
+struct ProxySlot;
+
+impl ProxySlot {
+    /// A slot, unless proxies already hold three quarters of the
+    /// descriptor limit: the last quarter is for connections (two
+    /// descriptors each) and everything else, which an exporter
+    /// announcing without end would otherwise leave none of.
+    fn take() -> Option<ProxySlot> {
+        use std::sync::atomic::Ordering;
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft.min(usize::MAX as u64) as usize);
+        let most = limit / 4 * 3;
+        LISTENING_PROXIES
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |live| (live < most).then_some(live + 1))
+            .ok()
+            .map(|_| ProxySlot)
+    }
+}
+
+impl Drop for ProxySlot {
+    fn drop(&mut self) {
+        LISTENING_PROXIES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Whether ssh may carry connections by itself (`SshTarget::probe_forwarding`).
@@ -444,6 +480,8 @@ pub struct Importer {
     reserve: DescriptorReserve,
     /// What the current session has announced.
     announced: std::collections::HashSet<String>,
+    /// This session announced more than the importer takes, and was told.
+    over_cap: bool,
     forwarding: Forwarding,
     /// The session's one deadline ([`TIMER_SESSION`]); entries of the
     /// timer heap for any other instant are stale and ignored, so a
@@ -483,6 +521,7 @@ impl Importer {
             events: Vec::new(),
             reserve: DescriptorReserve::new(),
             announced: std::collections::HashSet::new(),
+            over_cap: false,
             forwarding: Forwarding::Unknown,
             session_deadline: None,
             read_pending: false,
@@ -824,6 +863,7 @@ impl Importer {
             }
             *status_read = true;
             self.announced.clear();
+            self.over_cap = false;
             return Ok(());
         }
         match Event::parse(line).map_err(|e| format!("{authority}: {e}"))? {
@@ -889,6 +929,10 @@ impl Importer {
             log::warn!("{}: ignoring invalid service path {wire:?}", self.uri());
             return Ok(());
         };
+        if self.proxies.len() >= MAX_PROXIES {
+            self.over_cap(wire, &format!("it offers more than {MAX_PROXIES} services"));
+            return Ok(());
+        }
         if let (Dialer::Ssh(ssh), Forwarding::Yes(root)) = (&self.config.dialer, &self.forwarding) {
             let remote = format!("{root}/{wire}");
             let tree = &self.tree;
@@ -915,6 +959,13 @@ impl Importer {
             }
             return Ok(());
         }
+        let Some(slot) = ProxySlot::take() else {
+            self.over_cap(
+                wire,
+                "this process's imported services hold three quarters of its descriptor limit (ulimit -n)",
+            );
+            return Ok(());
+        };
         let socket = match ServiceSocket::bind_exact(&self.tree, &self.config.scope, &path, &self.config.options) {
             Ok(socket) => socket,
             Err(error) => {
@@ -931,10 +982,19 @@ impl Importer {
         }
         log::debug!("imported {}", socket.path().display());
         self.proxy_paths.insert(id, wire.to_string());
-        self.proxies.insert(wire.to_string(), Proxy::Listening { socket, id });
+        self.proxies.insert(wire.to_string(), Proxy::Listening { socket, id, _slot: slot });
         // Clients may already be waiting on a socket we just made.
         self.accept(registry, wire);
         Ok(())
+    }
+
+    /// Says, once a session, that `wire` and the services announced after
+    /// it are not imported, and why.
+    fn over_cap(&mut self, wire: &str, why: &str) {
+        if !self.over_cap {
+            self.over_cap = true;
+            log::warn!("{}: {why}; not importing {wire} and the services announced after it", self.uri());
+        }
     }
 
     /// Says why `wire` has no proxy: a warning, unless a namesake of it
@@ -964,7 +1024,7 @@ impl Importer {
 
     fn remove_proxy(&mut self, registry: &Registry, wire: &str) {
         match self.proxies.remove(wire) {
-            Some(Proxy::Listening { socket, id }) => {
+            Some(Proxy::Listening { socket, id, .. }) => {
                 let fd = socket.listener().as_raw_fd();
                 let _ = registry.deregister(&mut mio::unix::SourceFd(&fd));
                 self.proxy_paths.remove(&id);

@@ -394,6 +394,62 @@ fn an_exporter_flooding_keepalives_neither_holds_the_importer_nor_fills_its_memo
     assert_eq!(imported(&b), Vec::<String>::new(), "the proxy was left behind");
 }
 
+/// An exporter announcing more services than the importer has descriptors
+/// for: the importer stops at three quarters of its limit, says so once,
+/// and keeps the rest for connections (it used to bind until EMFILE and
+/// warn for every service after).
+#[test]
+fn an_exporter_announcing_without_end_is_cut_off_before_the_descriptors_run_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (done, finished) = mpsc::channel::<()>();
+    let exporter = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the importer connects");
+        let mut request = [0u8; 64];
+        let _ = stream.read(&mut request);
+        let mut answer = String::from("SEP/1 200 OK\n");
+        for n in 0..1000 {
+            answer.push_str(&format!("+ text/plain/s{n}.hosta..0\n"));
+        }
+        answer.push_str("= synced\n");
+        stream.write_all(answer.as_bytes()).unwrap();
+        let _ = finished.recv_timeout(Duration::from_secs(30));
+    });
+    let b = TestRoot::new().with_host("hostb");
+    let stderr_path = b.path().join("import.err");
+    let mut command = std::process::Command::new("sh");
+    command
+        .args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\""])
+        .arg(applet_bin("dipus-import"))
+        .args(["-f", &uri(port)])
+        .env("DIPUS_ROOT", b.tree())
+        .env("DIPUS_HOSTNAME", "hostb")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stderr(File::create(&stderr_path).unwrap());
+    let mut importer = ChildGuard::spawn(&mut command);
+    let said = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    wait_until(Duration::from_secs(15), "the importer to say it stops importing", || said().contains("not importing"));
+    let made = imported(&b).len();
+    let descriptors = std::fs::read_dir(format!("/proc/{}/fd", importer.pid())).unwrap().count();
+    assert!(importer.terminate(Duration::from_secs(5)).is_some(), "the importer did not stop");
+    let _ = done.send(());
+    exporter.join().unwrap();
+    let stderr = said();
+    assert_eq!(made, 192, "proxies made under a limit of 256 descriptors; {stderr}");
+    assert!(descriptors < 224, "{descriptors} descriptors in use");
+    assert_eq!(stderr.matches("not importing").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "sep://127.0.0.1:{port}: this process's imported services hold three quarters of its descriptor \
+             limit (ulimit -n); not importing text/plain/s"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Too many open files"), "{stderr}");
+    assert_eq!(imported(&b), Vec::<String>::new(), "proxies left behind");
+}
+
 /// The user's own scope is trusted only while it is theirs alone (0700):
 /// open to others, `dipus serve` refuses to connect into it, as it
 /// refuses to list it, and the exporter, which never offers it, still

@@ -286,10 +286,12 @@ fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<(nix::unistd::Pid, st
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     // SAFETY: the importer's process is single-threaded; the child only
     // runs the probe (spawning ssh) and leaves with _exit, so none of the
-    // parent's state is used or dropped twice.
+    // parent's state is used or dropped twice. It first closes its copies
+    // of the parent's descriptors (see close_descriptors_except).
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             drop(read);
+            crate::net::close_descriptors_except(write.as_raw_fd());
             let report = std::fs::File::from(write);
             // Paths that ssh may forward hold no control characters.
             let mut making = |listen: &std::path::Path, remote: &str| {

@@ -156,6 +156,35 @@ pub fn restore_fd_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// In a forked child that does not exec: closes every descriptor but
+/// stdin, stdout, stderr and `keep`. The child must not hold copies of the
+/// parent's sockets and pipes: an end the parent closes to say EOF (ssh's
+/// stdin, say) would stay open in the child for as long as it runs.
+/// close_range(2), or on kernels before 5.9 each descriptor listed in
+/// /proc/self/fd (which allocates: for single-threaded parents only).
+pub fn close_descriptors_except(keep: RawFd) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let keep = keep.max(2) as libc::c_uint;
+        // SAFETY: close_range only closes descriptors of this process.
+        let below = keep <= 3 || unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, keep - 1, 0) } == 0;
+        // SAFETY: as above.
+        let above = unsafe { libc::syscall(libc::SYS_close_range, keep + 1, libc::c_uint::MAX, 0) } == 0;
+        if below && above {
+            return;
+        }
+    }
+    let open: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect(),
+        Err(_) => return,
+    };
+    for fd in open.into_iter().filter(|&fd| fd > 2 && fd != keep) {
+        // SAFETY: closes a descriptor of this process; the listing's own
+        // descriptor, among them, is already closed (EBADF).
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// One descriptor kept in reserve so that, when a process runs out of
 /// descriptors, a waiting client can still be accepted and closed at once
 /// (refused cleanly) instead of staying in the backlog while the accept
@@ -197,6 +226,34 @@ impl DescriptorReserve {
 mod tests {
     use super::*;
     use nix::sys::socket::getsockopt;
+
+    #[test]
+    fn a_forked_child_keeps_only_stdio_and_the_descriptor_it_is_told() {
+        use std::io::Read;
+        let (report_read, report_write) = nix::unistd::pipe().unwrap();
+        let (_other_read, other_write) = nix::unistd::pipe().unwrap();
+        let (report, other) = (report_write.as_raw_fd(), other_write.as_raw_fd());
+        // SAFETY: the child makes only async-signal-safe system calls
+        // (close_range, fcntl, write) and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                close_descriptors_except(report);
+                // SAFETY: fcntl and write on numbers; _exit ends the child.
+                unsafe {
+                    let answer: &[u8] = if libc::fcntl(other, libc::F_GETFD) == -1 { b"closed" } else { b"open" };
+                    libc::write(report, answer.as_ptr().cast(), answer.len());
+                    libc::_exit(0);
+                }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(report_write);
+                let mut answer = String::new();
+                std::fs::File::from(report_read).read_to_string(&mut answer).unwrap();
+                nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(answer, "closed", "the child still held the parent's other pipe");
+            }
+        }
+    }
 
     /// The backlog asked for is the one the kernel applies, whatever the
     /// C library's SOMAXCONN (musl's is 128): a UNIX listener queues

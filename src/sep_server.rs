@@ -175,7 +175,31 @@ impl View {
         if *self == View::Exported && meta.mode() & 0o002 == 0 {
             return Err(forbidden("the socket's mode does not let others connect"));
         }
-        let stream = connect_nonblocking(&full).map_err(|error| match error.raw_os_error() {
+        // The checks above went by path; the connect must reach the very
+        // file they passed, not one swapped in since (a symlink to a
+        // private socket, for an exporter running as root).
+        // The scope directory too, as its check above.
+        let depth = path.protocol.components().len() + 1;
+        let opened =
+            crate::tree::open_unfollowed(&directory, depth, full.file_name().unwrap_or_default()).map_err(|error| {
+                match error.raw_os_error() {
+                    Some(libc::ENOENT) => not_found(),
+                    Some(libc::ELOOP | libc::ENOTDIR) => forbidden("symlinks are not followed"),
+                    _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
+                }
+            })?;
+        let stat = nix::sys::stat::fstat(opened.as_raw_fd())
+            .map_err(|error| StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")))?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(forbidden("not a socket"));
+        }
+        if *self == View::Exported && stat.st_mode & 0o002 == 0 {
+            return Err(forbidden("the socket's mode does not let others connect"));
+        }
+        let through = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
+        // Without /proc (a minimal chroot), by path as checked.
+        let target = if Path::new("/proc/self/fd").is_dir() { &through } else { &full };
+        let stream = connect_nonblocking(target).map_err(|error| match error.raw_os_error() {
             Some(libc::ENOENT) => not_found(),
             Some(libc::EACCES) | Some(libc::EPERM) => forbidden("permission denied"),
             Some(libc::ECONNREFUSED) => StatusLine::with_detail(Status::Unavailable, &format!("refused: {wire}")),

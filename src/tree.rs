@@ -406,30 +406,8 @@ impl TreeDir {
     /// Opens the directory `dir`, following symlinks only above its last
     /// `depth` components.
     fn open(dir: &Path, depth: usize) -> io::Result<TreeDir> {
-        use nix::fcntl::{open, openat, OFlag};
-        use nix::sys::stat::Mode;
-        let components: Vec<Component> = dir.components().collect();
-        let split = components.len().checked_sub(depth).filter(|&split| split > 0).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not below a scope", dir.display()))
-        })?;
-        let base: PathBuf = components[..split].iter().collect();
-        let last = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let below = &components[split..];
-        let first_flags = if below.is_empty() { last } else { walk };
-        // SAFETY (both from_raw_fd): open and openat return a new
-        // descriptor that nothing else owns.
-        let mut fd = unsafe { OwnedFd::from_raw_fd(open(&base, first_flags, Mode::empty())?) };
-        for (index, component) in below.iter().enumerate() {
-            let Component::Normal(name) = component else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{} is not a tree path", dir.display()),
-                ));
-            };
-            let flags = if index + 1 == below.len() { last } else { walk } | OFlag::O_NOFOLLOW;
-            fd = unsafe { OwnedFd::from_raw_fd(openat(Some(fd.as_raw_fd()), *name, flags, Mode::empty())?) };
-        }
+        use nix::fcntl::OFlag;
+        let fd = walk(dir, depth, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)?;
         Ok(TreeDir { fd })
     }
 
@@ -482,6 +460,47 @@ impl TreeDir {
             pause = (pause * 2).min(Duration::from_millis(10));
         }
     }
+}
+
+/// Opens `dir` with `last` (its flags), following symlinks only above its
+/// last `depth` components: each of those is opened in the one before
+/// with `O_NOFOLLOW`, so none can be swapped for a symlink meanwhile.
+fn walk(dir: &Path, depth: usize, last: nix::fcntl::OFlag) -> io::Result<OwnedFd> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::Mode;
+    let components: Vec<Component> = dir.components().collect();
+    let split = components.len().checked_sub(depth).filter(|&split| split > 0).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not below a scope", dir.display()))
+    })?;
+    let base: PathBuf = components[..split].iter().collect();
+    let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let below = &components[split..];
+    let first_flags = if below.is_empty() { last } else { walk };
+    // SAFETY (both from_raw_fd): open and openat return a new
+    // descriptor that nothing else owns.
+    let mut fd = unsafe { OwnedFd::from_raw_fd(open(&base, first_flags, Mode::empty())?) };
+    for (index, component) in below.iter().enumerate() {
+        let Component::Normal(name) = component else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a tree path", dir.display())));
+        };
+        let flags = if index + 1 == below.len() { last } else { walk } | OFlag::O_NOFOLLOW;
+        fd = unsafe { OwnedFd::from_raw_fd(openat(Some(fd.as_raw_fd()), *name, flags, Mode::empty())?) };
+    }
+    Ok(fd)
+}
+
+/// The file `name` in `dir` (`depth` components below its scope), opened
+/// as a path only (`O_PATH`), with no symlink followed below the scope,
+/// the file itself included: what is checked through the descriptor
+/// (fstat) is the file a connect through it (/proc/self/fd/N) reaches,
+/// whatever is renamed or swapped in the tree meanwhile.
+pub fn open_unfollowed(dir: &Path, depth: usize, name: &OsStr) -> io::Result<OwnedFd> {
+    use nix::fcntl::{openat, OFlag};
+    let dir = walk(dir, depth, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)?;
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = openat(Some(dir.as_raw_fd()), name, flags, nix::sys::stat::Mode::empty())?;
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `path`'s directory and file name.

@@ -319,6 +319,69 @@ fn sockets_in_exported_that_must_not_be_served_are_refused_and_not_listed() {
     assert_untouched(&secret, "the socket behind the symlinked directory");
 }
 
+/// The exporter checks a socket, then connects to it: a name that turns
+/// from a public socket into a symlink to a private one in between must
+/// not get a client into the private one. A thread swaps the name back
+/// and forth while CONNECTs for it come one after another.
+#[test]
+fn a_name_swapped_for_a_symlink_while_it_is_checked_never_reaches_the_private_socket() {
+    let root = sorter_root();
+    let dir = root.tree().join("exported/text/plain");
+    let (private, private_path) = listen_at(&root, "exported/text/plain/private.hosta..0");
+    std::fs::set_permissions(&private_path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (public, public_path) = listen_at(&root, "exported/text/plain/public.hosta..0");
+    std::fs::set_permissions(&public_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    public.set_nonblocking(true).unwrap();
+    private.set_nonblocking(true).unwrap();
+    let port = start_exporter(&root, &[]);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (bait, real, link) = (dir.join("bait.hosta..0"), dir.join(".real"), dir.join(".link"));
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::hard_link(dir.join("public.hosta..0"), &real);
+                let _ = std::fs::rename(&real, &bait);
+                let _ = std::os::unix::fs::symlink("private.hosta..0", &link);
+                let _ = std::fs::rename(&link, &bait);
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let (mut answers, mut reached_public) = (std::collections::BTreeMap::<String, u32>::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let mut raw = Raw::request(port, b"SEP/1 CONNECT text/plain/bait.hosta..0\n");
+        raw.0.shutdown(Shutdown::Write).unwrap();
+        let status = raw.line(DEFAULT_TIMEOUT);
+        // Connected: to which socket? (Dropping it ends the relay.)
+        let connected_by = Instant::now() + DEFAULT_TIMEOUT;
+        while status == "SEP/1 200 OK\n" && Instant::now() < connected_by {
+            if private.accept().is_ok() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                swapper.join().unwrap();
+                panic!("the exporter connected a client to the 0700 socket; answers so far: {answers:?}");
+            }
+            if public.accept().is_ok() {
+                reached_public += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *answers.entry(status + &raw.rest(DEFAULT_TIMEOUT)).or_default() += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    // The race was run: both states of the name were seen.
+    assert!(swaps > 1000 && reached_public > 0, "swaps {swaps}, public reached {reached_public}, {answers:?}");
+    let symlinked = "SEP/1 403 forbidden: symlinks are not followed: text/plain/bait.hosta..0\n";
+    assert!(answers.contains_key(symlinked), "{answers:?}");
+    assert_untouched(&private, "the 0700 socket");
+}
+
 #[test]
 fn a_hard_link_to_a_socket_bound_outside_exported_is_refused() {
     let root = sorter_root();

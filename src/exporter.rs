@@ -28,7 +28,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::allow::AllowList;
 use crate::event_loop::{self, Timers};
-use crate::net::DescriptorReserve;
+use crate::net::{BusyWait, DescriptorReserve};
 use crate::relay::{Relay, Way};
 use crate::selector::Selector;
 use crate::sep::{self, Request, Status, StatusLine};
@@ -56,11 +56,35 @@ pub struct ExporterConfig {
 }
 
 enum State {
-    Request { deadline: Instant },
-    Reply { out: Vec<u8>, written: usize },
-    Linger { deadline: Instant },
-    Watch { out: Vec<u8>, written: usize, selector: Selector, announced: HashSet<String>, last_sent: Instant },
-    Relay { unix: UnixStream, prefix: Vec<u8>, written: usize, relay: Relay },
+    Request {
+        deadline: Instant,
+    },
+    Reply {
+        out: Vec<u8>,
+        written: usize,
+    },
+    Linger {
+        deadline: Instant,
+    },
+    Watch {
+        out: Vec<u8>,
+        written: usize,
+        selector: Selector,
+        announced: HashSet<String>,
+        last_sent: Instant,
+    },
+    Relay {
+        unix: UnixStream,
+        prefix: Vec<u8>,
+        written: usize,
+        relay: Relay,
+    },
+    /// CONNECT to a service whose backlog is full: tried again at the
+    /// timer, as a blocking client would wait (see `BusyWait`).
+    Busy {
+        path: String,
+        wait: BusyWait,
+    },
 }
 
 struct Connection {
@@ -373,14 +397,28 @@ impl Exporter {
                 Ok(selector) => self.start_watch(registry, id, selector),
                 Err(status) => self.reply(registry, id, status, &[]),
             },
-            Request::Connect(path) => match self.view.open(&self.tree, &path) {
-                Ok(unix) => self.start_relay(registry, id, unix),
-                Err(status) => {
-                    log::info!("#{id}: CONNECT {path}: {}", status.to_line().trim_end());
-                    self.reply(registry, id, status, &[])
-                }
-            },
+            Request::Connect(path) => self.connect(registry, id, path, BusyWait::new()),
         }
+    }
+
+    /// CONNECT: the relay if the service takes the connection, a wait if
+    /// its backlog is full, else the refusal.
+    fn connect(&mut self, registry: &Registry, id: usize, path: String, mut wait: BusyWait) -> io::Result<bool> {
+        let refusal = match self.view.open(&self.tree, &path) {
+            Ok(Some(unix)) => return self.start_relay(registry, id, unix),
+            Ok(None) => match wait.next_try() {
+                Some(when) => {
+                    let connection = self.connections.get_mut(&id).expect("caller checked");
+                    connection.state = State::Busy { path, wait };
+                    self.timers.at(when, id);
+                    return Ok(true);
+                }
+                None => View::busy(&path),
+            },
+            Err(status) => status,
+        };
+        log::info!("#{id}: CONNECT {path}: {}", refusal.to_line().trim_end());
+        self.reply(registry, id, refusal, &[])
     }
 
     fn reply(&mut self, registry: &Registry, id: usize, status: StatusLine, lines: &[String]) -> io::Result<bool> {
@@ -446,7 +484,7 @@ impl Exporter {
         let [readable, writable, read_closed] = ready;
         let Connection { tcp, state, last_progress, .. } = connection;
         match state {
-            State::Request { .. } => Ok(true),
+            State::Request { .. } | State::Busy { .. } => Ok(true),
             State::Reply { out, written } => {
                 if flush(tcp, out, written, last_progress)? {
                     // Everything is out: half-close and wait for the peer
@@ -514,6 +552,7 @@ impl Exporter {
             TimeOut,
             Rearm(Instant),
             Keepalive,
+            Connect,
         }
         let Some(connection) = self.connections.get_mut(&id) else {
             return;
@@ -534,6 +573,7 @@ impl Exporter {
             State::Watch { last_sent, .. } if now.duration_since(*last_sent) >= keepalive => Action::Keepalive,
             State::Watch { last_sent, .. } => Action::Rearm(*last_sent + keepalive),
             State::Relay { .. } => Action::Nothing,
+            State::Busy { .. } => Action::Connect,
         };
         match action {
             Action::Nothing => {}
@@ -543,6 +583,13 @@ impl Exporter {
                 log::info!("{}: no complete request within {} s", connection.peer, sep::REQUEST_TIMEOUT_SECS);
                 let status = StatusLine::with_detail(Status::BadRequest, "request timeout");
                 if !matches!(self.reply(registry, id, status, &[]), Ok(true)) {
+                    self.close(registry, id);
+                }
+            }
+            Action::Connect => {
+                let busy = std::mem::replace(&mut connection.state, State::Request { deadline: now });
+                let State::Busy { path, wait } = busy else { unreachable!("matched above") };
+                if !matches!(self.connect(registry, id, path, wait), Ok(true)) {
                     self.close(registry, id);
                 }
             }

@@ -156,6 +156,46 @@ pub fn restore_fd_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// A UNIX listener whose backlog is full refuses a nonblocking connect
+/// with EAGAIN: the service is busy, not gone, and a client connecting to
+/// it directly (blocking) would simply wait for room. Relays that must not
+/// block wait the same way, trying again after pauses from 1 ms doubling
+/// to 50 ms, for at most [`BusyWait::PATIENCE`].
+#[derive(Debug, Clone)]
+pub struct BusyWait {
+    since: std::time::Instant,
+    pause: std::time::Duration,
+}
+
+impl Default for BusyWait {
+    fn default() -> Self {
+        BusyWait::new()
+    }
+}
+
+impl BusyWait {
+    /// How long a client is kept waiting for room before it is told the
+    /// service is busy (SEP's 503) or, through a proxy, closed.
+    pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+    const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+    const MOST_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+    pub fn new() -> BusyWait {
+        BusyWait { since: std::time::Instant::now(), pause: Self::FIRST_PAUSE }
+    }
+
+    /// When to try again, or `None` once the patience is spent.
+    pub fn next_try(&mut self) -> Option<std::time::Instant> {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.since) >= Self::PATIENCE {
+            return None;
+        }
+        let when = now + self.pause;
+        self.pause = (self.pause * 2).min(Self::MOST_PAUSE);
+        Some(when)
+    }
+}
+
 /// In a forked child that does not exec: closes every descriptor but
 /// stdin, stdout, stderr and `keep`. The child must not hold copies of the
 /// parent's sockets and pipes: an end the parent closes to say EOF (ssh's

@@ -141,7 +141,10 @@ impl View {
     }
 
     /// Connects to the service at `wire` (nonblocking), or says why not.
-    pub fn open(&self, tree: &Tree, wire: &str) -> Result<UnixStream, StatusLine> {
+    /// `Ok(None)`: its backlog is full, try again (see
+    /// [`crate::net::BusyWait`]; [`View::busy`] is the answer once done
+    /// waiting).
+    pub fn open(&self, tree: &Tree, wire: &str) -> Result<Option<UnixStream>, StatusLine> {
         let (scope, path) = self.parse_wire_path(wire)?;
         let not_found = || StatusLine::with_detail(Status::NotFound, wire);
         let forbidden = |why: &str| StatusLine::with_detail(Status::Forbidden, &format!("{why}: {wire}"));
@@ -185,6 +188,9 @@ impl View {
                 match error.raw_os_error() {
                     Some(libc::ENOENT) => not_found(),
                     Some(libc::ELOOP | libc::ENOTDIR) => forbidden("symlinks are not followed"),
+                    Some(libc::EMFILE | libc::ENFILE) => {
+                        StatusLine::with_detail(Status::Unavailable, "server overloaded")
+                    }
                     _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
                 }
             })?;
@@ -199,18 +205,27 @@ impl View {
         let through = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
         // Without /proc (a minimal chroot), by path as checked.
         let target = if Path::new("/proc/self/fd").is_dir() { &through } else { &full };
-        let stream = connect_nonblocking(target).map_err(|error| match error.raw_os_error() {
+        let stream = match connect_nonblocking(target) {
+            Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => return Ok(None),
+            connected => connected,
+        };
+        let stream = stream.map_err(|error| match error.raw_os_error() {
             Some(libc::ENOENT) => not_found(),
             Some(libc::EACCES) | Some(libc::EPERM) => forbidden("permission denied"),
             Some(libc::ECONNREFUSED) => StatusLine::with_detail(Status::Unavailable, &format!("refused: {wire}")),
-            Some(libc::EAGAIN) => StatusLine::with_detail(Status::Unavailable, &format!("busy: {wire}")),
             Some(libc::EMFILE | libc::ENFILE) => StatusLine::with_detail(Status::Unavailable, "server overloaded"),
             _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
         })?;
         if !bound_within(&stream, &directory) {
             return Err(forbidden("the socket is bound elsewhere"));
         }
-        Ok(stream)
+        Ok(Some(stream))
+    }
+
+    /// The answer to a CONNECT whose service stayed busy (its backlog
+    /// full) past [`crate::net::BusyWait::PATIENCE`].
+    pub fn busy(wire: &str) -> StatusLine {
+        StatusLine::with_detail(Status::Unavailable, &format!("busy: {wire}"))
     }
 }
 

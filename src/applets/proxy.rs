@@ -16,7 +16,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use argh::FromArgs;
 use mio::net::UnixStream;
@@ -26,7 +27,7 @@ use nix::sys::signal::Signal;
 use crate::error::Error;
 use crate::event_loop;
 use crate::name::{Scope, ServiceSpec};
-use crate::net::DescriptorReserve;
+use crate::net::{BusyWait, DescriptorReserve};
 use crate::relay::Relay;
 use crate::signals::SignalPipe;
 use crate::tree::{ServiceSocket, Tree};
@@ -67,6 +68,17 @@ struct Link {
     relay: Relay,
 }
 
+/// The connections of the proxy, and the one client waiting for room in
+/// the target's full backlog: while it waits, no other client is taken,
+/// so the rest wait in the proxy's own backlog, in order, as they would
+/// have waited in the target's.
+struct Links {
+    links: HashMap<usize, Link>,
+    next: usize,
+    reserve: DescriptorReserve,
+    waiting: Option<(std::os::unix::net::UnixStream, BusyWait, Instant)>,
+}
+
 fn serve(name: &str, args: &[&str], scope: Scope) -> Result<(), Error> {
     let args: Args = crate::applets::parse_args(name, args);
     let spec = ServiceSpec::parse(&args.service)?;
@@ -86,17 +98,16 @@ fn serve(name: &str, args: &[&str], scope: Scope) -> Result<(), Error> {
     run(&socket, &args.socket, &signals).map_err(|e| Error::io(format!("{} failed", socket.path().display()), e))
 }
 
-fn run(socket: &ServiceSocket, target: &std::path::Path, signals: &SignalPipe) -> io::Result<()> {
+fn run(socket: &ServiceSocket, target: &Path, signals: &SignalPipe) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let registry = poll.registry().try_clone()?;
     registry.register(&mut mio::unix::SourceFd(&signals.fd()), SIGNALS, Interest::READABLE)?;
     registry.register(&mut mio::unix::SourceFd(&socket.listener().as_raw_fd()), LISTENER, Interest::READABLE)?;
-    let mut links: HashMap<usize, Link> = HashMap::new();
-    let mut next = 0usize;
-    let mut reserve = DescriptorReserve::new();
+    let mut all = Links { links: HashMap::new(), next: 0, reserve: DescriptorReserve::new(), waiting: None };
     let mut events = Events::with_capacity(1024);
     loop {
-        crate::event_loop::wait(&mut poll, &mut events, None)?;
+        let timeout = all.waiting.as_ref().map(|(_, _, when)| when.saturating_duration_since(Instant::now()));
+        crate::event_loop::wait(&mut poll, &mut events, timeout)?;
         for event in events.iter() {
             match event.token() {
                 SIGNALS => {
@@ -104,91 +115,117 @@ fn run(socket: &ServiceSocket, target: &std::path::Path, signals: &SignalPipe) -
                         return Ok(());
                     }
                 }
-                LISTENER => accept(socket, target, &registry, &mut links, &mut next, &mut reserve),
-                token => {
-                    let id = event_loop::id(token) - LINK_BASE;
-                    let link_id = id / 2;
-                    let Some(link) = links.get_mut(&link_id) else {
-                        continue;
-                    };
-                    let fd = if id % 2 == 0 { link.client.as_raw_fd() } else { link.target.as_raw_fd() };
-                    let (readable, writable) = event_loop::readiness(event);
-                    link.relay.set_ready(fd, readable, writable);
-                    if event_loop::read_closed(event) {
-                        link.relay.set_read_closed(fd);
-                    }
-                    let done = match link.relay.pump() {
-                        Ok(()) => link.relay.is_done(),
-                        Err(error) => {
-                            log::debug!("relay failed: {error}");
-                            true
-                        }
-                    };
-                    if done {
-                        if let Some(mut link) = links.remove(&link_id) {
-                            let _ = registry.deregister(&mut link.client);
-                            let _ = registry.deregister(&mut link.target);
-                        }
-                    }
-                }
+                LISTENER => all.accept(socket, target, &registry),
+                token => all.relay_event(&registry, token, event),
             }
+        }
+        if all.waiting.as_ref().is_some_and(|(_, _, when)| *when <= Instant::now()) {
+            let (client, wait, _) = all.waiting.take().expect("checked");
+            all.connect(client, target, &registry, wait);
+            all.accept(socket, target, &registry);
         }
     }
 }
 
-/// Takes every waiting client and connects each to the target.
-fn accept(
-    socket: &ServiceSocket,
-    target: &std::path::Path,
-    registry: &Registry,
-    links: &mut HashMap<usize, Link>,
-    next: &mut usize,
-    reserve: &mut DescriptorReserve,
-) {
-    loop {
-        let client = match socket.listener().accept() {
-            Ok((client, _)) => client,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) if DescriptorReserve::is_exhaustion(&error) => {
-                log::warn!("out of descriptors: refusing a client");
-                if !reserve.refuse_one(|| socket.listener().accept().is_ok()) {
+impl Links {
+    fn relay_event(&mut self, registry: &Registry, token: Token, event: &mio::event::Event) {
+        let id = event_loop::id(token) - LINK_BASE;
+        let link_id = id / 2;
+        let Some(link) = self.links.get_mut(&link_id) else {
+            return;
+        };
+        let fd = if id % 2 == 0 { link.client.as_raw_fd() } else { link.target.as_raw_fd() };
+        let (readable, writable) = event_loop::readiness(event);
+        link.relay.set_ready(fd, readable, writable);
+        if event_loop::read_closed(event) {
+            link.relay.set_read_closed(fd);
+        }
+        let done = match link.relay.pump() {
+            Ok(()) => link.relay.is_done(),
+            Err(error) => {
+                log::debug!("relay failed: {error}");
+                true
+            }
+        };
+        if done {
+            if let Some(mut link) = self.links.remove(&link_id) {
+                let _ = registry.deregister(&mut link.client);
+                let _ = registry.deregister(&mut link.target);
+            }
+        }
+    }
+
+    /// Takes every waiting client and connects each to the target, until
+    /// one has to wait for room there.
+    fn accept(&mut self, socket: &ServiceSocket, target: &Path, registry: &Registry) {
+        while self.waiting.is_none() {
+            let client = match socket.listener().accept() {
+                Ok((client, _)) => client,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) if DescriptorReserve::is_exhaustion(&error) => {
+                    log::warn!("out of descriptors: refusing a client");
+                    if !self.reserve.refuse_one(|| socket.listener().accept().is_ok()) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    log::warn!("cannot accept: {error}");
                     return;
                 }
-                continue;
+            };
+            self.connect(client, target, registry, BusyWait::new());
+        }
+    }
+
+    /// Connects `client` to the target and relays between them. A
+    /// nonblocking connect to a UNIX socket completes at once or fails: a
+    /// full backlog (EAGAIN) makes the client wait (see [`Links`]); past
+    /// the patience, or with a dead target, the client is dropped and sees
+    /// EOF.
+    fn connect(
+        &mut self,
+        client: std::os::unix::net::UnixStream,
+        target: &Path,
+        registry: &Registry,
+        mut wait: BusyWait,
+    ) {
+        let target_stream = match UnixStream::connect(target) {
+            Ok(stream) => stream,
+            Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => {
+                match wait.next_try() {
+                    Some(when) => self.waiting = Some((client, wait, when)),
+                    None => log::warn!(
+                        "{} stayed busy (its backlog full) for {} s: closing a client",
+                        target.display(),
+                        BusyWait::PATIENCE.as_secs()
+                    ),
+                }
+                return;
             }
             Err(error) => {
-                log::warn!("cannot accept: {error}");
+                log::warn!("cannot connect to {}: {error}", target.display());
                 return;
             }
         };
-        // A nonblocking connect to a UNIX socket completes at once or
-        // fails: a full backlog (EAGAIN) or a dead target drops the client,
-        // who sees EOF, rather than stall the loop.
-        let target = match UnixStream::connect(target) {
-            Ok(stream) => stream,
-            Err(error) => {
-                log::warn!("cannot connect to {}: {error}", target.display());
-                continue;
-            }
-        };
         if client.set_nonblocking(true).is_err() {
-            continue;
+            return;
         }
         let mut client = UnixStream::from_std(client);
-        let mut target = target;
-        let id = *next;
-        *next += 1;
+        let mut target_stream = target_stream;
+        let id = self.next;
+        self.next += 1;
         let both = Interest::READABLE | Interest::WRITABLE;
         if registry.register(&mut client, event_loop::token(0, LINK_BASE + 2 * id), both).is_err()
-            || registry.register(&mut target, event_loop::token(0, LINK_BASE + 2 * id + 1), both).is_err()
+            || registry.register(&mut target_stream, event_loop::token(0, LINK_BASE + 2 * id + 1), both).is_err()
         {
-            continue;
+            return;
         }
-        let mut relay = Relay::between(client.as_raw_fd(), target.as_raw_fd());
+        let mut relay = Relay::between(client.as_raw_fd(), target_stream.as_raw_fd());
         if relay.pump().is_err() {
-            continue;
+            return;
         }
-        links.insert(id, Link { client, target, relay });
+        self.links.insert(id, Link { client, target: target_stream, relay });
     }
 }

@@ -48,6 +48,8 @@ pub enum NameError {
     Path(String),
     #[error("socket path {path} is {length} bytes, more than the {limit} that fit in a UNIX socket address; use a shorter DIPUS_ROOT, protocol or name")]
     TooLong { path: String, length: usize, limit: usize },
+    #[error("socket path {path} is {length} bytes, more than the {limit} that fit in a UNIX socket address; give a shorter path (a symlink to its directory, say)")]
+    GivenPathTooLong { path: String, length: usize, limit: usize },
 }
 
 fn is_name_char(c: u8) -> bool {
@@ -267,8 +269,19 @@ pub fn valid_user_name(user: &str) -> bool {
         && !matches!(user, "local" | "exported" | "imported")
 }
 
-/// Refuses a socket path that `bind`/`connect` could not take, naming it.
+/// Refuses a socket path given by the user (a path selector, a proxy's
+/// SOCKET) that `bind`/`connect` could not take, naming it.
 pub fn check_socket_path(path: &Path) -> Result<(), NameError> {
+    let length = path.as_os_str().len();
+    if length > SUN_PATH_LIMIT {
+        return Err(NameError::GivenPathTooLong { path: path.display().to_string(), length, limit: SUN_PATH_LIMIT });
+    }
+    Ok(())
+}
+
+/// Refuses a path in the tree that `bind`/`connect` could not take,
+/// naming it and what makes it long.
+pub fn check_tree_socket_path(path: &Path) -> Result<(), NameError> {
     let length = path.as_os_str().len();
     if length > SUN_PATH_LIMIT {
         return Err(NameError::TooLong { path: path.display().to_string(), length, limit: SUN_PATH_LIMIT });
@@ -380,6 +393,9 @@ mod tests {
         let error = check_socket_path(Path::new(&long)).unwrap_err();
         let message = error.to_string();
         assert!(message.contains(&long) && message.contains("205 bytes"), "{message}");
+        assert!(message.ends_with("give a shorter path (a symlink to its directory, say)"), "{message}");
         assert!(check_socket_path(Path::new("/tmp/dipus/local/x/a.b..0")).is_ok());
+        let message = check_tree_socket_path(Path::new(&long)).unwrap_err().to_string();
+        assert!(message.ends_with("use a shorter DIPUS_ROOT, protocol or name"), "{message}");
     }
 }

@@ -653,7 +653,7 @@ impl ServiceSocket {
     ) -> Result<ServiceSocket, TreeError> {
         let first = ServicePath { protocol: protocol.clone(), file: ServiceFile::new(name, host, 0)? };
         // Refuse before creating any directory: the error names the path.
-        name::check_socket_path(&tree.service_path(scope, &first))?;
+        name::check_tree_socket_path(&tree.service_path(scope, &first))?;
         retry_pruned(|| {
             let dir = tree.ensure_protocol_dir(scope, protocol)?;
             Self::bind_in(&dir, first.clone(), options)
@@ -668,7 +668,7 @@ impl ServiceSocket {
         path: &ServicePath,
         options: &SocketOptions,
     ) -> Result<ServiceSocket, TreeError> {
-        name::check_socket_path(&tree.service_path(scope, path))?;
+        name::check_tree_socket_path(&tree.service_path(scope, path))?;
         retry_pruned(|| Self::bind_exact_once(tree, scope, path, options))
     }
 
@@ -700,7 +700,7 @@ impl ServiceSocket {
                 return Err(TreeError::NoFreeIndex(service.to_string()));
             }
             let full = dir.join(service.file.to_string());
-            name::check_socket_path(&full)?;
+            name::check_tree_socket_path(&full)?;
             match staging.link(&full, &mut wait) {
                 Ok(id) => {
                     return Ok(ServiceSocket {
@@ -748,7 +748,7 @@ impl PlacedSocket {
         make: &mut dyn FnMut(&Path) -> io::Result<()>,
     ) -> Result<PlacedSocket, TreeError> {
         let full = tree.service_path(scope, path);
-        name::check_socket_path(&full)?;
+        name::check_tree_socket_path(&full)?;
         let mut attempts = 0;
         loop {
             let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
@@ -818,7 +818,7 @@ impl Staging {
             TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let temp = dir.join(&hidden);
-        name::check_socket_path(&temp)?;
+        name::check_tree_socket_path(&temp)?;
         let opened = TreeDir::open(dir, depth).map_err(|source| TreeError::Bind { path: dir.to_path_buf(), source })?;
         // A leftover of an earlier process that had our process id.
         let _ = opened.remove(&hidden);

@@ -175,8 +175,10 @@ impl Default for BusyWait {
 
 impl BusyWait {
     /// How long a client is kept waiting for room before it is told the
-    /// service is busy (SEP's 503) or, through a proxy, closed.
-    pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+    /// service is busy (SEP's 503) or, through a proxy, closed: less than
+    /// the 10 s SEP clients (dcat, an importer) give a status line, so
+    /// that the 503 reaches them.
+    pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(8);
     const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
     const MOST_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 

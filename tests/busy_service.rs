@@ -115,3 +115,25 @@ fn clients_through_serve_stdio_wait_for_room_in_a_full_backlog() {
     });
     assert_eq!(server.join().unwrap(), CLIENTS);
 }
+
+/// A service that never takes its connections: the client is told `503
+/// busy` after the exporter's patience (8 s), within dcat's 10 s for a
+/// status line, and the exporter goes on serving.
+#[test]
+fn a_service_busy_past_the_patience_is_answered_503_busy() {
+    let root = TestRoot::new().with_host("hosta");
+    let path = root.tree().join("exported/text/plain/stuck.hosta..0");
+    let _listener = listen_with_backlog_of_one(&path);
+    // Its backlog (one, and one more that Linux allows) filled for good.
+    let _held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap()).collect();
+    let port = start_exporter(&root, &[]);
+    let started = std::time::Instant::now();
+    let out = dcat(&root, &[&format!("sep://127.0.0.1:{port}/stuck")], Some(b"hello\n"));
+    let waited = started.elapsed();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SEP/1 503 service unavailable: busy: text/plain/stuck.hosta..0"), "{stderr}");
+    assert!(waited >= Duration::from_secs(7), "answered after {waited:?}, before the patience ran out");
+    let out = run_with_timeout(root.cmd("dls").arg(format!("sep://127.0.0.1:{port}")), None, DEFAULT_TIMEOUT);
+    assert_success(&out, "dls of the exporter afterwards");
+}

@@ -136,6 +136,7 @@ impl Drops {
             "own-name",
             "too-many-peers",
             "too-many-hosts-per-address",
+            "not-allowed",
         ]);
         Drops { by_reason: reasons.map(|reason| (reason, 0)).collect() }
     }
@@ -167,6 +168,11 @@ pub struct Discovery {
     limiter: RateLimiter,
     pub drops: Drops,
     events: Vec<PeerEvent>,
+    /// Whose datagrams are heard at all (dipusd: the exporter's allow
+    /// list). A datagram from elsewhere must not reach the peer table: an
+    /// ANNOUNCE of a known host from another address would move it, and
+    /// its import would be stopped before the new address is refused.
+    allowed: Option<crate::allow::AllowList>,
 }
 
 impl Discovery {
@@ -195,6 +201,7 @@ impl Discovery {
             // for a flood.
             limiter: RateLimiter::new(20, 40, 1024),
             drops: Drops::new(),
+            allowed: None,
             events: Vec::new(),
         })
     }
@@ -260,7 +267,15 @@ impl Discovery {
     }
 
     /// Interfaces changed: announce on the new ones at once, with probes.
+    /// Hears only datagrams from sources `allowed` admits (see the field).
+    pub fn hear_only(&mut self, allowed: crate::allow::AllowList) {
+        self.allowed = Some(allowed);
+    }
+
     pub fn interfaces_changed(&mut self) {
+        if let Some(allowed) = &mut self.allowed {
+            allowed.refresh();
+        }
         if self.announcement.is_some() {
             self.probes_left = 2;
             self.announce();
@@ -317,6 +332,10 @@ impl Discovery {
     }
 
     fn datagram(&mut self, bytes: &[u8], source: SocketAddr, own: &[IpAddr]) {
+        if self.allowed.as_ref().is_some_and(|allowed| !allowed.allows(source.ip())) {
+            self.drops.count("not-allowed");
+            return;
+        }
         if !self.limiter.allow(source.ip(), Instant::now()) {
             self.drops.count("rate-limited");
             return;
@@ -431,5 +450,26 @@ mod tests {
         discovery.events.clear();
         announce(&mut discovery, [10, 0, 0, 1], "one0");
         assert!(matches!(discovery.events.as_slice(), [PeerEvent::Heard { host }] if host == "one0"));
+    }
+
+    /// dipusd hears only the networks it serves: a datagram from elsewhere
+    /// naming a known host neither moves it (which stopped its import)
+    /// nor says bye for it.
+    #[test]
+    fn a_source_outside_the_allow_list_cannot_move_or_remove_a_peer() {
+        let mut discovery = Discovery::new("me", None, 0).unwrap();
+        let allowed = crate::allow::AllowList::from_args(&["10.0.0.0/24".to_string()]).unwrap();
+        discovery.hear_only(allowed);
+        announce(&mut discovery, [10, 0, 0, 1], "legit");
+        assert!(matches!(discovery.take_events().as_slice(), [PeerEvent::Joined(peer)] if peer.host == "legit"));
+        announce(&mut discovery, [192, 0, 2, 7], "legit");
+        let bye = SocketAddr::from(([192, 0, 2, 7], 40000));
+        discovery.datagram(b"DIPUS/1 BYE host=legit\n", bye, &[]);
+        announce(&mut discovery, [192, 0, 2, 7], "stranger");
+        assert!(discovery.take_events().is_empty());
+        assert_eq!(discovery.drops.by_reason["not-allowed"], 3);
+        let peers = discovery.peers();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].address, IpAddr::from([10, 0, 0, 1]));
     }
 }

@@ -163,7 +163,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         tree.clone(),
         ExporterConfig {
             listen: binds.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(),
-            allow,
+            allow: allow.clone(),
             max_connections,
         },
     )
@@ -173,10 +173,10 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         None => None,
         Some(discovery_port) => {
             let announcement = Announcement { host: host.clone(), port: exported_port, ttl: args.ttl };
-            Some(
-                Discovery::new(&host, Some(announcement), discovery_port)
-                    .map_err(|e| Error::io("cannot start discovery", e))?,
-            )
+            let mut discovery = Discovery::new(&host, Some(announcement), discovery_port)
+                .map_err(|e| Error::io("cannot start discovery", e))?;
+            discovery.hear_only(allow);
+            Some(discovery)
         }
     };
     let reaper = Reaper::new(tree.clone(), REAPER).map_err(|e| Error::io("cannot start the reaper", e))?;

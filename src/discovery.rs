@@ -173,7 +173,16 @@ pub struct Discovery {
     /// ANNOUNCE of a known host from another address would move it, and
     /// its import would be stopped before the new address is refused.
     allowed: Option<crate::allow::AllowList>,
+    /// A read stopped at [`DATAGRAMS_PER_TURN`]: more may wait, and
+    /// their edge is spent, so the next turn reads on.
+    read_pending: bool,
 }
+
+/// Datagrams read from each socket in one turn of the loop. A flood
+/// (spoofed sources, so the rate limit has a new one to judge each time)
+/// must not keep dipusd's loop, which its exporter, imports and signals
+/// share, from coming back to them.
+const DATAGRAMS_PER_TURN: usize = 64;
 
 impl Discovery {
     /// `announcement`: what to advertise (None: only discover).
@@ -202,6 +211,7 @@ impl Discovery {
             limiter: RateLimiter::new(20, 40, 1024),
             drops: Drops::new(),
             allowed: None,
+            read_pending: false,
             events: Vec::new(),
         })
     }
@@ -291,11 +301,17 @@ impl Discovery {
 
     pub fn timeout(&self) -> Option<Duration> {
         let now = Instant::now();
+        if self.read_pending {
+            return Some(Duration::ZERO);
+        }
         let expiry = self.peers.values().map(|peer| peer.expires).min();
         [self.next_announce, expiry].into_iter().flatten().min().map(|when| when.saturating_duration_since(now))
     }
 
     pub fn handle_timers(&mut self) {
+        if std::mem::take(&mut self.read_pending) {
+            self.handle_readable();
+        }
         let now = Instant::now();
         if self.next_announce.is_some_and(|when| now >= when) {
             self.announce();
@@ -309,12 +325,17 @@ impl Discovery {
         }
     }
 
-    /// Reads every queued datagram on both sockets.
+    /// Reads the queued datagrams on both sockets, at most
+    /// [`DATAGRAMS_PER_TURN`] from each.
     pub fn handle_readable(&mut self) {
         let own = own_addresses();
         let mut buffer = [0u8; MAX_DATAGRAM + 1];
         for socket in 0..2 {
-            loop {
+            for read in 0.. {
+                if read == DATAGRAMS_PER_TURN {
+                    self.read_pending = true;
+                    break;
+                }
                 let received =
                     if socket == 0 { self.shared.recv_from(&mut buffer) } else { self.private.recv_from(&mut buffer) };
                 let (length, source) = match received {
@@ -450,6 +471,27 @@ mod tests {
         discovery.events.clear();
         announce(&mut discovery, [10, 0, 0, 1], "one0");
         assert!(matches!(discovery.events.as_slice(), [PeerEvent::Heard { host }] if host == "one0"));
+    }
+
+    /// A turn reads at most DATAGRAMS_PER_TURN from a socket and asks for
+    /// another turn at once; the next reads on.
+    #[test]
+    fn a_flood_is_read_a_bounded_batch_per_turn() {
+        let mut discovery = Discovery::new("me", None, 0).unwrap();
+        let port = discovery.shared.local_addr().unwrap().port();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sent = DATAGRAMS_PER_TURN + 40;
+        for _ in 0..sent {
+            sender.send_to(b"not a datagram", ("127.0.0.1", port)).unwrap();
+        }
+        discovery.handle_readable();
+        assert_eq!(discovery.drops.total(), DATAGRAMS_PER_TURN as u64);
+        assert_eq!(discovery.timeout(), Some(Duration::ZERO));
+        discovery.handle_timers();
+        // What the socket's buffer held of the rest (a few may not fit).
+        let total = discovery.drops.total();
+        assert!(total > DATAGRAMS_PER_TURN as u64 && total <= sent as u64, "{total}");
+        assert!(!discovery.read_pending);
     }
 
     /// dipusd hears only the networks it serves: a datagram from elsewhere

@@ -181,8 +181,7 @@ impl View {
         // The checks above went by path; the connect must reach the very
         // file they passed, not one swapped in since (a symlink to a
         // private socket, for an exporter running as root).
-        // The scope directory too, as its check above.
-        let depth = path.protocol.components().len() + 1;
+        let depth = path.protocol.components().len();
         let opened =
             crate::tree::open_unfollowed(&directory, depth, full.file_name().unwrap_or_default()).map_err(|error| {
                 match error.raw_os_error() {

@@ -259,6 +259,19 @@ impl Tree {
     /// Every service socket in `scopes` (those present), in preference
     /// order. Our own private scope, if among them, is checked first.
     pub fn list_scopes(&self, scopes: &[Scope]) -> Result<Vec<Service>, TreeError> {
+        self.collect(scopes, false)
+    }
+
+    /// Like [`Tree::list`], but our own private scope, if it fails its
+    /// check (another user made a directory of its name in the shared
+    /// root, say), is left out with a warning instead of failing the
+    /// whole listing: what a daemon keeping the rest of the tree needs.
+    pub fn list_trusted(&self) -> Vec<Service> {
+        self.collect(&self.scopes(), true).unwrap_or_default()
+    }
+
+    fn collect(&self, scopes: &[Scope], skip_untrusted: bool) -> Result<Vec<Service>, TreeError> {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         let own = Tree::own_scope()?;
         let mut services = Vec::new();
         for scope in self.scopes().into_iter().filter(|scope| scopes.contains(scope)) {
@@ -266,7 +279,18 @@ impl Tree {
             if scope == own {
                 // Our own private scope must really be ours before we trust
                 // (and connect to) what is in it.
-                self.ensure_scope(&scope)?;
+                match self.ensure_scope(&scope) {
+                    Ok(_) => {}
+                    Err(error) if skip_untrusted => {
+                        if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            log::debug!("{error}; leaving it out");
+                        } else {
+                            log::warn!("{error}; leaving it out");
+                        }
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                }
             }
             collect_services(&scope, &dir, &mut Vec::new(), &mut services);
         }
@@ -462,12 +486,15 @@ impl TreeDir {
     }
 }
 
-/// Opens `dir` with `last` (its flags), following symlinks only above its
-/// last `depth` components: each of those is opened in the one before
-/// with `O_NOFOLLOW`, so none can be swapped for a symlink meanwhile.
+/// Opens `dir` with `last` (its flags), `depth` directories below its
+/// scope (0: not in the tree), following symlinks only above the scope:
+/// the scope and each directory below it are opened in the one before
+/// with `O_NOFOLLOW`, so none can be swapped for a symlink meanwhile (the
+/// owner of a user's scope may rename it in the shared root).
 fn walk(dir: &Path, depth: usize, last: nix::fcntl::OFlag) -> io::Result<OwnedFd> {
     use nix::fcntl::{open, openat, OFlag};
     use nix::sys::stat::Mode;
+    let depth = if depth > 0 { depth + 1 } else { 0 };
     let components: Vec<Component> = dir.components().collect();
     let split = components.len().checked_sub(depth).filter(|&split| split > 0).ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not below a scope", dir.display()))
@@ -572,9 +599,18 @@ pub fn prune_empty(scope: &Path, protocol: &Protocol) {
     use nix::fcntl::{open, openat, OFlag};
     use nix::sys::stat::Mode;
     let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    // SAFETY (both from_raw_fd): open and openat return a new descriptor
+    let (Some(root), Some(name)) = (scope.parent(), scope.file_name()) else {
+        return;
+    };
+    // The scope itself not followed either (see `walk`).
+    // SAFETY (all from_raw_fd): open and openat return a new descriptor
     // that nothing else owns.
-    let Ok(scope_fd) = open(scope, walk, Mode::empty()).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }) else {
+    let Ok(root_fd) = open(root, walk, Mode::empty()).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }) else {
+        return;
+    };
+    let Ok(scope_fd) = openat(Some(root_fd.as_raw_fd()), name, walk | OFlag::O_NOFOLLOW, Mode::empty())
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+    else {
         return;
     };
     let components = protocol.components();
@@ -965,6 +1001,44 @@ mod tests {
 
     fn protocol(text: &str) -> Protocol {
         Protocol::parse(text).unwrap()
+    }
+
+    /// Our own scope open to others (or another user's directory of its
+    /// name) fails a listing, but the reaper's listing leaves it out and
+    /// keeps the rest of the tree (it used to see nothing at all).
+    #[test]
+    fn an_untrusted_own_scope_is_left_out_of_the_trusted_listing() {
+        use std::os::unix::fs::PermissionsExt;
+        let scratch = Scratch::new("untrusted");
+        let tree = Tree::at(scratch.0.clone()).unwrap();
+        fs::create_dir_all(scratch.0.join("local").join("p")).unwrap();
+        let _live = UnixListener::bind(scratch.0.join("local").join("p").join("x.h..0")).unwrap();
+        let own = tree.scope_dir(&Tree::own_scope().unwrap());
+        fs::create_dir_all(&own).unwrap();
+        fs::set_permissions(&own, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(tree.list().is_err(), "a scope open to others was trusted");
+        let trusted: Vec<PathBuf> = tree.list_trusted().into_iter().map(|service| service.full).collect();
+        assert_eq!(trusted, [scratch.0.join("local").join("p").join("x.h..0")]);
+    }
+
+    /// A user's scope renamed by its owner in the shared root and replaced
+    /// by a symlink after the reaper listed it: judging, removing and
+    /// pruning through it reach nothing outside the tree.
+    #[test]
+    fn a_scope_swapped_for_a_symlink_is_not_followed() {
+        let scratch = Scratch::new("scope-swap");
+        let scope = scratch.0.join("alice");
+        let victim = scratch.0.join("elsewhere");
+        fs::create_dir_all(victim.join("p")).unwrap();
+        let id = dead_socket(&victim.join("p").join("x.h..0"));
+        std::os::unix::fs::symlink(&victim, &scope).unwrap();
+
+        let through = scope.join("p").join("x.h..0");
+        assert_eq!(reap_if_dead(&through, 1, None, true).unwrap(), Reaped::Kept);
+        assert!(remove_if_same(&through, 1, id).is_err(), "a symlinked scope was opened");
+        fs::remove_file(victim.join("p").join("x.h..0")).unwrap();
+        prune_empty(&scope, &protocol("p"));
+        assert!(victim.join("p").is_dir(), "a directory outside the tree was pruned");
     }
 
     /// A protocol directory renamed and replaced by a symlink after the

@@ -42,6 +42,9 @@ pub const FALLBACK_SWEEP: Duration = Duration::from_secs(1);
 
 const WATCHER: usize = 0;
 const PIDFD_BASE: usize = 1;
+/// Processes watched at most (one pidfd each); past it, sweeps run every
+/// [`FALLBACK_SWEEP`] as where processes cannot be watched.
+const MAX_WATCHED: usize = 256;
 
 pub struct Reaper {
     tree: Tree,
@@ -168,6 +171,8 @@ impl Reaper {
             log::debug!("process {pid} holding a service socket exited");
             self.schedule_sweep(DEBOUNCE);
             self.recheck = true;
+            // Its sockets may live on in other holders: watch one of those.
+            self.map_at.get_or_insert(Instant::now() + DEBOUNCE);
         }
     }
 
@@ -194,7 +199,7 @@ impl Reaper {
             self.watching_all = false;
             return;
         };
-        let services = self.tree.list().unwrap_or_default();
+        let services = self.tree.list_trusted();
         let sockets: HashSet<u64> = services
             .iter()
             .filter_map(|service| std::fs::symlink_metadata(&service.full).ok())
@@ -202,23 +207,36 @@ impl Reaper {
             .collect();
         let holders = holders(&sockets);
         let mut complete = holders.len() == sockets.len();
-        for pid in holders.into_values().flatten() {
-            if self.processes.contains_key(&pid) || pid == std::process::id() {
+        // One holder per socket is enough (when it exits, the holders are
+        // mapped again): a user forking a thousand children that share
+        // one listener must not cost dipusd a thousand descriptors.
+        for pids in holders.into_values() {
+            if pids.iter().any(|pid| self.processes.contains_key(pid) || *pid == std::process::id()) {
                 continue;
             }
-            match pidfd_open(pid) {
-                Ok(fd) => {
-                    let token = event_loop::token(self.component, PIDFD_BASE + pid as usize);
-                    if registry.register(&mut mio::unix::SourceFd(&fd.as_raw_fd()), token, Interest::READABLE).is_ok() {
-                        self.processes.insert(pid, fd);
-                    } else {
-                        complete = false;
-                    }
+            let mut watched = false;
+            for pid in pids {
+                if self.processes.len() >= MAX_WATCHED {
+                    break;
                 }
-                // Already gone: the sweep will see its socket dead.
-                Err(error) if error.raw_os_error() == Some(libc::ESRCH) => self.schedule_sweep(DEBOUNCE),
-                Err(_) => complete = false,
+                match pidfd_open(pid) {
+                    Ok(fd) => {
+                        let token = event_loop::token(self.component, PIDFD_BASE + pid as usize);
+                        if registry
+                            .register(&mut mio::unix::SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)
+                            .is_ok()
+                        {
+                            self.processes.insert(pid, fd);
+                            watched = true;
+                            break;
+                        }
+                    }
+                    // Already gone: the sweep will judge its socket.
+                    Err(error) if error.raw_os_error() == Some(libc::ESRCH) => self.schedule_sweep(DEBOUNCE),
+                    Err(_) => {}
+                }
             }
+            complete &= watched;
         }
         self.watching_all = complete;
         if !complete {
@@ -234,7 +252,7 @@ impl Reaper {
         let listening = probe::listening_inodes();
         let mut removed = 0;
         let mut busy = false;
-        for service in self.tree.list().unwrap_or_default() {
+        for service in self.tree.list_trusted() {
             let depth = service.path.protocol.components().len();
             match tree::reap_if_dead(&service.full, depth, listening.as_ref(), false) {
                 Ok(tree::Reaped::Removed) => {

@@ -211,3 +211,47 @@ fn a_directory_someone_holds_locked_stalls_neither_the_daemon_nor_a_server() {
         !stale.exists() && !path.exists()
     });
 }
+
+/// A socket shared by many processes (a server's forked children): the
+/// reaper watches one of them, not each (a user forking hundreds could
+/// take dipusd's descriptors), and when the watched one exits it watches
+/// another, so the socket is still removed as soon as the last one goes.
+#[test]
+fn a_socket_held_by_many_processes_costs_the_reaper_one_descriptor_and_still_goes_when_they_do() {
+    let root = TestRoot::new();
+    make_dirs(&root, "local/p");
+    let path = root.tree().join("local/p/shared.hosta..0");
+    let listener = UnixListener::bind(&path).unwrap();
+    // Inherited by the children (std opens it close-on-exec).
+    // SAFETY: fcntl on a descriptor this test owns.
+    assert_eq!(unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+    struct Holders(Vec<std::process::Child>);
+    impl Drop for Holders {
+        fn drop(&mut self) {
+            for holder in &mut self.0 {
+                let _ = holder.kill();
+                let _ = holder.wait();
+            }
+        }
+    }
+    let mut holders = Holders(
+        (0..100).map(|_| std::process::Command::new("sleep").arg("60").spawn().expect("spawn sleep")).collect(),
+    );
+    drop(listener);
+    let dipusd = start_reaping_dipusd(&root);
+    // Mapped: the socket's holders were looked up (it stays: it listens).
+    std::thread::sleep(Duration::from_millis(1500));
+    let descriptors = std::fs::read_dir(format!("/proc/{dipusd}/fd")).unwrap().count();
+    assert!(is_socket(&path), "a live socket was removed");
+    for holder in holders.0.iter_mut().skip(1) {
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
+    // The watched holder may be among those gone: another is watched now.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(is_socket(&path), "a socket still held was removed");
+    let _ = holders.0[0].kill();
+    let _ = holders.0[0].wait();
+    wait_until(Duration::from_secs(5), "the socket to be reaped once its last holder exited", || !path.exists());
+    assert!(descriptors < 60, "dipusd held {descriptors} descriptors while 100 processes held one socket");
+}

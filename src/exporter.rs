@@ -404,7 +404,7 @@ impl Exporter {
     /// CONNECT: the relay if the service takes the connection, a wait if
     /// its backlog is full, else the refusal.
     fn connect(&mut self, registry: &Registry, id: usize, path: String, mut wait: BusyWait) -> io::Result<bool> {
-        let refusal = match self.view.open(&self.tree, &path) {
+        let refusal = match self.view.open(&self.tree, &path, None) {
             Ok(Some(unix)) => return self.start_relay(registry, id, unix),
             Ok(None) => match wait.next_try() {
                 Some(when) => {

@@ -18,9 +18,10 @@
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{connect, getpeername, socket, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -141,13 +142,23 @@ impl View {
     }
 
     /// Connects to the service at `wire` (nonblocking), or says why not.
-    /// `Ok(None)`: its backlog is full, try again (see
-    /// [`crate::net::BusyWait`]; [`View::busy`] is the answer once done
-    /// waiting).
-    pub fn open(&self, tree: &Tree, wire: &str) -> Result<Option<UnixStream>, StatusLine> {
+    /// `Ok(None)`: its backlog is full. `wait` is how long the kernel may
+    /// keep us waiting for room first (a blocking connect, woken when the
+    /// service accepts: for one-connection processes); `None` in an event
+    /// loop, which tries again later instead (see [`crate::net::BusyWait`]).
+    /// [`View::busy`] is the answer once done waiting.
+    pub fn open(&self, tree: &Tree, wire: &str, wait: Option<Duration>) -> Result<Option<UnixStream>, StatusLine> {
         let (scope, path) = self.parse_wire_path(wire)?;
         let not_found = || StatusLine::with_detail(Status::NotFound, wire);
         let forbidden = |why: &str| StatusLine::with_detail(Status::Forbidden, &format!("{why}: {wire}"));
+        let refusal = |error: io::Error| match error.raw_os_error() {
+            Some(libc::ENOENT) => not_found(),
+            Some(libc::ELOOP) => forbidden("symlinks are not followed"),
+            Some(libc::EACCES | libc::EPERM) => forbidden("permission denied"),
+            Some(libc::ECONNREFUSED) => StatusLine::with_detail(Status::Unavailable, &format!("refused: {wire}")),
+            Some(libc::EMFILE | libc::ENFILE) => StatusLine::with_detail(Status::Unavailable, "server overloaded"),
+            _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
+        };
         let mut directory = tree.scope_dir(&scope);
         // A private scope is trusted only once it is checked to be its
         // owner's alone, as LIST does (the one scope that may be private
@@ -155,6 +166,7 @@ impl View {
         if matches!(scope, Scope::User(_)) && directory.exists() {
             tree.ensure_scope(&scope).map_err(|error| forbidden(&error.to_string()))?;
         }
+        // By path first, for the answer that says what is wrong.
         for component in std::iter::once(None).chain(path.protocol.components().iter().map(Some)) {
             if let Some(component) = component {
                 directory.push(component);
@@ -167,54 +179,34 @@ impl View {
                 return Err(not_found());
             }
         }
-        let full = directory.join(path.file.to_string());
-        let meta = std::fs::symlink_metadata(&full).map_err(|_| not_found())?;
-        if meta.file_type().is_symlink() {
-            return Err(forbidden("symlinks are not followed"));
-        }
-        if !meta.file_type().is_socket() {
-            return Err(forbidden("not a socket"));
-        }
-        if *self == View::Exported && meta.mode() & 0o002 == 0 {
-            return Err(forbidden("the socket's mode does not let others connect"));
-        }
-        // The checks above went by path; the connect must reach the very
-        // file they passed, not one swapped in since (a symlink to a
-        // private socket, for an exporter running as root).
-        let depth = path.protocol.components().len();
-        let opened =
-            crate::tree::open_unfollowed(&directory, depth, full.file_name().unwrap_or_default()).map_err(|error| {
-                match error.raw_os_error() {
-                    Some(libc::ENOENT) => not_found(),
-                    Some(libc::ELOOP | libc::ENOTDIR) => forbidden("symlinks are not followed"),
-                    Some(libc::EMFILE | libc::ENFILE) => {
-                        StatusLine::with_detail(Status::Unavailable, "server overloaded")
-                    }
-                    _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
-                }
+        // Then the socket file itself, opened without following a symlink
+        // anywhere below the root: what is checked through its descriptor
+        // is what the connect through it reaches, whatever is swapped in
+        // meanwhile (a symlink to a private socket, for an exporter
+        // running as root).
+        let name = path.file.to_string();
+        let opened = crate::tree::open_unfollowed(&directory, path.protocol.components().len(), name.as_ref())
+            .map_err(|error| match error.raw_os_error() {
+                // A directory swapped for a symlink or a file since.
+                Some(libc::ENOTDIR) => forbidden("symlinks are not followed"),
+                _ => refusal(error),
             })?;
-        let stat = nix::sys::stat::fstat(opened.as_raw_fd())
-            .map_err(|error| StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")))?;
-        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            return Err(forbidden("not a socket"));
+        let stat = nix::sys::stat::fstat(opened.as_raw_fd()).map_err(|errno| refusal(errno.into()))?;
+        match stat.st_mode & libc::S_IFMT {
+            libc::S_IFSOCK => {}
+            libc::S_IFLNK => return Err(forbidden("symlinks are not followed")),
+            _ => return Err(forbidden("not a socket")),
         }
         if *self == View::Exported && stat.st_mode & 0o002 == 0 {
             return Err(forbidden("the socket's mode does not let others connect"));
         }
         let through = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
         // Without /proc (a minimal chroot), by path as checked.
-        let target = if Path::new("/proc/self/fd").is_dir() { &through } else { &full };
-        let stream = match connect_nonblocking(target) {
+        let target = if Path::new("/proc/self/fd").is_dir() { through } else { directory.join(&name) };
+        let stream = match connect_to(&target, wait) {
             Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => return Ok(None),
-            connected => connected,
+            connected => connected.map_err(refusal)?,
         };
-        let stream = stream.map_err(|error| match error.raw_os_error() {
-            Some(libc::ENOENT) => not_found(),
-            Some(libc::EACCES) | Some(libc::EPERM) => forbidden("permission denied"),
-            Some(libc::ECONNREFUSED) => StatusLine::with_detail(Status::Unavailable, &format!("refused: {wire}")),
-            Some(libc::EMFILE | libc::ENFILE) => StatusLine::with_detail(Status::Unavailable, "server overloaded"),
-            _ => StatusLine::with_detail(Status::Internal, &format!("{wire}: {error}")),
-        })?;
         if !bound_within(&stream, &directory) {
             return Err(forbidden("the socket is bound elsewhere"));
         }
@@ -228,16 +220,26 @@ impl View {
     }
 }
 
-/// A nonblocking connect: a full backlog must answer "busy", not stall the
-/// exporter's loop.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+/// A connect that leaves the socket nonblocking. Without `wait`, it does
+/// not wait at all: a full backlog must answer EAGAIN, not stall the
+/// exporter's loop. With it, the kernel waits up to `wait` for room in a
+/// full backlog (then EAGAIN).
+fn connect_to(path: &Path, wait: Option<Duration>) -> io::Result<UnixStream> {
     let address = UnixAddr::new(path).map_err(io::Error::from)?;
-    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
-        .map_err(io::Error::from)?;
-    match connect(fd.as_raw_fd(), &address) {
-        Ok(()) | Err(Errno::EINPROGRESS) => Ok(UnixStream::from(fd)),
-        Err(errno) => Err(errno.into()),
+    let flags = if wait.is_some() { SockFlag::SOCK_CLOEXEC } else { SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC };
+    let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(io::Error::from)?;
+    if let Some(wait) = wait {
+        // A blocking connect waits for room as long as the send timeout.
+        let timeout = nix::sys::time::TimeVal::new(wait.as_secs() as _, wait.subsec_micros() as _);
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SendTimeout, &timeout).map_err(io::Error::from)?;
     }
+    match connect(fd.as_raw_fd(), &address) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(errno) => return Err(errno.into()),
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(true)?;
+    Ok(stream)
 }
 
 /// Whether the listener behind `stream` was bound in `directory` (dipus

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 
 use crate::error::Error;
+use crate::net::BusyWait;
 use crate::relay::{self, Relay, Way};
 use crate::sep::{self, Event, Request, Status, StatusLine};
 use crate::sep_server::View;
@@ -107,7 +108,10 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
                 Err(status) => send(&status.to_line()),
             }
         }
-        Request::Connect(path) => match open_waiting(&tree, &view, &path) {
+        Request::Connect(path) => match view
+            .open(&tree, &path, Some(BusyWait::PATIENCE))
+            .and_then(|opened| opened.ok_or_else(|| View::busy(&path)))
+        {
             Ok(stream) => {
                 send(&StatusLine::new(Status::Ok).to_line())?;
                 let socket = stream.as_raw_fd();
@@ -301,18 +305,5 @@ fn watch(tree: &Tree, view: &View, selector: &crate::selector::Selector) -> Resu
         if !text.is_empty() && send(&text).is_err() {
             return Ok(());
         }
-    }
-}
-
-/// [`View::open`], waiting while the service's backlog is full as a
-/// blocking connect would (bounded by [`BusyWait::PATIENCE`]).
-fn open_waiting(tree: &Tree, view: &View, wire: &str) -> Result<std::os::unix::net::UnixStream, StatusLine> {
-    let mut wait = crate::net::BusyWait::new();
-    loop {
-        if let Some(stream) = view.open(tree, wire)? {
-            return Ok(stream);
-        }
-        let when = wait.next_try().ok_or_else(|| View::busy(wire))?;
-        std::thread::sleep(when.saturating_duration_since(std::time::Instant::now()));
     }
 }

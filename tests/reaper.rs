@@ -255,3 +255,19 @@ fn a_socket_held_by_many_processes_costs_the_reaper_one_descriptor_and_still_goe
     wait_until(Duration::from_secs(5), "the socket to be reaped once its last holder exited", || !path.exists());
     assert!(descriptors < 60, "dipusd held {descriptors} descriptors while 100 processes held one socket");
 }
+
+/// dipusd's own private scope made untrustworthy (open to others, as a
+/// directory another user made of its name in the shared root would be):
+/// the reaper leaves that scope alone and keeps the rest of the tree (it
+/// used to take the failed listing for an empty tree and reap nothing).
+#[test]
+fn an_untrusted_own_scope_does_not_stop_the_reaper() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = TestRoot::new();
+    start_reaping_dipusd(&root);
+    let user = common::service::user_name(common::service::euid()).expect("the test user's name");
+    let own = root.tree().join(&user);
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o777)).unwrap();
+    two_sweeps(&root);
+}

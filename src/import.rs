@@ -32,6 +32,8 @@ use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
 
 use crate::event_loop::{self, Timers};
+use crate::forked::Forked;
+use crate::resolve::{resolve, Lookup, Resolution};
 use crate::name::{Scope, ServicePath};
 use crate::net::DescriptorReserve;
 use crate::relay::{Relay, Way};
@@ -111,6 +113,8 @@ pub struct ImportConfig {
 enum Session {
     /// Waiting to try again.
     Idle { retry_at: Instant },
+    /// The exporter's host name being looked up (by a child process).
+    Resolving { lookup: Lookup },
     /// TCP connect in progress.
     Connecting { tcp: TcpStream, address: SocketAddr, since: Instant },
     /// WATCH sent; reading the status line and events.
@@ -159,16 +163,6 @@ impl Remote {
                     let _ = registry.deregister(&mut mio::unix::SourceFd(&input.as_raw_fd()));
                 }
             }
-        }
-    }
-}
-
-fn set_nonblocking(fd: RawFd) {
-    // SAFETY: flag changes on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
     }
 }
@@ -240,17 +234,9 @@ impl Drop for ProxySlot {
 enum Forwarding {
     /// Not known yet (and never asked for sep://).
     Unknown,
-    /// Asked by a child process, which writes its answer, one line, to
-    /// `answer` (watched by the loop): the probe waits on ssh, the loop
-    /// must not. (A process, not a thread: std's threads cost the static
-    /// binary some 25 KB.)
-    Probing {
-        child: nix::unistd::Pid,
-        answer: std::fs::File,
-        /// What has arrived of the answer.
-        text: Vec<u8>,
-        since: Instant,
-    },
+    /// Asked by a child process, which reports its answer, one line, on a
+    /// pipe the loop watches: the probe waits on ssh, the loop must not.
+    Probing { probe: Forked, since: Instant },
     /// Yes, to sockets under this remote root.
     Yes(String),
     No,
@@ -263,56 +249,25 @@ const PROBE: usize = LINK_BASE - 1;
 /// counts as failed.
 const PROBE_LIMIT: Duration = Duration::from_secs(60);
 
-/// Appends what `answer` has to `text`; true once it has ended.
-fn read_available(answer: &mut std::fs::File, text: &mut Vec<u8>) -> bool {
-    let mut chunk = [0u8; 4096];
-    loop {
-        match answer.read(&mut chunk) {
-            Ok(0) => return true,
-            Ok(count) => text.extend_from_slice(&chunk[..count]),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return !would_block(&error),
-        }
-    }
-}
-
 /// Forks a child that runs [`SshTarget::probe_forwarding`] and writes one
-/// line, `yes ROOT`, `no` or `error MESSAGE`, to a pipe before it exits;
-/// the pipe's read end (nonblocking) is returned. Before it, a line
-/// `forward LISTEN<tab>REMOTE` for each forward it asks ssh for, which it
-/// withdraws before it answers: a child stopped before its answer cannot,
-/// and [`stop_probe`] does it instead.
-fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<(nix::unistd::Pid, std::fs::File)> {
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    // SAFETY: the importer's process is single-threaded; the child only
-    // runs the probe (spawning ssh) and leaves with _exit, so none of the
-    // parent's state is used or dropped twice. It first closes its copies
-    // of the parent's descriptors (see close_descriptors_except).
-    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
-        nix::unistd::ForkResult::Child => {
-            drop(read);
-            crate::net::close_descriptors_except(write.as_raw_fd());
-            let report = std::fs::File::from(write);
-            // Paths that ssh may forward hold no control characters.
-            let mut making = |listen: &std::path::Path, remote: &str| {
-                let _ = (&report).write_all(format!("forward {}\t{remote}\n", listen.display()).as_bytes());
-            };
-            let text = match ssh.probe_forwarding(tree, None, &mut making) {
-                Ok(Some(forwarding)) => format!("yes {}", forwarding.root),
-                Ok(None) => "no".to_string(),
-                Err(error) => format!("error {}", error.to_string().replace('\n', " ")),
-            };
-            // One write of a short line: it arrives whole.
-            let _ = (&report).write_all(format!("{text}\n").as_bytes());
-            // SAFETY: ends the child without running the parent's destructors.
-            unsafe { libc::_exit(0) }
-        }
-        nix::unistd::ForkResult::Parent { child } => {
-            drop(write);
-            set_nonblocking(read.as_raw_fd());
-            Ok((child, std::fs::File::from(read)))
-        }
-    }
+/// line, `yes ROOT`, `no` or `error MESSAGE`, before it exits. Before it,
+/// a line `forward LISTEN<tab>REMOTE` for each forward it asks ssh for,
+/// which it withdraws before it answers: a child stopped before its answer
+/// cannot, and [`stop_probe`] does it instead.
+fn start_probe(ssh: &SshTarget, tree: &Tree) -> io::Result<Forked> {
+    Forked::start(|report| {
+        // Paths that ssh may forward hold no control characters.
+        let mut making = |listen: &std::path::Path, remote: &str| {
+            let _ = (&*report).write_all(format!("forward {}\t{remote}\n", listen.display()).as_bytes());
+        };
+        let text = match ssh.probe_forwarding(tree, None, &mut making) {
+            Ok(Some(forwarding)) => format!("yes {}", forwarding.root),
+            Ok(None) => "no".to_string(),
+            Err(error) => format!("error {}", error.to_string().replace('\n', " ")),
+        };
+        // One write of a short line: it arrives whole.
+        let _ = (&*report).write_all(format!("{text}\n").as_bytes());
+    })
 }
 
 /// What a probe child has reported so far: the forwards it made, and its
@@ -334,13 +289,11 @@ fn probe_report(text: &[u8]) -> (Vec<(std::path::PathBuf, String)>, Option<Strin
 /// forwards it reported are withdrawn for it (killed, it cannot): else
 /// ssh's master would listen on them, and their sockets stay in the
 /// user's scope, for as long as the master lives.
-fn stop_probe(ssh: &SshTarget, tree: &Tree, child: nix::unistd::Pid, text: &[u8]) {
-    let (forwards, answer) = probe_report(text);
-    if answer.is_none() {
-        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-    }
-    // It has answered and is leaving, or was just killed.
-    let _ = nix::sys::wait::waitpid(child, None);
+fn stop_probe(ssh: &SshTarget, tree: &Tree, mut probe: Forked) {
+    probe.read();
+    let (forwards, answer) = probe_report(probe.text());
+    // It has answered and is leaving, or is killed now.
+    drop(probe);
     if answer.is_none() && !forwards.is_empty() {
         let forwards: Vec<(&std::path::Path, &str)> =
             forwards.iter().map(|(listen, remote)| (listen.as_path(), remote.as_str())).collect();
@@ -363,14 +316,17 @@ struct LockFile {
 }
 
 impl HostLock {
-    /// Takes the lock files for `dialer`'s host, or says who holds one.
-    pub fn acquire(directory: &std::path::Path, dialer: &Dialer) -> Result<HostLock, ImportError> {
+    /// Takes the lock files for `dialer`'s host, or says who holds one:
+    /// for sep://, one for each of `addresses` (where its name leads; by
+    /// name if there are none).
+    pub fn acquire(
+        directory: &std::path::Path,
+        dialer: &Dialer,
+        addresses: &[SocketAddr],
+    ) -> Result<HostLock, ImportError> {
         let uri = dialer.uri();
         let mut keys: Vec<String> = match dialer {
-            Dialer::Sep(server) => server
-                .addresses()
-                .map(|addresses| addresses.iter().map(SocketAddr::to_string).collect())
-                .unwrap_or_default(),
+            Dialer::Sep(_) => addresses.iter().map(SocketAddr::to_string).collect(),
             Dialer::Ssh(_) => Vec::new(),
         };
         if keys.is_empty() {
@@ -640,7 +596,7 @@ impl Importer {
                 match ssh.open(&self.tree, &request) {
                     Ok(channel) => {
                         let fd = channel.output.as_raw_fd();
-                        set_nonblocking(fd);
+                        let _ = crate::net::set_nonblocking(fd);
                         let token = self.token(SESSION);
                         if let Err(error) = registry.register(&mut mio::unix::SourceFd(&fd), token, Interest::READABLE)
                         {
@@ -660,10 +616,25 @@ impl Importer {
                 return;
             }
         };
-        let address = match server.addresses() {
-            Ok(addresses) if !addresses.is_empty() => addresses[0],
-            Ok(_) => return self.session_failed(registry, format!("{}: no address", server.authority())),
-            Err(error) => return self.session_failed(registry, error.to_string()),
+        match resolve(&server.host, server.port) {
+            Ok(Resolution::Done(addresses)) => self.connect_tcp(registry, &addresses),
+            Ok(Resolution::Pending(lookup)) => {
+                let fd = lookup.fd();
+                if let Err(error) = registry.register(&mut mio::unix::SourceFd(&fd), self.token(SESSION), Interest::READABLE)
+                {
+                    return self.session_failed(registry, format!("cannot look up {}: {error}", server.host));
+                }
+                self.arm_session_timer(lookup.deadline());
+                self.session = Session::Resolving { lookup };
+            }
+            Err(error) => self.session_failed(registry, format!("cannot look up {}: {error}", server.host)),
+        }
+    }
+
+    /// The session's TCP connection, to the first of the host's addresses.
+    fn connect_tcp(&mut self, registry: &Registry, addresses: &[SocketAddr]) {
+        let Some(&address) = addresses.first() else {
+            return self.session_failed(registry, format!("{}: no address", self.uri()));
         };
         match TcpStream::connect(address) {
             Ok(mut tcp) => {
@@ -675,7 +646,20 @@ impl Importer {
                 self.session = Session::Connecting { tcp, address, since: Instant::now() };
                 self.arm_session_timer(Instant::now() + CONNECT_TIMEOUT);
             }
-            Err(error) => self.session_failed(registry, format!("cannot connect to {}: {error}", server.authority())),
+            Err(error) => self.session_failed(registry, format!("cannot connect to {}: {error}", self.uri())),
+        }
+    }
+
+    /// Whether the lookup has answered; on an answer the session goes on
+    /// (or fails).
+    fn lookup_answered(&mut self, registry: &Registry, now: Instant) {
+        let Session::Resolving { lookup } = &mut self.session else { return };
+        let Some(answer) = lookup.answer(now) else { return };
+        let _ = registry.deregister(&mut mio::unix::SourceFd(&lookup.fd()));
+        self.session = Session::Idle { retry_at: now };
+        match answer {
+            Ok(addresses) => self.connect_tcp(registry, &addresses),
+            Err(message) => self.session_failed(registry, format!("{}: {message}", self.uri())),
         }
     }
 
@@ -688,21 +672,15 @@ impl Importer {
                 let Dialer::Ssh(ssh) = &self.config.dialer else {
                     return true;
                 };
-                let started = start_probe(ssh, &self.tree).and_then(|(child, answer)| {
-                    let fd = answer.as_raw_fd();
-                    match registry.register(&mut mio::unix::SourceFd(&fd), self.token(PROBE), Interest::READABLE) {
-                        Ok(()) => Ok((child, answer)),
-                        Err(error) => {
-                            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-                            let _ = nix::sys::wait::waitpid(child, None);
-                            Err(error)
-                        }
-                    }
+                let started = start_probe(ssh, &self.tree).and_then(|probe| {
+                    let fd = probe.fd();
+                    registry.register(&mut mio::unix::SourceFd(&fd), self.token(PROBE), Interest::READABLE)?;
+                    Ok(probe)
                 });
                 match started {
-                    Ok((child, answer)) => {
+                    Ok(probe) => {
                         let since = Instant::now();
-                        self.forwarding = Forwarding::Probing { child, answer, text: Vec::new(), since };
+                        self.forwarding = Forwarding::Probing { probe, since };
                         self.session = Session::Idle { retry_at: since + PROBE_LIMIT };
                         false
                     }
@@ -713,18 +691,18 @@ impl Importer {
                     }
                 }
             }
-            Forwarding::Probing { child, mut answer, mut text, since } => {
-                let ended = read_available(&mut answer, &mut text);
-                let line = probe_report(&text).1;
+            Forwarding::Probing { mut probe, since } => {
+                let ended = probe.read();
+                let line = probe_report(probe.text()).1;
                 let complete = line.is_some();
                 if !complete && !ended && since.elapsed() < PROBE_LIMIT {
-                    self.forwarding = Forwarding::Probing { child, answer, text, since };
+                    self.forwarding = Forwarding::Probing { probe, since };
                     self.session = Session::Idle { retry_at: since + PROBE_LIMIT };
                     return false;
                 }
-                let _ = registry.deregister(&mut mio::unix::SourceFd(&answer.as_raw_fd()));
+                let _ = registry.deregister(&mut mio::unix::SourceFd(&probe.fd()));
                 if let Dialer::Ssh(ssh) = &self.config.dialer {
-                    stop_probe(ssh, &self.tree, child, &text);
+                    stop_probe(ssh, &self.tree, probe);
                 }
                 let line = line.unwrap_or_default();
                 let line = line.as_str();
@@ -756,6 +734,9 @@ impl Importer {
     }
 
     fn session_ready(&mut self, registry: &Registry) {
+        if matches!(self.session, Session::Resolving { .. }) {
+            return self.lookup_answered(registry, Instant::now());
+        }
         if let Session::Connecting { tcp, address, .. } = &mut self.session {
             match tcp.take_error() {
                 Ok(None) => {}
@@ -1086,6 +1067,7 @@ impl Importer {
                 let deadline = *since + CONNECT_TIMEOUT;
                 self.arm_session_timer(deadline);
             }
+            Session::Resolving { .. } => self.lookup_answered(registry, now),
             Session::Idle { .. } => {}
         }
     }
@@ -1098,6 +1080,9 @@ impl Importer {
                 let _ = registry.deregister(&mut tcp);
             }
             Session::Watching { mut stream, .. } => stream.deregister(registry),
+            Session::Resolving { lookup } => {
+                let _ = registry.deregister(&mut mio::unix::SourceFd(&lookup.fd()));
+            }
             Session::Idle { .. } => {}
         }
         if self.synced || !self.proxies.is_empty() {
@@ -1165,9 +1150,9 @@ impl Importer {
                 },
                 (None, Dialer::Ssh(ssh)) => match ssh.open(&self.tree, &Request::Connect(wire.to_string())) {
                     Ok(channel) => {
-                        set_nonblocking(channel.output.as_raw_fd());
+                        let _ = crate::net::set_nonblocking(channel.output.as_raw_fd());
                         if let Some(input) = &channel.input {
-                            set_nonblocking(input.as_raw_fd());
+                            let _ = crate::net::set_nonblocking(input.as_raw_fd());
                         }
                         (Remote::Ssh(Box::new(channel)), LinkState::ReadingStatus)
                     }
@@ -1240,13 +1225,10 @@ impl Importer {
 
     /// Everything this importer made is removed (also on drop).
     pub fn shutdown(&mut self, registry: &Registry) {
-        if let Forwarding::Probing { child, mut answer, mut text, .. } =
-            std::mem::replace(&mut self.forwarding, Forwarding::Unknown)
-        {
-            let _ = registry.deregister(&mut mio::unix::SourceFd(&answer.as_raw_fd()));
-            read_available(&mut answer, &mut text);
+        if let Forwarding::Probing { probe, .. } = std::mem::replace(&mut self.forwarding, Forwarding::Unknown) {
+            let _ = registry.deregister(&mut mio::unix::SourceFd(&probe.fd()));
             if let Dialer::Ssh(ssh) = &self.config.dialer {
-                stop_probe(ssh, &self.tree, child, &text);
+                stop_probe(ssh, &self.tree, probe);
             }
         }
         self.remove_all_proxies(registry);

@@ -4,13 +4,16 @@
 //! removed) by key.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mio::Interest;
 use mio::Registry;
 
 use crate::event_loop::{self, earliest};
 use crate::import::{Dialer, HostLock, ImportConfig, ImportError, Importer};
 use crate::name::Scope;
+use crate::resolve::{resolve, Lookup, Resolution};
 use crate::tree::{SocketOptions, Tree};
 
 struct Import {
@@ -27,6 +30,18 @@ struct Waiting {
     next_try: Instant,
 }
 
+/// An import whose host name is being looked up, for its lock: that is
+/// taken per address, so that two spellings of one host are one import.
+/// The lookup holds the component the import will have.
+struct Resolving {
+    lookup: Lookup,
+    dialer: Dialer,
+    selector: Option<String>,
+    component: u8,
+    /// A retry of a waiting import (see [`Waiting`]).
+    retry: bool,
+}
+
 /// How often a held lock is tried again.
 const LOCK_RETRY: Duration = Duration::from_secs(10);
 
@@ -38,6 +53,7 @@ pub struct ImportSet {
     free_components: Vec<u8>,
     key_of: HashMap<u8, String>,
     waiting: HashMap<String, Waiting>,
+    resolving: HashMap<String, Resolving>,
 }
 
 impl ImportSet {
@@ -51,14 +67,58 @@ impl ImportSet {
             free_components: (first..=u8::MAX).rev().collect(),
             key_of: HashMap::new(),
             waiting: HashMap::new(),
+            resolving: HashMap::new(),
         }
     }
 
     /// [`ImportSet::start`], for a daemon: a host another process is
     /// importing is tried again every 10 s until that process lets go of
-    /// it (or [`ImportSet::stop`]); other failures are logged.
+    /// it (or [`ImportSet::stop`]); other failures are logged. A sep://
+    /// host name is looked up first, without waiting for the answer here.
     pub fn start_or_wait(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>) {
-        match self.start(registry, key.clone(), dialer.clone(), selector.clone()) {
+        self.begin(registry, key, dialer, selector, false);
+    }
+
+    fn begin(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>, retry: bool) {
+        if self.imports.contains_key(&key) || self.resolving.contains_key(&key) {
+            return;
+        }
+        let Dialer::Sep(server) = &dialer else {
+            return self.finish(registry, key, dialer, selector, &[], retry);
+        };
+        let lookup = match resolve(&server.host, server.port) {
+            Ok(Resolution::Done(addresses)) => return self.finish(registry, key, dialer, selector, &addresses, retry),
+            Ok(Resolution::Pending(lookup)) => lookup,
+            Err(error) => {
+                log::info!("{key}: cannot look up {} ({error}); locking it by name", server.host);
+                return self.finish(registry, key, dialer, selector, &[], retry);
+            }
+        };
+        let Some(component) = self.free_components.pop() else {
+            return log::warn!("{key}: {}", ImportError::TooMany { uri: dialer.uri() });
+        };
+        let fd = lookup.fd();
+        if let Err(error) = registry.register(&mut mio::unix::SourceFd(&fd), event_loop::token(component, 0), Interest::READABLE) {
+            self.free_components.push(component);
+            log::info!("{key}: cannot look up {} ({error}); locking it by name", server.host);
+            return self.finish(registry, key, dialer, selector, &[], retry);
+        }
+        self.key_of.insert(component, key.clone());
+        self.resolving.insert(key, Resolving { lookup, dialer, selector, component, retry });
+    }
+
+    /// Takes the lock and starts the import, or says why not.
+    fn finish(
+        &mut self,
+        registry: &Registry,
+        key: String,
+        dialer: Dialer,
+        selector: Option<String>,
+        addresses: &[SocketAddr],
+        retry: bool,
+    ) {
+        match self.start_at(registry, key.clone(), dialer.clone(), selector.clone(), addresses) {
+            Ok(()) if retry => log::info!("{key}: its lock is free now; importing"),
             Ok(()) => {}
             // Held by another import here (two URIs of one host): waiting
             // would only end when that one is stopped.
@@ -68,14 +128,37 @@ impl ImportSet {
                 log::warn!("{key}: this host is imported here already; not importing it twice");
             }
             Err(error @ ImportError::AlreadyImported { .. }) => {
-                log::warn!("{key}: {error}; trying again every {} s", LOCK_RETRY.as_secs());
+                if !retry {
+                    log::warn!("{key}: {error}; trying again every {} s", LOCK_RETRY.as_secs());
+                }
                 self.waiting.insert(key, Waiting { dialer, selector, next_try: Instant::now() + LOCK_RETRY });
             }
             Err(error) => log::warn!("{key}: {error}"),
         }
     }
 
-    /// Starts importing what `selector` picks (everything if `None`).
+    /// A lookup has news: with an answer, the import goes on to its lock.
+    fn lookup_answered(&mut self, registry: &Registry, key: &str, now: Instant) {
+        let Some(resolving) = self.resolving.get_mut(key) else { return };
+        let Some(answer) = resolving.lookup.answer(now) else { return };
+        let Some(Resolving { lookup, dialer, selector, component, retry }) = self.resolving.remove(key) else {
+            return;
+        };
+        let _ = registry.deregister(&mut mio::unix::SourceFd(&lookup.fd()));
+        drop(lookup);
+        self.key_of.remove(&component);
+        self.free_components.push(component);
+        let addresses = answer.unwrap_or_else(|message| {
+            // The importer keeps trying the name; meanwhile the lock is
+            // by name.
+            log::info!("{key}: {message}; locking it by name");
+            Vec::new()
+        });
+        self.finish(registry, key.to_string(), dialer, selector, &addresses, retry);
+    }
+
+    /// Starts importing what `selector` picks (everything if `None`); a
+    /// sep:// host is locked by name (see [`ImportSet::start_or_wait`]).
     pub fn start(
         &mut self,
         registry: &Registry,
@@ -83,13 +166,26 @@ impl ImportSet {
         dialer: Dialer,
         selector: Option<String>,
     ) -> Result<(), ImportError> {
+        self.start_at(registry, key, dialer, selector, &[])
+    }
+
+    /// [`ImportSet::start`], with the lock taken on `addresses`, where
+    /// the host's name leads (or by name if there are none).
+    fn start_at(
+        &mut self,
+        registry: &Registry,
+        key: String,
+        dialer: Dialer,
+        selector: Option<String>,
+        addresses: &[SocketAddr],
+    ) -> Result<(), ImportError> {
         if self.imports.contains_key(&key) {
             return Ok(());
         }
         let Some(component) = self.free_components.pop() else {
             return Err(ImportError::TooMany { uri: dialer.uri() });
         };
-        let lock = match HostLock::acquire(&self.tree.scope_dir(&self.scope), &dialer) {
+        let lock = match HostLock::acquire(&self.tree.scope_dir(&self.scope), &dialer, addresses) {
             Ok(lock) => lock,
             Err(error) => {
                 self.free_components.push(component);
@@ -106,6 +202,11 @@ impl ImportSet {
 
     pub fn stop(&mut self, registry: &Registry, key: &str) {
         self.waiting.remove(key);
+        if let Some(resolving) = self.resolving.remove(key) {
+            let _ = registry.deregister(&mut mio::unix::SourceFd(&resolving.lookup.fd()));
+            self.key_of.remove(&resolving.component);
+            self.free_components.push(resolving.component);
+        }
         if let Some(mut import) = self.imports.remove(key) {
             import.importer.shutdown(registry);
             self.key_of.remove(&import.component);
@@ -115,7 +216,7 @@ impl ImportSet {
 
     pub fn stop_all(&mut self, registry: &Registry) {
         self.waiting.clear();
-        let keys: Vec<String> = self.imports.keys().cloned().collect();
+        let keys: Vec<String> = self.imports.keys().chain(self.resolving.keys()).cloned().collect();
         for key in keys {
             self.stop(registry, &key);
         }
@@ -131,8 +232,10 @@ impl ImportSet {
 
     pub fn handle_event(&mut self, registry: &Registry, event: &mio::event::Event) {
         let component = event_loop::component(event.token());
-        if let Some(import) = self.key_of.get(&component).and_then(|key| self.imports.get_mut(key)) {
-            import.importer.handle_event(registry, event);
+        let Some(key) = self.key_of.get(&component).cloned() else { return };
+        match self.imports.get_mut(&key) {
+            Some(import) => import.importer.handle_event(registry, event),
+            None => self.lookup_answered(registry, &key, Instant::now()),
         }
     }
 
@@ -142,13 +245,17 @@ impl ImportSet {
             self.waiting.iter().filter(|(_, waiting)| waiting.next_try <= now).map(|(key, _)| key.clone()).collect();
         for key in due {
             let Some(waiting) = self.waiting.remove(&key) else { continue };
-            match self.start(registry, key.clone(), waiting.dialer.clone(), waiting.selector.clone()) {
-                Ok(()) => log::info!("{key}: its lock is free now; importing"),
-                Err(ImportError::AlreadyImported { .. }) => {
-                    self.waiting.insert(key, Waiting { next_try: now + LOCK_RETRY, ..waiting });
-                }
-                Err(error) => log::warn!("{key}: {error}"),
-            }
+            // Looked up again: the name may lead elsewhere by now.
+            self.begin(registry, key, waiting.dialer, waiting.selector, true);
+        }
+        let overdue: Vec<String> = self
+            .resolving
+            .iter()
+            .filter(|(_, resolving)| resolving.lookup.deadline() <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in overdue {
+            self.lookup_answered(registry, &key, now);
         }
         for import in self.imports.values_mut() {
             import.importer.handle_timers(registry);
@@ -160,7 +267,13 @@ impl ImportSet {
 
     pub fn timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        let waiting = self.waiting.values().map(|waiting| waiting.next_try.saturating_duration_since(now)).min();
+        let waiting = self
+            .waiting
+            .values()
+            .map(|waiting| waiting.next_try)
+            .chain(self.resolving.values().map(|resolving| resolving.lookup.deadline()))
+            .map(|when| when.saturating_duration_since(now))
+            .min();
         self.imports.values().fold(waiting, |timeout, import| earliest(timeout, import.importer.timeout()))
     }
 }

@@ -198,6 +198,15 @@ impl BusyWait {
     }
 }
 
+/// Sets `O_NONBLOCK` on a descriptor we own (a pipe from a child, say,
+/// that the event loop is to watch).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
 /// In a forked child that does not exec: closes every descriptor but
 /// stdin, stdout, stderr and `keep`. The child must not hold copies of the
 /// parent's sockets and pipes: an end the parent closes to say EOF (ssh's

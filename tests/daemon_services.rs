@@ -52,10 +52,16 @@ fn dipusd_cmd(root: &TestRoot, services: &Path, pidfile: &Path, args: &[&str]) -
 /// pidfile, written once its services are made. A port taken meanwhile
 /// makes dipusd exit: then another one is tried.
 fn start_dipusd(root: &TestRoot, services: &Path, args: &[&str]) -> Dipusd {
+    start_dipusd_as(root, services, args, |cmd| cmd)
+}
+
+/// [`start_dipusd`], its command changed by `wrap` (which must keep its
+/// process id: an `exec` chain).
+fn start_dipusd_as(root: &TestRoot, services: &Path, args: &[&str], wrap: impl Fn(Command) -> Command) -> Dipusd {
     let pidfile = root.path().join("dipusd.pid");
     for _ in 0..5 {
         let mut guard =
-            ChildGuard::spawn(dipusd_cmd(root, services, &pidfile, args).stdin(Stdio::null()).stderr(Stdio::piped()));
+            ChildGuard::spawn(wrap(dipusd_cmd(root, services, &pidfile, args)).stdin(Stdio::null()).stderr(Stdio::piped()));
         let stderr = LineReader::new(guard.0.stderr.take().expect("stderr was piped"));
         let pid = root.adopt(guard);
         let mut up = false;
@@ -363,6 +369,64 @@ fn a_host_imported_by_another_process_is_taken_over_when_that_one_stops() {
     assert!(!proxy.exists(), "dipus-import left its proxy");
     wait_until(Duration::from_secs(15), "dipusd to import the host", || is_socket(&proxy));
     assert_answers(&root, "remote", "through the import\n", "through the import\n");
+}
+
+/// `cmd` in a mount namespace of its own where /etc/resolv.conf is
+/// `resolv_conf` (unshare's mounts are private: nothing shows outside).
+fn with_resolv_conf(cmd: Command, resolv_conf: &Path) -> Command {
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--mount", "sh", "-c", r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#])
+        .arg(resolv_conf)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (name, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(name, value),
+            None => wrapped.env_remove(name),
+        };
+    }
+    wrapped
+}
+
+/// A host name whose nameserver never answers stalls nothing: dipusd
+/// looks it up in a child process, imports the host it was given by
+/// address meanwhile, and answers SIGTERM at once, taking the child along.
+#[test]
+fn a_host_name_whose_lookup_hangs_stalls_nothing() {
+    if !require(have_root() && have_command("unshare"), "root and unshare (for a resolv.conf of the test's own)") {
+        return;
+    }
+    // The nameserver: a socket that takes the questions and never answers,
+    // on a loopback address no other test uses.
+    let nameserver = std::net::UdpSocket::bind("127.83.0.53:53").expect("a silent nameserver on 127.83.0.53:53");
+    let root = TestRoot::new();
+    let resolv_conf = root.path().join("resolv.conf");
+    std::fs::write(&resolv_conf, "nameserver 127.83.0.53\noptions timeout:8 attempts:1\n").unwrap();
+    let other = TestRoot::new().with_host("hostb");
+    let port = exporting_host(&other);
+    let services = write_services(&root, "");
+    let (slow, quick) = (format!("sep://slow.dipus-test.example:{port}"), format!("sep://127.0.0.1:{port}"));
+    let daemon = start_dipusd_as(&root, &services, &["--host", &slow, "--host", &quick], |cmd| {
+        with_resolv_conf(cmd, &resolv_conf)
+    });
+    // Well before the 8 s the lookup waits for its answer.
+    wait_until(Duration::from_secs(4), "the import by address", || {
+        is_socket(&root.tree().join("imported/text/plain/remote.hostb..0"))
+    });
+    let mut question = [0u8; 512];
+    nameserver.set_read_timeout(Some(DEFAULT_TIMEOUT)).unwrap();
+    nameserver.recv(&mut question).expect("the name asked of the nameserver");
+    let lookups = proc::descendants(daemon.pid);
+    assert!(!lookups.is_empty(), "no child looks the name up");
+    let asked = Instant::now();
+    assert!(root.with_child(daemon.pid, |c| c.signal("TERM")));
+    let status = root.with_child(daemon.pid, |c| c.wait_timeout(Duration::from_secs(3)));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "dipusd did not end within 3 s of SIGTERM");
+    assert!(asked.elapsed() < Duration::from_secs(3));
+    for lookup in lookups {
+        assert_ne!(proc::proc_id(lookup.pid), Some(lookup), "a lookup child outlived dipusd");
+    }
 }
 
 /// Two `--host` URIs of one host: the second is refused for good (it

@@ -89,7 +89,12 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let tree = Tree::from_env()?;
     tree.check_room(&scope)?;
     let directory = tree.ensure_scope(&scope)?;
-    let _lock = HostLock::acquire(&directory, &dialer)?;
+    // One import in this process: its lock may wait for the resolver.
+    let addresses = match &dialer {
+        Dialer::Sep(server) => server.addresses().unwrap_or_default(),
+        Dialer::Ssh(_) => Vec::new(),
+    };
+    let _lock = HostLock::acquire(&directory, &dialer, &addresses)?;
     let config =
         ImportConfig { dialer, selector: crate::transport::selector_argument(&target.selector), scope, options };
     crate::net::raise_fd_limit();

@@ -194,10 +194,9 @@ enum Proxy {
     Forwarded { socket: PlacedSocket, remote: String },
 }
 
-/// Most services one import mirrors: well above the 10,000 a large host
-/// may offer, and a bound on what an exporter (any host on the allowed
-/// networks, for dipusd) can make an importer create.
-pub const MAX_PROXIES: usize = 16384;
+/// Most services one import mirrors: a bound on what an exporter (any
+/// host on the allowed networks, for dipusd) can make an importer create.
+pub const MAX_PROXIES: usize = sep::MAX_SERVICES;
 
 /// Listening proxies of this process, all imports together: each holds a
 /// descriptor, and connections need theirs too.

@@ -47,6 +47,12 @@ pub const MAX_SELECTOR: usize = 4000;
 /// Longest service path in bytes, for the same reason as [`MAX_SELECTOR`].
 pub const MAX_PATH: usize = 4000;
 
+/// Most services a client keeps of one exporter (a LIST reply, a WATCH
+/// stream's current set, an import): well above the 10,000 a large host
+/// may offer, and a bound on the memory a hostile exporter can make a
+/// client use.
+pub const MAX_SERVICES: usize = 16384;
+
 /// How much of an offending value an error message quotes; enough to
 /// recognise it, short enough to keep one hostile line from flooding a log.
 const EXCERPT_BYTES: usize = 64;
@@ -112,6 +118,9 @@ pub enum SepError {
 
     #[error("unrecognised WATCH stream line \"{line}\"; expected \"+ PATH\", \"- PATH\", \"= synced\" or \".\"")]
     UnknownEvent { line: String },
+
+    #[error("more than {limit} services listed; a host offers fewer")]
+    TooManyServices { limit: usize },
 
     #[error("connection closed after {received} bytes, before the line's newline")]
     UnexpectedEof { received: usize },

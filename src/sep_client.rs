@@ -111,7 +111,8 @@ pub fn read_status(stream: &mut TcpStream) -> Result<StatusLine, SepError> {
     StatusLine::parse(&line)
 }
 
-/// The lines of a LIST reply, until the server closes.
+/// The lines of a LIST reply, until the server closes: at most
+/// [`sep::MAX_SERVICES`] of them.
 pub fn read_list<R: io::Read>(reader: R) -> Result<Vec<String>, SepError> {
     let mut reader = io::BufReader::new(reader);
     let mut paths = Vec::new();
@@ -123,6 +124,9 @@ pub fn read_list<R: io::Read>(reader: R) -> Result<Vec<String>, SepError> {
             Ok(0) => return Ok(paths),
             Ok(_) if line.len() > sep::MAX_REQUEST_LINE => {
                 return Err(SepError::LineTooLong { limit: sep::MAX_REQUEST_LINE, start: String::new() })
+            }
+            Ok(_) if paths.len() == sep::MAX_SERVICES => {
+                return Err(SepError::TooManyServices { limit: sep::MAX_SERVICES })
             }
             Ok(_) => paths.push(sep::parse_list_line(&line)?),
             Err(error) => return Err(SepError::Io(error)),

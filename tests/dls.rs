@@ -364,3 +364,75 @@ fn a_root_that_is_a_file_is_an_error_not_an_empty_tree() {
         run_with_timeout(root.cmd("dls").arg("-1").env("DIPUS_ROOT", root.path().join("none")), None, DEFAULT_TIMEOUT);
     assert_eq!((out.status.code(), out.stdout.as_slice(), out.stderr.as_slice()), (Some(0), &b""[..], &b""[..]));
 }
+
+/// A fake exporter on loopback: answers its one client's request with
+/// `answer` (the status line first) and closes; returns its port.
+fn answering_exporter(answer: String) -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("dls connects");
+        let mut request = [0u8; 256];
+        let _ = stream.read(&mut request);
+        // dls may have given up and closed already.
+        let _ = stream.write_all(answer.as_bytes());
+    });
+    (port, server)
+}
+
+fn services(range: std::ops::Range<usize>, prefix: &str) -> String {
+    range.map(|n| format!("{prefix}text/plain/s{n}.hosta..0\n")).collect()
+}
+
+/// The most services a client keeps of one exporter.
+const MAX_SERVICES: usize = 16384;
+
+/// A LIST reply longer than any host's offer is an error, not memory
+/// without end; one of exactly the bound is listed whole.
+#[test]
+fn a_listing_of_more_services_than_a_host_offers_is_refused() {
+    let root = TestRoot::new();
+    let (port, server) = answering_exporter(format!("SEP/1 200 OK\n{}", services(0..MAX_SERVICES, "")));
+    let listed = dls(&root, &["-1", &format!("sep://127.0.0.1:{port}")]);
+    server.join().unwrap();
+    assert_eq!(listed.lines().count(), MAX_SERVICES);
+
+    let (port, server) = answering_exporter(format!("SEP/1 200 OK\n{}", services(0..MAX_SERVICES + 1, "")));
+    let out = run_with_timeout(root.cmd("dls").arg(format!("sep://127.0.0.1:{port}")), None, DEFAULT_TIMEOUT);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(74));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("dls: 127.0.0.1:{port}: more than {MAX_SERVICES} services listed; a host offers fewer\n")
+    );
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// `dls -w sep://` follows at most as many services as a host offers:
+/// past the bound it says so once and ignores the rest, their removals
+/// included.
+#[test]
+fn a_watch_follows_no_more_services_than_a_host_offers() {
+    let root = TestRoot::new();
+    let answer = format!(
+        "SEP/1 200 OK\n{}= synced\n- text/plain/s{MAX_SERVICES}.hosta..0\n- text/plain/s0.hosta..0\n",
+        services(0..MAX_SERVICES + 10, "+ ")
+    );
+    let (port, server) = answering_exporter(answer);
+    let uri = format!("sep://127.0.0.1:{port}");
+    let out = run_with_timeout(root.cmd("dls").args(["-w", &uri]), None, DEFAULT_TIMEOUT);
+    server.join().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.iter().filter(|l| l.starts_with("+ ")).count(), MAX_SERVICES);
+    assert_eq!(lines[MAX_SERVICES..], ["= synced", &format!("- {uri}/text/plain/s0.hosta..0")]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "dls: {uri}: it offers more than {MAX_SERVICES} services; following the first {MAX_SERVICES} only\n\
+             dls: {uri}: the watch was closed\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(1));
+}

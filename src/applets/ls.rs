@@ -75,7 +75,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         if !selectors.is_empty() {
             return Err(Error::Usage("list either local selectors or remote URIs, not both".into()));
         }
-        return list_remote(&remotes, &format, args.watch);
+        return list_remote(name, &remotes, &format, args.watch);
     }
     if selectors.is_empty() {
         selectors.push(Selector::All);
@@ -153,12 +153,12 @@ impl RemoteHost {
     }
 }
 
-fn list_remote(remotes: &[(RemoteHost, Selector)], format: &Format, watch: bool) -> Result<(), Error> {
+fn list_remote(name: &str, remotes: &[(RemoteHost, Selector)], format: &Format, watch: bool) -> Result<(), Error> {
     if watch {
         let [(host, selector)] = remotes else {
             return Err(Error::Usage("-w follows one remote host at a time".into()));
         };
-        return watch_remote(host, selector, format);
+        return watch_remote(name, host, selector, format);
     }
     let mut services = Vec::new();
     for (host, selector) in remotes {
@@ -171,7 +171,7 @@ fn list_remote(remotes: &[(RemoteHost, Selector)], format: &Format, watch: bool)
 
 /// `dls -w sep://…`: the WATCH stream, as a redrawn table on a terminal
 /// or as +/- lines with URIs.
-fn watch_remote(host: &RemoteHost, selector: &Selector, format: &Format) -> Result<(), Error> {
+fn watch_remote(name: &str, host: &RemoteHost, selector: &Selector, format: &Format) -> Result<(), Error> {
     use crate::sep::{Event, Request};
     let request = Request::Watch(crate::transport::selector_argument(selector));
     // Either kind of stream ends up as one descriptor to read lines from;
@@ -192,6 +192,8 @@ fn watch_remote(host: &RemoteHost, selector: &Selector, format: &Format) -> Resu
     let terminal = std::io::stdout().is_terminal();
     let mut current: std::collections::BTreeMap<String, Listed> = std::collections::BTreeMap::new();
     let mut synced = false;
+    // Said once: more services than a client keeps.
+    let mut over_cap = false;
     let mut out = std::io::stdout().lock();
     loop {
         let line = match lines.next_line(silence, libc::STDOUT_FILENO) {
@@ -207,6 +209,17 @@ fn watch_remote(host: &RemoteHost, selector: &Selector, format: &Format) -> Resu
             Event::Synced => {
                 synced = true;
                 "= synced\n".to_string()
+            }
+            Event::Added(wire) if current.len() >= crate::sep::MAX_SERVICES && !current.contains_key(&wire) => {
+                if !over_cap {
+                    over_cap = true;
+                    let limit = crate::sep::MAX_SERVICES;
+                    crate::applets::eprint_quietly(&format!(
+                        "{name}: {}: it offers more than {limit} services; following the first {limit} only\n",
+                        host.uri()
+                    ));
+                }
+                continue;
             }
             Event::Added(wire) => match Listed::remote(host, &wire) {
                 Some(listed) => {

@@ -33,10 +33,10 @@ use mio::{Interest, Registry, Token};
 
 use crate::event_loop::{self, Timers};
 use crate::forked::Forked;
-use crate::resolve::{resolve, Lookup, Resolution};
 use crate::name::{Scope, ServicePath};
 use crate::net::DescriptorReserve;
 use crate::relay::{Relay, Way};
+use crate::resolve::{resolve, Lookup, Resolution};
 use crate::sep::{self, Event, LineReader, Request, StatusLine};
 use crate::sep_client::Server;
 use crate::ssh::{SshChannel, SshTarget};
@@ -235,7 +235,10 @@ enum Forwarding {
     Unknown,
     /// Asked by a child process, which reports its answer, one line, on a
     /// pipe the loop watches: the probe waits on ssh, the loop must not.
-    Probing { probe: Forked, since: Instant },
+    Probing {
+        probe: Forked,
+        since: Instant,
+    },
     /// Yes, to sockets under this remote root.
     Yes(String),
     No,
@@ -619,7 +622,8 @@ impl Importer {
             Ok(Resolution::Done(addresses)) => self.connect_tcp(registry, &addresses),
             Ok(Resolution::Pending(lookup)) => {
                 let fd = lookup.fd();
-                if let Err(error) = registry.register(&mut mio::unix::SourceFd(&fd), self.token(SESSION), Interest::READABLE)
+                if let Err(error) =
+                    registry.register(&mut mio::unix::SourceFd(&fd), self.token(SESSION), Interest::READABLE)
                 {
                     return self.session_failed(registry, format!("cannot look up {}: {error}", server.host));
                 }

@@ -98,7 +98,9 @@ impl ImportSet {
             return log::warn!("{key}: {}", ImportError::TooMany { uri: dialer.uri() });
         };
         let fd = lookup.fd();
-        if let Err(error) = registry.register(&mut mio::unix::SourceFd(&fd), event_loop::token(component, 0), Interest::READABLE) {
+        if let Err(error) =
+            registry.register(&mut mio::unix::SourceFd(&fd), event_loop::token(component, 0), Interest::READABLE)
+        {
             self.free_components.push(component);
             log::info!("{key}: cannot look up {} ({error}); locking it by name", server.host);
             return self.finish(registry, key, dialer, selector, &[], retry);

@@ -112,7 +112,9 @@ mod tests {
 
     #[test]
     fn literals_need_no_lookup() {
-        assert!(matches!(resolve("127.0.0.1", 1).unwrap(), Resolution::Done(a) if a == ["127.0.0.1:1".parse().unwrap()]));
+        assert!(
+            matches!(resolve("127.0.0.1", 1).unwrap(), Resolution::Done(a) if a == ["127.0.0.1:1".parse().unwrap()])
+        );
         assert!(matches!(resolve("::1", 1).unwrap(), Resolution::Done(a) if a == ["[::1]:1".parse().unwrap()]));
     }
 

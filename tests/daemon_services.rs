@@ -60,8 +60,9 @@ fn start_dipusd(root: &TestRoot, services: &Path, args: &[&str]) -> Dipusd {
 fn start_dipusd_as(root: &TestRoot, services: &Path, args: &[&str], wrap: impl Fn(Command) -> Command) -> Dipusd {
     let pidfile = root.path().join("dipusd.pid");
     for _ in 0..5 {
-        let mut guard =
-            ChildGuard::spawn(wrap(dipusd_cmd(root, services, &pidfile, args)).stdin(Stdio::null()).stderr(Stdio::piped()));
+        let mut guard = ChildGuard::spawn(
+            wrap(dipusd_cmd(root, services, &pidfile, args)).stdin(Stdio::null()).stderr(Stdio::piped()),
+        );
         let stderr = LineReader::new(guard.0.stderr.take().expect("stderr was piped"));
         let pid = root.adopt(guard);
         let mut up = false;

@@ -31,6 +31,7 @@ mod settings;
 mod signals;
 mod ssh;
 mod ssh_mux;
+mod stdio;
 mod transport;
 mod tree;
 mod watch;

@@ -423,6 +423,9 @@ struct Direction {
     broken: Option<io::ErrorKind>,
     /// The endpoint whose read failed the relay, to name it.
     failed_source: Option<usize>,
+    /// A write to the sink failed the relay (not a peer gone: ENOSPC,
+    /// EBADF).
+    failed_sink: bool,
 }
 
 /// What moving one direction returned.
@@ -568,8 +571,15 @@ impl Relay {
             let mut progressed = false;
             for way in 0..2 {
                 let Relay { endpoints, directions } = self;
-                if let Step::Progress = directions[way].step(endpoints)? {
-                    progressed = true;
+                let direction = &mut directions[way];
+                match direction.step(endpoints) {
+                    Ok(Step::Progress) => progressed = true,
+                    Ok(Step::Blocked) => {}
+                    Err(error) => {
+                        // Not a read: the write.
+                        direction.failed_sink = direction.failed_source.is_none();
+                        return Err(error);
+                    }
                 }
             }
             if !progressed {
@@ -600,6 +610,14 @@ impl Relay {
     /// a read did, so that the error can name it.
     pub fn failed_source(&self) -> Option<RawFd> {
         self.directions.iter().find_map(|direction| direction.failed_source).map(|source| self.endpoints[source].fd)
+    }
+
+    /// The sink whose write failed the relay, if a write did.
+    pub fn failed_sink(&self) -> Option<RawFd> {
+        self.directions
+            .iter()
+            .find(|direction| direction.failed_sink)
+            .map(|direction| self.endpoints[direction.sink].fd)
     }
 
     /// Whether a direction currently splices through a pool pipe.
@@ -722,6 +740,7 @@ impl Direction {
             bytes: 0,
             broken: None,
             failed_source: None,
+            failed_sink: false,
         }
     }
 

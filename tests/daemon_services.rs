@@ -375,19 +375,8 @@ fn a_host_imported_by_another_process_is_taken_over_when_that_one_stops() {
 /// `cmd` in a mount namespace of its own where /etc/resolv.conf is
 /// `resolv_conf` (unshare's mounts are private: nothing shows outside).
 fn with_resolv_conf(cmd: Command, resolv_conf: &Path) -> Command {
-    let mut wrapped = Command::new("unshare");
-    wrapped
-        .args(["--mount", "sh", "-c", r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#])
-        .arg(resolv_conf)
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (name, value) in cmd.get_envs() {
-        match value {
-            Some(value) => wrapped.env(name, value),
-            None => wrapped.env_remove(name),
-        };
-    }
-    wrapped
+    let script = format!(r#"mount --bind '{}' /etc/resolv.conf && exec "$0" "$@""#, resolv_conf.display());
+    shell_around(&["unshare", "--mount"], &cmd, &script)
 }
 
 /// A host name whose nameserver never answers stalls nothing: dipusd

@@ -281,6 +281,28 @@ fn a_closed_stdout_ends_dcat_quietly() {
     assert_eq!((status.code(), stderr.as_str()), (Some(0), ""));
 }
 
+/// `sh -c 'exec dcat ARGS… REDIRECTIONS'`: dcat started with descriptors
+/// closed, as a shell's `>&-` leaves them; exit status and stderr.
+fn dcat_closed(root: &TestRoot, args: &str, redirections: &str) -> (Option<i32>, String) {
+    let mut shell = shell_around(&[], &root.cmd("dcat"), &format!("exec \"$0\" {args} {redirections}"));
+    let out = run_with_timeout(&mut shell, None, DEFAULT_TIMEOUT);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A stdout closed from the start (`dcat x >&-`) is an error once there is
+/// a reply to write, as for cat, not a reply silently dropped; with no
+/// reply there is nothing to fail. A closed stdin fails the read.
+#[test]
+fn descriptors_closed_at_start_fail_as_closed_ones_do() {
+    let root = TestRoot::new();
+    serve(&root, "cat", "echo/text/plain", "local/text/plain/echo.testhost..0");
+    let closed = (Some(74), "dcat: cannot write to stdout: Bad file descriptor (os error 9)\n".to_string());
+    assert_eq!(dcat_closed(&root, "echo /etc/hostname", ">&-"), closed);
+    assert_eq!(dcat_closed(&root, "echo /dev/null", ">&-"), (Some(0), String::new()));
+    let closed = (Some(74), "dcat: cannot read stdin: Bad file descriptor (os error 9)\n".to_string());
+    assert_eq!(dcat_closed(&root, "echo", "<&- >/dev/null"), closed);
+}
+
 #[test]
 fn a_service_that_answers_without_reading() {
     let root = TestRoot::new();

@@ -365,6 +365,20 @@ fn a_root_that_is_a_file_is_an_error_not_an_empty_tree() {
     assert_eq!((out.status.code(), out.stdout.as_slice(), out.stderr.as_slice()), (Some(0), &b""[..], &b""[..]));
 }
 
+/// A stdout closed from the start (`dls >&-`) fails the listing, as for
+/// ls, rather than passing for an empty one.
+#[test]
+fn a_listing_to_a_closed_stdout_is_a_failure() {
+    let root = TestRoot::new();
+    let _live = plant(&root, &["local/text/plain/a.testhost..0"]);
+    let mut shell = shell_around(&[], &root.cmd("dls"), r#"exec "$0" >&-"#);
+    let out = run_with_timeout(&mut shell, None, DEFAULT_TIMEOUT);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).as_ref()),
+        (Some(74), "dls: cannot write to stdout: Bad file descriptor (os error 9)\n")
+    );
+}
+
 /// A fake exporter on loopback: answers its one client's request with
 /// `answer` (the status line first) and closes; returns its port.
 fn answering_exporter(answer: String) -> (u16, std::thread::JoinHandle<()>) {

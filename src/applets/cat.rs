@@ -56,6 +56,8 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         args.service = "-".into();
     }
     let target = Target::parse(&args.service)?;
+    // `dcat x >&-` fails writing the reply, as cat does, not silently.
+    crate::stdio::reclose();
     // Open every file first, so a typo (or a directory) fails before
     // anything is sent.
     let inputs = args
@@ -143,7 +145,7 @@ fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<Reply, Error> {
     // The reply decides when we are done: a service may answer before it
     // has read everything, or without reading at all.
     relay::run_until(&mut relay, |relay| relay.way_done(Way::Backward))
-        .map_err(|e| Error::io(failure(relay.failed_source(), inputs), e))?;
+        .map_err(|e| Error::io(failure(relay.failed_source(), relay.failed_sink(), inputs), e))?;
     // A service may stop reading and close (it has answered): that ends
     // our input quietly. A link that failed under it lost what we sent.
     if let Some(kind @ (ErrorKind::TimedOut | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable)) =
@@ -160,18 +162,21 @@ fn pipe_through(mut relay: Relay, inputs: &[Input]) -> Result<Reply, Error> {
     }
 }
 
-/// What failed, for the error: the input whose read failed, by its name.
-fn failure(failed_source: Option<RawFd>, inputs: &[Input]) -> String {
+/// What failed, for the error: the input whose read failed, by its name,
+/// or the output whose write did.
+fn failure(failed_source: Option<RawFd>, failed_sink: Option<RawFd>, inputs: &[Input]) -> String {
     let named = |fd: RawFd| {
         inputs.iter().find_map(|input| match input {
             Input::File(file, path) if file.as_raw_fd() == fd => Some(format!("cannot read {path}")),
             _ => None,
         })
     };
-    match failed_source {
-        Some(libc::STDIN_FILENO) => "cannot read stdin".to_string(),
+    match (failed_source, failed_sink) {
+        (Some(libc::STDIN_FILENO), _) => "cannot read stdin".to_string(),
         // Not an input: the service's connection.
-        Some(fd) => named(fd).unwrap_or_else(|| "the connection to the service failed".to_string()),
-        None => "relay failed".to_string(),
+        (Some(fd), _) => named(fd).unwrap_or_else(|| "the connection to the service failed".to_string()),
+        (None, Some(libc::STDOUT_FILENO)) => "cannot write to stdout".to_string(),
+        (None, Some(_)) => "the connection to the service failed".to_string(),
+        (None, None) => "relay failed".to_string(),
     }
 }

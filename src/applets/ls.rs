@@ -71,6 +71,8 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         }
     }
     let format = Format { one: args.one, full: args.full, long: args.long };
+    // `dls >&-` fails writing its listing, as ls does, not silently.
+    crate::stdio::reclose();
     if !remotes.is_empty() {
         if !selectors.is_empty() {
             return Err(Error::Usage("list either local selectors or remote URIs, not both".into()));
@@ -87,7 +89,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         return watch(&tree, &format, selected);
     }
     let services: Vec<Listed> = tree.list()?.iter().filter(|s| selected(s)).map(Listed::local).collect();
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::stdio::Stdout;
     written(out.write_all(render(&services, &format).as_bytes()).and_then(|()| out.flush()))?;
     Ok(())
 }
@@ -164,7 +166,7 @@ fn list_remote(name: &str, remotes: &[(RemoteHost, Selector)], format: &Format, 
     for (host, selector) in remotes {
         services.extend(host.list(selector)?.iter().filter_map(|wire| Listed::remote(host, wire)));
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::stdio::Stdout;
     written(out.write_all(render(&services, format).as_bytes()).and_then(|()| out.flush()))?;
     Ok(())
 }
@@ -194,7 +196,7 @@ fn watch_remote(name: &str, host: &RemoteHost, selector: &Selector, format: &For
     let mut synced = false;
     // Said once: more services than a client keeps.
     let mut over_cap = false;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::stdio::Stdout;
     loop {
         let line = match lines.next_line(silence, libc::STDOUT_FILENO) {
             Ok(Some(line)) => line,
@@ -336,9 +338,9 @@ fn watch(tree: &Tree, format: &Format, selected: impl Fn(&Service) -> bool) -> R
     let mut watcher =
         TreeWatcher::new(tree).map_err(|e| Error::io(format!("cannot watch {}", tree.root().display()), e))?;
     watcher.follow_root();
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::stdio::Stdout;
     let terminal = std::io::stdout().is_terminal();
-    let redraw = |out: &mut std::io::StdoutLock, watcher: &TreeWatcher| {
+    let redraw = |out: &mut crate::stdio::Stdout, watcher: &TreeWatcher| {
         let services: Vec<Listed> = watcher.current().iter().filter(|s| selected(s)).map(Listed::local).collect();
         // Home, clear to the end of the screen, table.
         write!(out, "\x1b[H\x1b[2J{}", render(&services, format)).and_then(|()| out.flush())

@@ -36,6 +36,7 @@ pub use root::TestRoot;
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -116,6 +117,26 @@ pub fn applet_bin(name: &str) -> PathBuf {
     std::os::unix::fs::symlink(&target, &tmp).unwrap_or_else(|e| panic!("symlink {}: {e}", tmp.display()));
     std::fs::rename(&tmp, &link).unwrap_or_else(|e| panic!("rename to {}: {e}", link.display()));
     link
+}
+
+/// `cmd` run by a shell script instead, for what only a shell does
+/// (`>&-`, `ulimit`): `WRAPPER… sh -c SCRIPT PROGRAM ARGS…`, so the
+/// script sees the program as `$0` and its arguments as `"$@"`, with
+/// `cmd`'s environment. A script that ends in `exec "$0" "$@"` keeps the
+/// process id.
+pub fn shell_around(wrapper: &[&str], cmd: &Command, script: &str) -> Command {
+    let mut shell = Command::new(wrapper.first().copied().unwrap_or("sh"));
+    if !wrapper.is_empty() {
+        shell.args(&wrapper[1..]).arg("sh");
+    }
+    shell.arg("-c").arg(script).arg(cmd.get_program()).args(cmd.get_args());
+    for (name, value) in cmd.get_envs() {
+        match value {
+            Some(value) => shell.env(name, value),
+            None => shell.env_remove(name),
+        };
+    }
+    shell
 }
 
 /// Creates and returns a fresh directory `<tmp>/<prefix>-<pid>-<k>-<n>`.

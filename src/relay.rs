@@ -652,6 +652,18 @@ pub fn run_until(relay: &mut Relay, finished: impl Fn(&Relay) -> bool) -> io::Re
         // on: pump again before sleeping, or nothing may ever wake us.
         let mut newly_ready = false;
         for interest in relay.interests() {
+            if !interest.read && !interest.write {
+                // Nothing to wait for on it now: not watched, or an error
+                // or hang-up there (stdout's reader gone while the service
+                // is silent) would wake us at once, again and again, with
+                // nothing to do.
+                if let Some(at) = registered.iter().position(|&fd| fd == interest.fd) {
+                    registered.swap_remove(at);
+                    // SAFETY: still open, as below.
+                    poller.delete(unsafe { BorrowedFd::borrow_raw(interest.fd) })?;
+                }
+                continue;
+            }
             let event = polling::Event::new(interest.fd as usize, interest.read, interest.write);
             if registered.contains(&interest.fd) {
                 // SAFETY: the relay's descriptors stay open while it lives.

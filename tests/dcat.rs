@@ -303,6 +303,25 @@ fn descriptors_closed_at_start_fail_as_closed_ones_do() {
     assert_eq!(dcat_closed(&root, "echo", "<&- >/dev/null"), closed);
 }
 
+/// stdout's reader gone while the service says nothing: dcat waits for
+/// the service, as cat waits for its input, without spinning on the
+/// hang-up (it used to take a whole core until the service spoke).
+#[test]
+fn a_reader_gone_while_the_service_is_silent_costs_no_cpu() {
+    let root = TestRoot::new();
+    serve(&root, "sleep 30", "silent/text/plain", "local/text/plain/silent.testhost..0");
+    let mut child = ChildGuard::spawn(root.cmd("dcat").arg("silent").stdin(Stdio::null()).stdout(Stdio::piped()));
+    // Past its start and into its wait; then the reader goes.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(child.0.stdout.take());
+    std::thread::sleep(Duration::from_millis(100));
+    let before = proc::cpu_ticks(child.pid()).expect("dcat runs");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = proc::cpu_ticks(child.pid()).expect("dcat still waits for the service");
+    // A spinning loop takes ~100 ticks a second (50 on a busy machine).
+    assert!(after - before < 25, "dcat used {} ticks of CPU in one idle second", after - before);
+}
+
 #[test]
 fn a_service_that_answers_without_reading() {
     let root = TestRoot::new();

@@ -23,6 +23,14 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
+/// CPU time the process has used, user and system, in clock ticks (1/100 s
+/// on Linux), None when the pid is gone.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
 /// Process state letter (R, S, D, T, Z...), None when the pid is gone.
 pub fn state(pid: u32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()

@@ -450,7 +450,34 @@ pub struct Importer {
     /// The session's read stopped at [`SESSION_READ_BUDGET`] with more
     /// maybe waiting: mio's edge has been used, so read again next turn.
     read_pending: bool,
+    /// ssh processes of finished connections, still passing bytes on.
+    lingering: Vec<Lingering>,
 }
+
+/// An ssh process left to finish delivering what a gone client sent
+/// (see [`SshChannel::let_finish`]); killed once [`LINGER`] has passed, or
+/// when the importer goes.
+struct Lingering {
+    child: std::process::Child,
+    until: Instant,
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// How long an ssh process may take to pass on what a gone client sent.
+const LINGER: Duration = Duration::from_secs(30);
+/// Most ssh processes left to finish at once; past it the oldest goes.
+const MAX_LINGERING: usize = 64;
+/// How often lingering ssh processes are looked at.
+const LINGER_CHECK: Duration = Duration::from_millis(500);
+const TIMER_LINGER: usize = usize::MAX - 1;
 
 /// Whether `fd` has something to read (data or its end) right now.
 fn readable_now(fd: RawFd) -> bool {
@@ -485,6 +512,7 @@ impl Importer {
             forwarding: Forwarding::Unknown,
             session_deadline: None,
             read_pending: false,
+            lingering: Vec::new(),
         }
     }
 
@@ -556,6 +584,13 @@ impl Importer {
                 if self.session_deadline.is_some_and(|deadline| deadline <= now) {
                     self.session_deadline = None;
                     self.check_session(registry, now);
+                }
+            } else if key == TIMER_LINGER {
+                // Dropped: reaped if it has ended, killed if overdue.
+                self.lingering
+                    .retain_mut(|lingering| now < lingering.until && matches!(lingering.child.try_wait(), Ok(None)));
+                if !self.lingering.is_empty() {
+                    self.timers.after(LINGER_CHECK, TIMER_LINGER);
                 }
             } else if key >= LINK_BASE {
                 let stuck = self.links.get(&key).is_some_and(|link| {
@@ -1195,6 +1230,7 @@ impl Importer {
 
     fn close_link(&mut self, registry: &Registry, id: usize) {
         if let Some(mut link) = self.links.remove(&id) {
+            let mut handed_over = false;
             if let LinkState::Relaying(relay) = link.state {
                 log::debug!(
                     "{}: closed after {} bytes out, {} back",
@@ -1202,11 +1238,30 @@ impl Importer {
                     relay.bytes(Way::Forward),
                     relay.bytes(Way::Backward)
                 );
+                handed_over = relay.way_done(Way::Forward) && relay.broken(Way::Forward).is_none();
                 drop(relay);
                 let _ = registry.deregister(&mut link.client);
             }
             link.remote.deregister(registry);
+            // A client that sent everything and went (closed without
+            // waiting for a reply) has had its bytes handed to ssh, not
+            // yet delivered: ssh is left to finish.
+            if let (true, Remote::Ssh(channel)) = (handed_over, link.remote) {
+                if let Some(child) = channel.let_finish() {
+                    self.linger(child);
+                }
+            }
         }
+    }
+
+    fn linger(&mut self, child: std::process::Child) {
+        if self.lingering.is_empty() {
+            self.timers.after(LINGER_CHECK, TIMER_LINGER);
+        }
+        if self.lingering.len() == MAX_LINGERING {
+            self.lingering.remove(0);
+        }
+        self.lingering.push(Lingering { child, until: Instant::now() + LINGER });
     }
 
     /// `ready`: readable, writable, and read closed (see `Relay::set_read_closed`).
@@ -1239,6 +1294,7 @@ impl Importer {
         for id in links {
             self.close_link(registry, id);
         }
+        self.lingering.clear();
     }
 }
 

@@ -720,6 +720,16 @@ impl SshChannel {
         }
     }
 
+    /// Lets ssh finish by itself, for a connection whose client has gone
+    /// after everything it sent was handed to ssh: what ssh has not passed
+    /// on yet (in its stdin pipe, or its own buffers) would be lost if it
+    /// were killed. Its output is closed (no one reads a reply any more);
+    /// the process is returned, to be reaped, or killed if it lingers.
+    pub fn let_finish(mut self) -> Option<Child> {
+        self.input = None;
+        self.child.take()
+    }
+
     /// Closes ssh's stdin: the remote side sees EOF.
     pub fn close_input(&mut self) {
         self.input = None;

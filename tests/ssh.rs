@@ -821,6 +821,36 @@ fn where_sshd_refuses_forwarding_an_ssh_import_runs_a_session_per_connection() {
     assert!(ssh_processes >= 9, "{ssh_processes} ssh processes of the importer with eight connections open");
 }
 
+/// Where each connection is an ssh session, a client that sends and
+/// closes without waiting for a reply still has everything delivered:
+/// its ssh is left to pass on what it holds (it used to be killed as the
+/// client went, with what was still in its stdin pipe).
+#[test]
+fn where_sshd_refuses_forwarding_what_a_client_sent_before_closing_arrives() {
+    let Some(link) = Link::with_sshd_config("AllowStreamLocalForwarding no\n") else { return };
+    let received = link.remote.path().join("received");
+    link.serve(&[], &format!("cat >> '{}'", received.display()), "store/application/octet-stream");
+    let importer = import(&link, &link.uri("root"));
+    let store = link.scope().join("application/octet-stream/store.remote..0");
+    // More than a pipe holds, so some of it is still on its way when the
+    // client goes.
+    let message: Vec<u8> = (0..256 * 1024u32).map(|n| (n % 251) as u8).collect();
+    let mut stream = UnixStream::connect(&store).expect("connect to the imported store");
+    stream.write_all(&message).unwrap();
+    drop(stream);
+    let size = || std::fs::metadata(&received).map(|m| m.len()).unwrap_or(0);
+    let arrived = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        size() == message.len() as u64
+    });
+    assert!(arrived, "{} of {} bytes arrived", size(), message.len());
+    assert_eq!(std::fs::read(&received).unwrap(), message);
+    // The ssh left to finish has been reaped.
+    wait_until(SSH_TIMEOUT, "the finished ssh to be reaped", || {
+        proc::descendants(importer.pid()).iter().all(|p| proc::state(p.pid) != Some('Z'))
+    });
+}
+
 #[test]
 fn an_ssh_import_mirrors_follows_and_cleans_up() {
     let Some(link) = Link::new() else { return };

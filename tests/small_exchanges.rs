@@ -353,13 +353,7 @@ fn descriptors(pid: u32) -> (usize, BTreeSet<String>) {
 
 /// CPU time (user + system) `pid` has used so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
-    // utime and stime, fields 14 and 15 of stat(5), counted from the state.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf only reads a configuration value.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / per_second)
+    proc::cpu_time(pid).unwrap_or_else(|| panic!("process {pid} is gone"))
 }
 
 /// Joins `threads`, each reporting what went wrong with its connection.
@@ -708,7 +702,8 @@ fn an_importer_out_of_descriptors_refuses_cleanly_and_serves_the_rest() {
 /// server overloaded` and the importer closes its client on it, so the
 /// client sees a reset (its message unread) or EOF, as when a proxy
 /// refuses it. (When `accept` itself fails, the reserve descriptor
-/// refuses: the proxy and importer tests above reach that.)
+/// refuses: the proxy and importer tests above reach that, and so does
+/// the exporter's test with idle connections below.)
 const EXPORTER_LIMITS: [u32; 2] = [64, 65];
 
 /// How many descriptors `pid` could still open under `limit`: numbers
@@ -747,6 +742,49 @@ fn an_exporter_out_of_descriptors_refuses_cleanly_and_serves_the_rest() {
     }
     // An odd and an even number of descriptors left: both are tested.
     assert_eq!(free_when_out, BTreeSet::from([1, 2]), "descriptors free when out with limits {EXPORTER_LIMITS:?}");
+}
+
+/// Idle TCP connections (no request line yet: each holds one of the
+/// exporter's descriptors for up to 10 s) until the exporter's `accept`
+/// itself fails: the next clients are still answered `503 server
+/// overloaded` through the descriptor kept in reserve and closed, the
+/// refusing costs no CPU, and once the idle ones go the exporter serves
+/// again.
+#[test]
+fn an_exporter_whose_accept_runs_out_refuses_from_its_reserve() {
+    let limit = 48;
+    let import = import_with(echo, |command| with_fd_limit(command, limit), |command| command);
+    let overloaded = "SEP/1 503 service unavailable: server overloaded\n";
+    // Idle: nothing to read from an accepted one within a moment.
+    let answer = |stream: &mut std::net::TcpStream| {
+        stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut text = String::new();
+        match stream.read_to_string(&mut text) {
+            Ok(_) => Some(text),
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+            Err(error) => Some(format!("error: {error}")),
+        }
+    };
+    let mut idle = Vec::new();
+    let refusal = loop {
+        assert!(idle.len() < limit as usize, "{} idle connections and still not out of descriptors", idle.len());
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", import.port)).expect("connect to the exporter");
+        match answer(&mut stream) {
+            None => idle.push(stream),
+            Some(text) => break text,
+        }
+    };
+    assert_eq!(refusal, overloaded, "after {} idle connections", idle.len());
+    assert!(idle.len() >= 20, "only {} idle connections with {limit} descriptors", idle.len());
+    let before = cpu_time(import.exporter);
+    for attempt in 0..20 {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", import.port)).expect("connect to the exporter");
+        assert_eq!(answer(&mut stream).as_deref(), Some(overloaded), "attempt {attempt} past the limit");
+    }
+    let used = cpu_time(import.exporter) - before;
+    assert!(used < Duration::from_millis(500), "refusing 20 clients took {used:?} of CPU");
+    drop(idle);
+    wait_until(STALL, "the exporter to serve again", || connect_status(import.port) == "SEP/1 200 OK");
 }
 
 /// 200 clients connecting at once, then 512 waiting in the backlog of a

@@ -23,12 +23,15 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
-/// CPU time the process has used, user and system, in clock ticks (1/100 s
-/// on Linux), None when the pid is gone.
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
+/// CPU time (user and system) the process has used so far, None when the
+/// pid is gone.
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
     let fields = stat_fields(pid)?;
-    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    // utime and stime: fields 14 and 15 of stat(5), 12 and 13 after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / per_second))
 }
 
 /// Process state letter (R, S, D, T, Z...), None when the pid is gone.

@@ -427,3 +427,17 @@ fn a_sep_server_that_never_answers_is_named_as_such() {
     assert_error(&out, 74, "dcat", &["no status line within 10 s"]);
     drop(holder.join().unwrap());
 }
+
+#[test]
+fn a_service_or_file_called_help_is_used_not_taken_for_help() {
+    let root = TestRoot::new();
+    serve(&root, "echo I am help", "help/text/plain", "local/text/plain/help.testhost..0");
+    let out = dcat(&root, &["help"], None);
+    assert_success(&out, "dcat help");
+    assert_eq!(text(&out.stdout), "I am help\n");
+    serve(&root, "cat", "echo/text/plain", "local/text/plain/echo.testhost..0");
+    std::fs::write(root.path().join("help"), "the file help\n").expect("write the FILE help");
+    let out = run_with_timeout(root.cmd("dcat").current_dir(root.path()).args(["echo", "help"]), None, DEFAULT_TIMEOUT);
+    assert_success(&out, "dcat echo help");
+    assert_eq!(text(&out.stdout), "the file help\n");
+}

@@ -450,3 +450,10 @@ fn a_watch_follows_no_more_services_than_a_host_offers() {
     );
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn a_selector_called_help_selects_not_prints_usage() {
+    let root = TestRoot::new();
+    let _planted = plant(&root, &["local/text/plain/help.testhost..0", "local/text/plain/other.testhost..0"]);
+    assert_eq!(selected(&root, &["help"]), ["local/text/plain/help.testhost..0"]);
+}

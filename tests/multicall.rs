@@ -132,6 +132,32 @@ fn every_applet_answers_help_with_status_0() {
 }
 
 #[test]
+fn no_applet_takes_a_bare_help_argument_for_help() {
+    // `help` may be a service, a selector or a FILE: only `--help` asks
+    // for usage. An applet that takes `help` as a name may run on (a
+    // monitor, an importer): it is stopped after a while.
+    let root = TestRoot::new();
+    let mut running = Vec::new();
+    for name in listed_names() {
+        let stdout = root.path().join(format!("stdout-{name}"));
+        let mut cmd = root.cmd(&name);
+        cmd.arg("help").env("DIPUS_SSH", "false").env("DIPUS_DISCOVERY_PORT", free_port().to_string());
+        cmd.current_dir(root.path()).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.stdout(std::fs::File::create(&stdout).expect("create the stdout file"));
+        running.push((name, stdout, ChildGuard::spawn(&mut cmd)));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline && running.iter_mut().any(|(_, _, child)| child.is_running()) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for (name, stdout, child) in running {
+        drop(child);
+        let stdout = std::fs::read_to_string(&stdout).expect("read the stdout file");
+        assert!(!stdout.contains("Usage:"), "{name} help printed usage: {stdout}");
+    }
+}
+
+#[test]
 fn bench_names_an_unknown_mode() {
     // A mistyped mode is called that, with or without the option a mode needs.
     for args in [&["bench", "snd"][..], &["bench", "snd", "--connect", "/nonexistent.sock"]] {

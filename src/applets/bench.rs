@@ -62,6 +62,7 @@ use crate::signals::SignalPipe;
 use crate::tree::FileId;
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Measure a path: throughput, request/response exchanges, connection setup.
 /// MODE is a server (sink, source, echo: give --listen) or a client (send,
 /// recv, rr, connect: give --connect).

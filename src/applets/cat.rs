@@ -25,6 +25,7 @@ use crate::selector::Target;
 use crate::transport::{self, Stream};
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Pipe FILEs (or stdin) through SERVICE and copy its reply to stdout.
 struct Args {
     /// report on stderr which service was used

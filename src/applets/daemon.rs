@@ -46,6 +46,7 @@ use crate::signals::SignalPipe;
 use crate::tree::{SocketOptions, Tree};
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Run exporter, discovery, importers, reaper and default services in one process.
 struct Args {
     /// TCP port of the exporter (default: $DIPUS_PORT or 7347)

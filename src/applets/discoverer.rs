@@ -19,6 +19,7 @@ use crate::discovery::{Discovery, PeerEvent};
 use crate::error::Error;
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Find exporters on the LAN and print HOST ADDR PORT.
 struct Args {
     /// seconds to listen, e.g. 2 or 0.5 (default 2)

@@ -27,6 +27,7 @@ use crate::signals::SignalPipe;
 use crate::tree::Tree;
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Serve exported/ over SEP/1 on TCP.
 struct Args {
     /// TCP port (default: $DIPUS_PORT or 7347)

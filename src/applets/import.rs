@@ -42,6 +42,7 @@ use crate::ssh::SshTarget;
 use crate::tree::Tree;
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Mirror the services of sep://HOST (or ssh://[USER@]HOST) as local proxy sockets, kept in sync.
 struct Args {
     /// stay in the foreground

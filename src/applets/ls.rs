@@ -29,6 +29,7 @@ use crate::tree::{Service, Tree};
 use crate::watch::{Change, TreeWatcher};
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// List services matching the SELECTORs (default: all).
 struct Args {
     /// one service per line

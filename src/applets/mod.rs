@@ -236,6 +236,14 @@ fn write_quietly(mut out: impl Write, text: &str) {
 
 /// Parses an applet's arguments with argh; `--help` prints and exits 0, a
 /// usage error prints and exits 64.
+///
+/// Every applet's `Args` carries `#[argh(help_triggers("--help"))]`:
+/// argh's default also takes a bare `help` for `--help`, anywhere before
+/// the options end, so a service, selector or FILE called `help` would
+/// print usage and exit 0 instead of being used. That cannot be undone
+/// here, after argh has parsed (a stand-in word could not be put back into
+/// the applet's fields), hence the attribute; `tests/multicall.rs` checks
+/// every applet for it.
 pub fn parse_args<T: argh::FromArgs>(name: &str, args: &[&str]) -> T {
     match T::from_args(&[name], args) {
         Ok(parsed) => parsed,

@@ -19,6 +19,7 @@ use crate::tree::Tree;
 use crate::watch::{Change, TreeWatcher};
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Print + PATH / - PATH as services matching SELECTOR appear and vanish.
 struct Args {
     /// first print the services present now, then "= synced"

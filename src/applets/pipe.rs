@@ -34,6 +34,7 @@ use crate::signals::SignalPipe;
 use crate::tree::{ServiceSocket, SocketOptions, Tree};
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Serve CMD (run as `sh -c CMD` per connection, the connection as its stdin and stdout) as the service NAME/PROTOCOL.
 struct Args {
     /// run at most N children at once (others wait in the backlog)

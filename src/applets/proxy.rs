@@ -33,6 +33,7 @@ use crate::signals::SignalPipe;
 use crate::tree::{ServiceSocket, Tree};
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Serve the listening UNIX socket SOCKET as the service NAME/PROTOCOL.
 struct Args {
     /// mode of the service socket, octal (default: 0666 for export-proxy, from the umask for local-proxy)

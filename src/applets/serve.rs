@@ -28,6 +28,7 @@ use crate::tree::Tree;
 use crate::watch::TreeWatcher;
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Answer one SEP/1 request on stdin/stdout (what ssh:// runs remotely).
 struct Args {
     /// serve on stdin and stdout (the only mode)

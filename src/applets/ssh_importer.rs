@@ -28,6 +28,7 @@ use crate::ssh::SshTarget;
 use crate::tree::Tree;
 
 #[derive(FromArgs)]
+#[argh(help_triggers("--help"))]
 /// Import over ssh from the given hosts, or from every exporter discovered.
 struct Args {
     /// also import from every exporter found by LAN discovery

@@ -441,3 +441,23 @@ fn a_service_or_file_called_help_is_used_not_taken_for_help() {
     assert_success(&out, "dcat echo help");
     assert_eq!(text(&out.stdout), "the file help\n");
 }
+
+#[test]
+fn the_first_double_dash_ends_options_also_after_a_file() {
+    let root = TestRoot::new();
+    serve(&root, "cat", "echo/text/plain", "local/text/plain/echo.testhost..0");
+    for (file, content) in [("a", "A\n"), ("-v", "dashv\n"), ("--", "dashdash\n")] {
+        std::fs::write(root.path().join(file), content).expect("write a FILE");
+    }
+    // As cat: the first `--` is no FILE, wherever it comes; a later one is.
+    for (args, reply) in [
+        (&["echo", "a", "--", "-v"][..], "A\ndashv\n"),
+        (&["echo", "a", "--", "--", "-v"], "A\ndashdash\ndashv\n"),
+        (&["echo", "--", "-v", "--"], "dashv\ndashdash\n"),
+        (&["-v", "echo", "a", "--", "-v"], "A\ndashv\n"),
+    ] {
+        let out = run_with_timeout(root.cmd("dcat").current_dir(root.path()).args(args), None, DEFAULT_TIMEOUT);
+        assert_success(&out, &format!("dcat {args:?}"));
+        assert_eq!(text(&out.stdout), reply, "dcat {args:?}");
+    }
+}

@@ -245,7 +245,8 @@ fn write_quietly(mut out: impl Write, text: &str) {
 /// the applet's fields), hence the attribute; `tests/multicall.rs` checks
 /// every applet for it.
 pub fn parse_args<T: argh::FromArgs>(name: &str, args: &[&str]) -> T {
-    match T::from_args(&[name], args) {
+    let args = end_options_at_double_dash::<T>(name, args);
+    match T::from_args(&[name], &args) {
         Ok(parsed) => parsed,
         Err(early) => match early.status {
             Ok(()) => {
@@ -259,6 +260,30 @@ pub fn parse_args<T: argh::FromArgs>(name: &str, args: &[&str]) -> T {
             }
         },
     }
+}
+
+/// The arguments with the first `--` dropped where argh would take it for
+/// a value. The first `--` ends the options wherever it comes, as getopt
+/// has it (`cat a -- -v`), but argh also ends them at the first value of a
+/// greedy positional (dcat's FILEs, dls's SELECTORs) and from then on
+/// takes a `--` for one more value: `dcat sorter a -- -v` would send a
+/// file called `--`. After that point every argument is a value, so
+/// dropping the `--` leaves the rest as it is.
+///
+/// Whether argh's options have ended by then is asked of argh itself:
+/// there, and only there, two `--help`s in its place parse as values.
+/// Where options are open, the first is taken for help; after an option
+/// that wants a value, the second is.
+fn end_options_at_double_dash<'a, T: argh::FromArgs>(name: &str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut args = args.to_vec();
+    if let Some(at) = args.iter().position(|&arg| arg == "--") {
+        let mut probe = args[..at].to_vec();
+        probe.extend(["--help", "--help"]);
+        if T::from_args(&[name], &probe).is_ok() {
+            args.remove(at);
+        }
+    }
+    args
 }
 
 /// The UDP port of discovery: `DIPUS_DISCOVERY_PORT`, else 7347.

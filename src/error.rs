@@ -30,6 +30,11 @@ pub enum Error {
     NoService(String),
     #[error("no service matching {selector:?} accepted a connection: {last}")]
     NoneAccepted { selector: String, last: String },
+    #[error(
+        "{count} FILEs are more than the {limit} files this process may hold open (ulimit -Hn), and each is \
+         opened before anything is sent: send them through one pipe instead (cat FILE… | dcat SERVICE)"
+    )]
+    TooManyFiles { count: usize, limit: u64 },
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
     #[error("{what}: {source}")]
@@ -62,7 +67,9 @@ impl Error {
             | Error::Setting(_)
             | Error::Ssh(crate::ssh::SshError::NoRoom { .. } | crate::ssh::SshError::Setting(_)) => EXIT_USAGE,
             Error::NoService(_) | Error::NoneAccepted { .. } => EXIT_NO_SERVICE,
-            Error::Open { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => EXIT_IO,
+            Error::Open { .. } | Error::TooManyFiles { .. } | Error::Io { .. } | Error::Remote(_) | Error::Ssh(_) => {
+                EXIT_IO
+            }
             Error::Tree(_) | Error::Failed(_) | Error::Import(_) => EXIT_FAILURE,
         }
     }

@@ -461,3 +461,50 @@ fn the_first_double_dash_ends_options_also_after_a_file() {
         assert_eq!(text(&out.stdout), reply, "dcat {args:?}");
     }
 }
+
+/// `count` FILEs `0`, `1`, … in `dir`, each holding its own name and a
+/// newline; returns their names and what they send in order.
+fn numbered_files(dir: &Path, count: usize) -> (Vec<String>, String) {
+    let names: Vec<String> = (0..count).map(|n| n.to_string()).collect();
+    for name in &names {
+        std::fs::write(dir.join(name), format!("{name}\n")).expect("write a FILE");
+    }
+    let sent = names.iter().map(|name| format!("{name}\n")).collect();
+    (names, sent)
+}
+
+#[test]
+fn more_files_than_the_soft_descriptor_limit_are_all_sent() {
+    let root = TestRoot::new();
+    serve(&root, "cat", "echo/text/plain", "local/text/plain/echo.testhost..0");
+    let (names, sent) = numbered_files(root.path(), 200);
+    let mut cmd = root.cmd("dcat");
+    cmd.arg("echo").args(&names);
+    // The hard limit is left as it is: only the soft one is below the
+    // count of FILEs.
+    let mut shell = shell_around(&[], &cmd, r#"ulimit -Sn 64 && exec "$0" "$@""#);
+    shell.current_dir(root.path());
+    let hard = run_with_timeout(std::process::Command::new("sh").args(["-c", "ulimit -Hn"]), None, DEFAULT_TIMEOUT);
+    // "unlimited" is no number, and plenty.
+    let hard: u64 = text(&hard.stdout).trim().parse().unwrap_or(u64::MAX);
+    if !require(hard >= 300, "a hard descriptor limit of 300 or more") {
+        return;
+    }
+    let out = run_with_timeout(&mut shell, None, DEFAULT_TIMEOUT);
+    assert_success(&out, "dcat echo 0…199 under ulimit -Sn 64");
+    assert_eq!(text(&out.stdout), sent);
+}
+
+#[test]
+fn more_files_than_the_hard_descriptor_limit_are_refused_before_sending() {
+    let root = TestRoot::new();
+    // Were it connected to, the service would say so on stdout.
+    serve(&root, "echo contacted", "echo/text/plain", "local/text/plain/echo.testhost..0");
+    let (names, _) = numbered_files(root.path(), 200);
+    let mut cmd = root.cmd("dcat");
+    cmd.arg("echo").args(&names);
+    let mut shell = shell_around(&[], &cmd, r#"ulimit -n 64 && exec "$0" "$@""#);
+    shell.current_dir(root.path());
+    let out = run_with_timeout(&mut shell, None, DEFAULT_TIMEOUT);
+    assert_error(&out, 74, "dcat", &["200 FILEs", "64 files", "cat FILE… | dcat SERVICE"]);
+}

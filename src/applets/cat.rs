@@ -59,6 +59,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let target = Target::parse(&args.service)?;
     // `dcat x >&-` fails writing the reply, as cat does, not silently.
     crate::stdio::reclose();
+    make_room_for(args.files.iter().filter(|path| !matches!(path.as_str(), "-" | STDIN_ARG)).count())?;
     // Open every file first, so a typo (or a directory) fails before
     // anything is sent.
     let inputs = args
@@ -129,6 +130,31 @@ fn sources(inputs: &[Input]) -> Vec<RawFd> {
             })
             .collect()
     }
+}
+
+/// Descriptors dcat needs beside its FILEs: stdio, the connection, the
+/// poller, a splice pipe, and for ssh:// ssh's pipes and control socket.
+const SPARE_DESCRIPTORS: u64 = 32;
+
+/// Every FILE is held open from before connecting to the end, so that one
+/// that cannot be opened is refused before anything is sent; `dcat lame
+/// *.wav` may then need more descriptors than the soft limit allows. The
+/// limit is raised only then (ssh, started for ssh://, inherits it), and
+/// FILEs past the hard limit are refused before any is opened.
+fn make_room_for(files: usize) -> Result<(), Error> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let needed = files as u64 + SPARE_DESCRIPTORS;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return Ok(());
+    };
+    if needed <= soft {
+        return Ok(());
+    }
+    if needed > hard {
+        return Err(Error::TooManyFiles { count: files, limit: hard });
+    }
+    crate::net::raise_fd_limit();
+    Ok(())
 }
 
 /// A FILE to send, refused at once if it is a directory (which opens, and

@@ -144,8 +144,8 @@ pub fn resolve_local(tree: &Tree, selector: &Selector) -> Result<Vec<Service>, E
     Ok(tree.list()?.into_iter().filter(|service| selector.matches(&service.path, &service.full)).collect())
 }
 
-/// Tries each match in order; a refused, vanished or forbidden socket
-/// falls over to the next.
+/// Tries each match in order; a refused, vanished or forbidden socket, or
+/// one whose path is too long to connect to, falls over to the next.
 fn connect_local(selector: &Selector) -> Result<Connection, Error> {
     let tree = Tree::from_env()?;
     if let Selector::Path(path) = selector {
@@ -167,11 +167,16 @@ fn connect_local(selector: &Selector) -> Result<Connection, Error> {
                     description: path.display().to_string(),
                 })
             }
+            // A path too long for a socket address (InvalidInput, its
+            // message naming the path) is only unusable, as a refusing
+            // socket is: the selector found it, and the next match may
+            // serve. An absolute path the user gave was checked above.
+            Err(error) if error.kind() == io::ErrorKind::InvalidInput => {
+                log::info!("{error}; trying the next match");
+                last = Some(error.to_string());
+            }
             Err(error) => {
                 log::info!("{}: {error}; trying the next match", path.display());
-                if error.kind() == io::ErrorKind::InvalidInput {
-                    return Err(Error::io(format!("cannot connect to {}", path.display()), error));
-                }
                 last = Some(format!("{}: {error}", path.display()));
             }
         }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::data::{Digest, Random};
-use common::service::{assert_error, assert_success, dcat, listen_at, serve, stale_at};
+use common::service::{assert_error, assert_success, dcat, listen_at, make_dirs, serve, stale_at, wait_for_socket};
 use common::*;
 use std::fs::File;
 use std::io::{BufWriter, ErrorKind, Read, Write};
@@ -507,4 +507,27 @@ fn more_files_than_the_hard_descriptor_limit_are_refused_before_sending() {
     shell.current_dir(root.path());
     let out = run_with_timeout(&mut shell, None, DEFAULT_TIMEOUT);
     assert_error(&out, 74, "dcat", &["200 FILEs", "64 files", "cat FILE… | dcat SERVICE"]);
+}
+
+#[test]
+fn a_match_whose_path_is_too_long_to_connect_to_falls_over_to_the_next() {
+    let root = TestRoot::new();
+    serve(&root, "echo ok", "longname/text/plain", "local/text/plain/longname.testhost..0");
+    // A protocol that sorts first, deep enough that the socket's path
+    // does not fit a socket address: bound by its name from inside.
+    let protocol = ["p".repeat(60), "p".repeat(60)].join("/");
+    let dir = make_dirs(&root, &format!("local/{protocol}"));
+    let long = dir.join("longname.testhost..0");
+    assert!(long.as_os_str().len() > 107, "{} is short enough to connect to", long.display());
+    let mut listener = root.cmd("dipus");
+    listener.args(["bench", "echo", "--listen", "longname.testhost..0"]).current_dir(&dir);
+    let pid = root.spawn(&mut listener);
+    wait_for_socket(&root, pid, &long);
+    let out = dcat(&root, &["-v", "longname"], None);
+    assert_success(&out, "dcat -v longname");
+    assert_eq!(text(&out.stdout), "ok\n");
+    assert!(text(&out.stderr).contains("text/plain/longname.testhost..0"), "{}", text(&out.stderr));
+    // With nothing else to try, none accepted, and the message says why.
+    let out = dcat(&root, &[&format!("{protocol}/longname")], None);
+    assert_error(&out, 69, "dcat", &["accepted", "more than the 107"]);
 }

@@ -25,8 +25,16 @@ use crate::name::{self, parse_index, Protocol, ServicePath};
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SelectorError {
-    #[error("invalid selector {0:?}: expected NAME[.HOST[..N]], PROTOCOL[/NAME…], an absolute path or a sep:// or ssh:// URI")]
+    /// Not a selector, where only a selector may be given (the monitor,
+    /// a SEP request).
+    #[error("invalid selector {0:?}: expected NAME[.HOST[..N]], PROTOCOL[/NAME…] or an absolute path")]
     Invalid(String),
+    /// Neither a selector nor a URI, where either may be given.
+    #[error("invalid selector {0:?}: expected NAME[.HOST[..N]], PROTOCOL[/NAME…], an absolute path or a sep:// or ssh:// URI")]
+    InvalidTarget(String),
+    /// A URI whose selector part is no selector: the URI itself is fine.
+    #[error("invalid selector {selector:?} in {uri:?}: expected NAME[.HOST[..N]] or PROTOCOL[/NAME…]")]
+    InvalidInUri { uri: String, selector: String },
     #[error("invalid URI {uri:?}: {why}")]
     Uri { uri: String, why: &'static str },
     /// An absolute path that no socket could have (too long for sun_path).
@@ -222,7 +230,11 @@ pub struct Target {
 impl Target {
     pub fn parse(text: &str) -> Result<Target, SelectorError> {
         let Some((scheme, rest)) = text.split_once("://") else {
-            return Ok(Target { remote: None, selector: Selector::parse(text)? });
+            let selector = Selector::parse(text).map_err(|error| match error {
+                SelectorError::Invalid(text) => SelectorError::InvalidTarget(text),
+                error => error,
+            })?;
+            return Ok(Target { remote: None, selector });
         };
         let uri_error = |why| SelectorError::Uri { uri: text.to_string(), why };
         let (authority, selector) = rest.split_once('/').unwrap_or((rest, ""));
@@ -249,7 +261,10 @@ impl Target {
             }
             _ => return Err(uri_error("unknown scheme, expected sep:// or ssh://")),
         };
-        let selector = Selector::parse(selector)?;
+        let selector = Selector::parse(selector).map_err(|error| match error {
+            SelectorError::Invalid(selector) => SelectorError::InvalidInUri { uri: text.to_string(), selector },
+            error => error,
+        })?;
         if matches!(selector, Selector::Path(_)) {
             return Err(uri_error("a remote selector cannot be an absolute path"));
         }

@@ -531,3 +531,14 @@ fn a_match_whose_path_is_too_long_to_connect_to_falls_over_to_the_next() {
     let out = dcat(&root, &[&format!("{protocol}/longname")], None);
     assert_error(&out, 69, "dcat", &["accepted", "more than the 107"]);
 }
+
+#[test]
+fn a_bad_selector_in_a_uri_is_called_a_bad_selector_of_that_uri() {
+    let root = TestRoot::new();
+    let out = dcat(&root, &["sep://h:1/x.*"], None);
+    let stderr = assert_error(&out, 64, "dcat", &["invalid selector \"x.*\" in \"sep://h:1/x.*\""]);
+    assert!(!stderr.contains("URI"), "{stderr}");
+    // Outside a URI, a URI is one of the things expected.
+    let out = dcat(&root, &["x.*"], None);
+    assert_error(&out, 64, "dcat", &["invalid selector \"x.*\"", "sep:// or ssh:// URI"]);
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::service::{serve, serve_with, stale_at, stop};
+use common::service::{assert_error, serve, serve_with, stale_at, stop};
 use common::*;
 use std::path::Path;
 use std::time::Duration;
@@ -189,4 +189,16 @@ fn run_child(mut cmd: std::process::Command) -> (Option<i32>, String) {
     let mut stderr = String::new();
     child.0.stderr.take().expect("piped stderr").read_to_string(&mut stderr).unwrap();
     (status.code(), stderr)
+}
+
+#[test]
+fn a_uri_is_refused_as_one_not_called_an_invalid_selector() {
+    let root = TestRoot::new();
+    let out = run_with_timeout(root.cmd("dipus-service-monitor").arg("sep://127.0.0.1:17347"), None, DEFAULT_TIMEOUT);
+    let stderr = assert_error(&out, 64, "dipus-service-monitor", &["\"sep://127.0.0.1:17347\" is a URI", "dls -w URI"]);
+    assert!(!stderr.contains("invalid selector"), "{stderr}");
+    // A selector that is no selector is called that, without offering URIs.
+    let out = run_with_timeout(root.cmd("dipus-service-monitor").arg("x.*"), None, DEFAULT_TIMEOUT);
+    let stderr = assert_error(&out, 64, "dipus-service-monitor", &["invalid selector \"x.*\""]);
+    assert!(!stderr.contains("URI"), "{stderr}");
 }

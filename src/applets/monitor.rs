@@ -32,7 +32,15 @@ struct Args {
 
 pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let args: Args = crate::applets::parse_args(name, args);
-    let selector = Selector::parse(args.selector.as_deref().unwrap_or(""))?;
+    let text = args.selector.as_deref().unwrap_or("");
+    if !text.starts_with('/') && text.contains("://") {
+        // Read as a selector, a URI would only be called an invalid one.
+        return Err(Error::Usage(format!(
+            "{text:?} is a URI, and the monitor watches this host's tree only: it takes a selector \
+             (dls -w URI watches another host's services)"
+        )));
+    }
+    let selector = Selector::parse(text)?;
     let tree = Tree::from_env()?;
     tree.ensure_root()?;
     let mut watcher =

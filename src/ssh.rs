@@ -287,7 +287,7 @@ impl SshTarget {
     fn base_command(&self, tree: &Tree) -> Result<Command, SshError> {
         let ssh = command_setting("DIPUS_SSH", "ssh")?;
         command_setting("DIPUS_REMOTE", "dipus")?;
-        let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
+        let control_dir = tree.ensure_scope(&Tree::own_scope())?;
         let mut words = ssh.split_whitespace();
         // ssh takes the first value it is given for an option: a
         // ControlPath of the user's, in DIPUS_SSH, is the one used.
@@ -559,7 +559,7 @@ impl SshTarget {
     fn forward_socket_name(&self, tree: &Tree, what: &str) -> Result<std::path::PathBuf, SshError> {
         static NUMBER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let number = NUMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let control_dir = tree.ensure_scope(&Tree::own_scope()?)?;
+        let control_dir = tree.ensure_scope(&Tree::own_scope())?;
         let listen = control_dir.join(format!(".forward-{what}-{}-{number}", std::process::id()));
         let _ = std::fs::remove_file(&listen);
         Ok(listen)

@@ -6,6 +6,9 @@
 //! - a root that is a symlink is refused, and so is a root, scope or
 //!   protocol directory we are about to write into that someone else could
 //!   rearrange under us (owned by another user and not the administrator);
+//! - anyone may make a directory in the shared root, so one named like a
+//!   user is that user's scope only if the user owns it alone (0700); any
+//!   other is no part of the tree: not listed, connected to or reaped;
 //! - sockets appear at their public path only once they listen: they are
 //!   bound at a hidden temporary name and `link(2)`ed into place, which fails
 //!   if the name is taken, so two servers never share a name and a socket is
@@ -55,6 +58,8 @@ pub enum TreeError {
     ForeignOwner { path: PathBuf, owner: u32 },
     #[error("{path} has mode {mode:o}, expected {expected:o}; refusing to use it (fix its mode, or remove it)")]
     WrongMode { path: PathBuf, mode: u32, expected: u32 },
+    #[error("{path} is owned by uid {owner}, whose scope would be named {owners_scope:?}; not a user's scope, so nothing in it is used (its owner may remove it)")]
+    NotUsersScope { path: PathBuf, owner: u32, owners_scope: String },
     #[error("{0} is not a directory (a symlink or a file is in the way)")]
     NotDirectory(PathBuf),
     #[error("cannot create {path}: {source}")]
@@ -93,14 +98,43 @@ pub struct Service {
 }
 
 impl Service {
-    /// The order of DESIGN §2: scope, then protocol, name, host, index.
-    pub fn sort_key(&self) -> (&Scope, (&Protocol, &str, &str, u32)) {
-        (&self.scope, self.path.sort_key())
+    /// The order of DESIGN §2: scope (see [`scope_preference`]), then
+    /// protocol, name, host, index.
+    fn sort_key<'a>(&'a self, own: &Scope) -> ((u8, &'a str), (&'a Protocol, &'a str, &'a str, u32)) {
+        (scope_preference(&self.scope, own), self.path.sort_key())
+    }
+}
+
+/// Where `scope` comes in preference order: local, exported, our own ssh
+/// imports, LAN imports, and only then other users' scopes (which only
+/// root can read), by name. Another user's imports reach their hosts as
+/// that user: root asking for a service by name must get any other match
+/// first, and one user's name must never rank their scope ahead of
+/// another's own.
+fn scope_preference<'a>(scope: &'a Scope, own: &Scope) -> (u8, &'a str) {
+    match scope {
+        Scope::Local => (0, ""),
+        Scope::Exported => (1, ""),
+        Scope::User(_) if scope == own => (2, ""),
+        Scope::Imported => (3, ""),
+        Scope::User(user) => (4, user),
     }
 }
 
 pub fn sort_services(services: &mut [Service]) {
-    services.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    let own = Tree::own_scope();
+    services.sort_by(|a, b| a.sort_key(&own).cmp(&b.sort_key(&own)));
+}
+
+/// The name of the scope of user `uid`: their user name, or `uid<N>` for
+/// a uid without one that could name a directory.
+fn scope_name_of(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+        .filter(|user| name::valid_user_name(user))
+        .unwrap_or_else(|| format!("uid{uid}"))
 }
 
 #[derive(Debug, Clone)]
@@ -148,15 +182,8 @@ impl Tree {
     }
 
     /// The scope of the user running this process (for ssh imports).
-    pub fn own_scope() -> Result<Scope, TreeError> {
-        let uid = nix::unistd::geteuid();
-        let user = nix::unistd::User::from_uid(uid)
-            .ok()
-            .flatten()
-            .map(|user| user.name)
-            .filter(|user| name::valid_user_name(user))
-            .unwrap_or_else(|| format!("uid{}", uid.as_raw()));
-        Ok(Scope::User(user))
+    pub fn own_scope() -> Scope {
+        Scope::User(scope_name_of(nix::unistd::geteuid().as_raw()))
     }
 
     /// Refuses a scope too deep for any service: one whose shortest
@@ -236,18 +263,56 @@ impl Tree {
     }
 
     /// The scopes present, in preference order. Other users' private scopes
-    /// are listed only if we can read them (root can).
+    /// are listed only if we can read them (root can), and only if they
+    /// pass [`Tree::check_user_scope`]: anyone may make a directory in the
+    /// shared root, and one named like a user must not pass for that
+    /// user's. Our own is listed whatever its state, for
+    /// [`Tree::collect`] to say what is wrong with it.
     pub fn scopes(&self) -> Vec<Scope> {
+        let own = Tree::own_scope();
         let mut scopes: Vec<Scope> = match fs::read_dir(&self.root) {
             Ok(entries) => entries
                 .filter_map(Result::ok)
                 .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
                 .filter_map(|entry| Scope::from_dir_name(entry.file_name().to_str()?))
+                .filter(|scope| match scope {
+                    Scope::User(user) if *scope != own => match self.check_user_scope(user) {
+                        Ok(()) => true,
+                        Err(error) => {
+                            // Whoever made it decides when it appears, so a
+                            // warning would be theirs to print on every
+                            // listing.
+                            log::debug!("{error}");
+                            false
+                        }
+                    },
+                    _ => true,
+                })
                 .collect(),
             Err(_) => Vec::new(),
         };
-        scopes.sort();
+        scopes.sort_by(|a, b| scope_preference(a, &own).cmp(&scope_preference(b, &own)));
         scopes
+    }
+
+    /// Whether `<root>/<user>` is that user's scope: a real directory (not
+    /// a symlink), owned by the user whose scope has that name (see
+    /// [`Tree::own_scope`]), with mode exactly 0700. Only then is anything
+    /// in it listed, connected to or judged dead.
+    pub fn check_user_scope(&self, user: &str) -> Result<(), TreeError> {
+        let path = self.root.join(user);
+        let meta = fs::symlink_metadata(&path).map_err(|source| TreeError::Create { path: path.clone(), source })?;
+        if !meta.file_type().is_dir() {
+            return Err(TreeError::NotDirectory(path));
+        }
+        let owners_scope = scope_name_of(meta.uid());
+        if owners_scope != user {
+            return Err(TreeError::NotUsersScope { path, owner: meta.uid(), owners_scope });
+        }
+        if meta.mode() & 0o7777 != 0o700 {
+            return Err(TreeError::WrongMode { path, mode: meta.mode() & 0o7777, expected: 0o700 });
+        }
+        Ok(())
     }
 
     /// Every service socket in the tree, in preference order. Entries that
@@ -272,7 +337,7 @@ impl Tree {
 
     fn collect(&self, scopes: &[Scope], skip_untrusted: bool) -> Result<Vec<Service>, TreeError> {
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        let own = Tree::own_scope()?;
+        let own = Tree::own_scope();
         let mut services = Vec::new();
         for scope in self.scopes().into_iter().filter(|scope| scopes.contains(scope)) {
             let dir = self.scope_dir(&scope);
@@ -298,11 +363,15 @@ impl Tree {
         Ok(services)
     }
 
-    /// Reads one service from its full path (used by the watcher).
+    /// Reads one service from its full path (used by the watcher). A path
+    /// in a directory that fails [`Tree::check_user_scope`] is no service.
     pub fn service_at(&self, full: &Path) -> Option<Service> {
         let relative = full.strip_prefix(&self.root).ok()?;
         let mut components = relative.iter().map(OsStr::to_str);
         let scope = Scope::from_dir_name(components.next()??)?;
+        if let Scope::User(user) = &scope {
+            self.check_user_scope(user).ok()?;
+        }
         let rest: Vec<&str> = components.collect::<Option<_>>()?;
         let path = ServicePath::parse(&rest.join("/")).ok()?;
         Some(Service { scope, path, full: full.to_path_buf() })
@@ -1013,7 +1082,7 @@ mod tests {
         let tree = Tree::at(scratch.0.clone()).unwrap();
         fs::create_dir_all(scratch.0.join("local").join("p")).unwrap();
         let _live = UnixListener::bind(scratch.0.join("local").join("p").join("x.h..0")).unwrap();
-        let own = tree.scope_dir(&Tree::own_scope().unwrap());
+        let own = tree.scope_dir(&Tree::own_scope());
         fs::create_dir_all(&own).unwrap();
         fs::set_permissions(&own, fs::Permissions::from_mode(0o777)).unwrap();
         assert!(tree.list().is_err(), "a scope open to others was trusted");

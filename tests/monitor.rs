@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::service::{assert_error, serve, serve_with, stale_at, stop};
+use common::service::{assert_error, make_foreign_top, serve, serve_with, stale_at, stop};
 use common::*;
 use std::path::Path;
 use std::time::Duration;
@@ -201,4 +201,23 @@ fn a_uri_is_refused_as_one_not_called_an_invalid_selector() {
     let out = run_with_timeout(root.cmd("dipus-service-monitor").arg("x.*"), None, DEFAULT_TIMEOUT);
     let stderr = assert_error(&out, 64, "dipus-service-monitor", &["invalid selector \"x.*\""]);
     assert!(!stderr.contains("URI"), "{stderr}");
+}
+
+/// A socket in a directory named like a user that is not that user's
+/// scope (another user's, or open to others) is no service: not reported.
+#[test]
+fn sockets_in_a_directory_that_is_not_a_users_scope_are_not_reported() {
+    if !require(have_root(), "needs root to make directories owned by another user") {
+        return;
+    }
+    let root = TestRoot::new();
+    let nobody = common::service::user_name(65534).unwrap_or_else(|| "uid65534".into());
+    let foreign = [("aaa", 0o700), (nobody.as_str(), 0o755)]
+        .map(|(top, mode)| make_foreign_top(&root, top, 65534, mode, "text/plain"));
+    let (_, mut lines) = root.spawn_lines(root.cmd("dipus-service-monitor").arg("--initial"));
+    lines.expect_line("= synced", DEFAULT_TIMEOUT);
+    let _sockets = foreign.map(|dir| std::os::unix::net::UnixListener::bind(dir.join("x.testhost..0")).unwrap());
+    let (_, local) = serve(&root, "cat", "l/text/plain", "local/text/plain/l.testhost..0");
+    lines.expect_line(&plus(&local), DEFAULT_TIMEOUT);
+    assert_eq!(lines.next_line(QUIET), None, "nothing else changed");
 }

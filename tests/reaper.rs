@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::service::{entries, is_socket, make_dirs, serve, stale_at, start_reaping_dipusd, stop};
+use common::service::{entries, is_socket, make_dirs, make_foreign_top, serve, stale_at, start_reaping_dipusd, stop};
 use common::*;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -270,4 +270,28 @@ fn an_untrusted_own_scope_does_not_stop_the_reaper() {
     std::fs::create_dir_all(&own).unwrap();
     std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o777)).unwrap();
     two_sweeps(&root);
+}
+
+/// Directories in the shared root named like users that are not those
+/// users' scopes (not owned by the user of that name, or open to others)
+/// are nobody's: nothing in them is judged or removed.
+#[test]
+fn dead_sockets_in_a_directory_that_is_not_a_users_scope_stay() {
+    if !require(have_root(), "needs root to make directories owned by another user") {
+        return;
+    }
+    let root = TestRoot::new();
+    start_reaping_dipusd(&root);
+    let nobody = common::service::user_name(65534).unwrap_or_else(|| "uid65534".into());
+    let mut stale = Vec::new();
+    for (top, mode) in [("aaa", 0o700), (nobody.as_str(), 0o755)] {
+        let dir = make_foreign_top(&root, top, 65534, mode, "text/plain");
+        let path = dir.join("old.testhost..0");
+        drop(UnixListener::bind(&path).unwrap());
+        stale.push(path);
+    }
+    two_sweeps(&root);
+    for path in stale {
+        assert!(is_socket(&path), "{} was removed", path.display());
+    }
 }

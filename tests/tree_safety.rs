@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::service::{assert_error, entries, euid, make_dirs, user_name};
+use common::service::{assert_error, entries, euid, make_dirs, make_foreign_top, user_name};
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -133,4 +133,137 @@ fn a_user_scope_with_a_wrong_mode_is_refused() {
     chmod(&scope, 0o700);
     let out = run(&mut root.cmd("dls"));
     assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).lines().count()), (Some(0), 1));
+}
+
+/// Answers every connection to each of `listeners` with its label, until
+/// dropped.
+struct Answering {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Answering {
+    fn new(listeners: Vec<(std::os::unix::net::UnixListener, &'static str)>) -> Answering {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for (listener, _) in &listeners {
+                listener.set_nonblocking(true).unwrap();
+            }
+            while !stopped.load(Ordering::Relaxed) {
+                for (listener, label) in &listeners {
+                    if let Ok((mut stream, _)) = listener.accept() {
+                        let _ = stream.write_all(label.as_bytes());
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        Answering { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A live socket at `<dir>/<file>` that anyone may connect to.
+fn open_socket(dir: &Path, file: &str) -> (std::os::unix::net::UnixListener, std::path::PathBuf) {
+    let path = dir.join(file);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    chmod(&path, 0o666);
+    (listener, path)
+}
+
+/// `cmd` run as user `uid` (and group `uid`, no others), through setpriv.
+fn as_user(uid: u32, cmd: &Command) -> Command {
+    let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+    shell_around(&["setpriv", &reuid, &regid, "--clear-groups"], cmd, r#"exec "$0" "$@""#)
+}
+
+/// The users a test of other users' scopes needs: a victim with a name
+/// (uid 1) and an attacker (uid 65534), both with a name in /etc/passwd.
+fn two_users() -> Option<(String, String)> {
+    if !require(have_root(), "needs root to make directories owned by other users")
+        || !require(have_command("setpriv"), "needs setpriv to run dcat as another user")
+    {
+        return None;
+    }
+    let users = user_name(1).zip(user_name(65534));
+    if !require(users.is_some(), "needs users with uids 1 and 65534 in /etc/passwd") {
+        return None;
+    }
+    users
+}
+
+/// A directory in the shared root named like a user is that user's scope
+/// only if it is owned by that user with mode 0700: others (anyone may
+/// make one, named as they like) are neither listed nor connected to,
+/// however their names sort. A user's dcat used to connect to an
+/// attacker's `aaa/` ahead of its own scope.
+#[test]
+fn a_directory_that_is_not_its_users_scope_is_neither_listed_nor_connected_to() {
+    let Some((victim, attacker)) = two_users() else {
+        return;
+    };
+    let root = TestRoot::new();
+    let own = make_foreign_top(&root, &victim, 1, 0o700, "text/plain");
+    let (own_listener, own_path) = open_socket(&own, "sorter.beta..0");
+    let mut listeners = vec![(own_listener, "own scope\n")];
+    // No user's name; the attacker's name but open to others; another
+    // name, with the right mode. All the attacker's.
+    for (top, mode) in [("aaa", 0o755), (attacker.as_str(), 0o755), ("aab", 0o700)] {
+        let dir = make_foreign_top(&root, top, 65534, mode, "text/plain");
+        listeners.push((open_socket(&dir, "sorter.beta..0").0, "attacker\n"));
+    }
+    let _answering = Answering::new(listeners);
+
+    let out = run_with_timeout(&mut as_user(1, root.cmd("dcat").args(["-v", "sorter.beta"])), None, DEFAULT_TIMEOUT);
+    assert_eq!(
+        (text_of(&out), String::from_utf8_lossy(&out.stderr).into_owned()),
+        ("own scope\n".to_string(), format!("dcat: connected to {}\n", own_path.display()))
+    );
+    let out = run(root.cmd("dls").args(["-1", "-f", "sorter.beta"]));
+    assert_eq!(text_of(&out), format!("{}\n", own_path.display()), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The order of preference: local, exported, your own scope, LAN imports,
+/// and only then other users' scopes (root can read them), whatever the
+/// names: root's `dls` used to put a user named `daemon` before its own.
+#[test]
+fn other_users_scopes_come_after_lan_imports_and_your_own_before() {
+    let Some((victim, _)) = two_users() else {
+        return;
+    };
+    let root = TestRoot::new();
+    let own_name = user_name(euid()).expect("the test user's name");
+    let mut listeners = Vec::new();
+    let mut path_of = |dir: std::path::PathBuf| {
+        let (listener, path) = open_socket(&dir, "sorter.beta..0");
+        listeners.push(listener);
+        path.display().to_string()
+    };
+    let local = path_of(make_dirs(&root, "local/text/plain"));
+    let exported = path_of(make_dirs(&root, "exported/text/plain"));
+    let imported = path_of(make_dirs(&root, "imported/text/plain"));
+    let own = path_of(make_dirs(&root, &format!("{own_name}/text/plain")));
+    let other = path_of(make_foreign_top(&root, &victim, 1, 0o700, "text/plain"));
+
+    let out = run(root.cmd("dls").args(["-1", "-f", "sorter.beta"]));
+    assert_eq!(text_of(&out), [&local, &exported, &own, &imported, &other].map(|p| format!("{p}\n")).concat());
+    // The other user sees their own scope where root saw its own, and not
+    // root's (which they cannot read).
+    let out = run(&mut as_user(1, root.cmd("dls").args(["-1", "-f", "sorter.beta"])));
+    assert_eq!(text_of(&out), [&local, &exported, &other, &imported].map(|p| format!("{p}\n")).concat());
+}
+
+fn text_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

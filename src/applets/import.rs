@@ -78,7 +78,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     let (dialer, scope, default_mode) = match &target.remote {
         Some(Remote::Sep { host, port }) => (Dialer::Sep(Server::new(host, *port)), Scope::Imported, "0666"),
         Some(Remote::Ssh { user, host, port }) => {
-            (Dialer::Ssh(SshTarget { user: user.clone(), host: host.clone(), port: *port }), Tree::own_scope()?, "0600")
+            (Dialer::Ssh(SshTarget { user: user.clone(), host: host.clone(), port: *port }), Tree::own_scope(), "0600")
         }
         None => return Err(Error::Usage(format!("{}: expected sep://HOST[:PORT][/SELECTOR] or ssh://…", args.uri))),
     };

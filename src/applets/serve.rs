@@ -77,7 +77,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         return Err(Error::Usage("serve needs --stdio".into()));
     }
     let tree = Tree::from_env()?;
-    let view = View::User(Tree::own_scope()?);
+    let view = View::User(Tree::own_scope());
     let mut stdin = BeforeDeadline { until: Instant::now() + Duration::from_secs(sep::REQUEST_TIMEOUT_SECS) };
     let line = match sep::read_line(&mut stdin, sep::MAX_REQUEST_LINE) {
         Ok(line) => line,
@@ -196,7 +196,7 @@ fn forward(tree: &Tree, view: &View, selector: Option<&str>) -> Result<(), Error
     let unavailable = |why: &dyn std::fmt::Display| {
         send(&StatusLine::with_detail(Status::BadRequest, &format!("forwarding unavailable: {why}")).to_line())
     };
-    let scope = match tree.ensure_scope(&Tree::own_scope()?) {
+    let scope = match tree.ensure_scope(&Tree::own_scope()) {
         Ok(scope) => scope,
         Err(error) => return unavailable(&error),
     };

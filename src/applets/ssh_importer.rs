@@ -72,7 +72,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     )?;
     crate::net::raise_fd_limit();
     let tree = Tree::from_env()?;
-    let scope = Tree::own_scope()?;
+    let scope = Tree::own_scope();
     tree.ensure_scope(&scope)?;
     let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
         .map_err(|e| Error::io("cannot set up signal handling", e))?;

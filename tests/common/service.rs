@@ -78,6 +78,21 @@ fn make_dir(dir: &Path, mode: u32) {
         .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
 }
 
+/// Makes `<tree>/<top>` (the root as by [`make_dirs`]) owned by `uid`
+/// with mode `mode`, as that user would make it in the shared root, and
+/// the directories of `protocol` below it (0755, `uid`'s); returns the
+/// deepest.
+pub fn make_foreign_top(root: &TestRoot, top: &str, uid: u32, mode: u32, protocol: &str) -> PathBuf {
+    let mut dir = root.tree();
+    make_dir(&dir, 0o1777);
+    for (depth, component) in std::iter::once(top).chain(protocol.split('/')).enumerate() {
+        dir.push(component);
+        make_dir(&dir, if depth == 0 { mode } else { 0o755 });
+        std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap_or_else(|e| panic!("chown {}: {e}", dir.display()));
+    }
+    dir
+}
+
 /// A live foreign socket at `<tree>/<relative>` (directories made as by
 /// [`make_dirs`]): a listener the test holds, as socat or any other
 /// server would hold one. A reaper that has just removed the last socket
@@ -269,9 +284,10 @@ pub fn start_exporter(root: &TestRoot, args: &[&str]) -> u16 {
     spawn_exporter(root, args).1
 }
 
-/// Starts `dipusd --no-discovery --port P --services <empty file>` in
-/// `root` on a free port and waits for its pidfile, written once its
-/// reaper runs; returns its pid. A port taken meanwhile makes dipusd exit:
+/// Starts `dipusd --no-discovery --bind 127.0.0.1 --port P --services
+/// <empty file>` in `root` on a free port (on loopback only: tests never
+/// offer anything to the host's network) and waits for its pidfile,
+/// written once its reaper runs; returns its pid. A port taken meanwhile makes dipusd exit:
 /// then another one is tried.
 pub fn start_reaping_dipusd(root: &TestRoot) -> u32 {
     let services = root.path().join("services");
@@ -280,12 +296,13 @@ pub fn start_reaping_dipusd(root: &TestRoot) -> u32 {
     for _ in 0..5 {
         let _ = fs::remove_file(&pidfile);
         let port = free_port().to_string();
-        let pid = root.spawn(root.cmd("dipusd").args(["--no-discovery", "--port", &port]).args([
-            "--services".as_ref(),
-            services.as_os_str(),
-            "--pidfile".as_ref(),
-            pidfile.as_os_str(),
-        ]));
+        let pid =
+            root.spawn(root.cmd("dipusd").args(["--no-discovery", "--bind", "127.0.0.1", "--port", &port]).args([
+                "--services".as_ref(),
+                services.as_os_str(),
+                "--pidfile".as_ref(),
+                pidfile.as_os_str(),
+            ]));
         let mut up = false;
         wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
             let running = root.with_child(pid, |c| c.is_running());

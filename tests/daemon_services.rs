@@ -14,7 +14,7 @@ use common::service::{
 };
 use common::*;
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,11 +35,12 @@ struct Dipusd {
     stderr: LineReader,
 }
 
-/// `dipusd --no-discovery --port P --services FILE --pidfile F ARGS…` in
-/// `root`: the command for a free port P.
+/// `dipusd --no-discovery --bind 127.0.0.1 --port P --services FILE
+/// --pidfile F ARGS…` in `root`: the command for a free port P, on
+/// loopback only.
 fn dipusd_cmd(root: &TestRoot, services: &Path, pidfile: &Path, args: &[&str]) -> Command {
     let mut cmd = root.cmd("dipusd");
-    cmd.args(["--no-discovery", "--port", &free_port().to_string()])
+    cmd.args(["--no-discovery", "--bind", "127.0.0.1", "--port", &free_port().to_string()])
         .arg("--services")
         .arg(services)
         .arg("--pidfile")
@@ -344,6 +345,50 @@ fn a_stopped_dipusd_removes_its_pidfile_only_while_it_names_it() {
     );
     assert_eq!(stop(&root, second.pid, "TERM").code(), Some(0));
     assert!(!second.pidfile.exists(), "the second dipusd left its pidfile");
+}
+
+/// A pidfile in a directory others may write to (/tmp) may be anything
+/// they put there: a symlink to a file root must not overwrite, a FIFO
+/// that would hang dipusd, a hard link to another file. Each is refused
+/// (status 74, naming the file) and left as it was. dipusd used to write
+/// its pid through the symlink and into the hard link, and to wait on
+/// the FIFO forever.
+#[test]
+fn a_pidfile_that_is_a_symlink_or_no_regular_file_is_refused_and_left_alone() {
+    let root = TestRoot::new();
+    let services = write_services(&root, "");
+    let important = root.path().join("important");
+    std::fs::write(&important, "important\n").unwrap();
+    let symlink = root.path().join("symlink.pid");
+    std::os::unix::fs::symlink(&important, &symlink).unwrap();
+    let fifo = root.path().join("fifo.pid");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let hard_link = root.path().join("hard-link.pid");
+    std::fs::hard_link(&important, &hard_link).unwrap();
+    for (pidfile, why) in
+        [(&symlink, "it is a symlink"), (&fifo, "not a regular file"), (&hard_link, "other hard links")]
+    {
+        let out = run_with_timeout(&mut dipusd_cmd(&root, &services, pidfile, &[]), None, DEFAULT_TIMEOUT);
+        assert_error(&out, 74, "dipusd", &[&pidfile.display().to_string(), why]);
+    }
+    assert_eq!(std::fs::read_to_string(&important).unwrap(), "important\n");
+    assert_eq!(std::fs::read_link(&symlink).unwrap(), important);
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+}
+
+/// A pidfile replaced by a symlink while dipusd runs (to a file that holds
+/// its pid, even) is not its own any more: left at exit, not removed.
+#[test]
+fn a_pidfile_replaced_by_a_symlink_is_left_at_exit() {
+    let root = TestRoot::new();
+    let services = write_services(&root, "");
+    let daemon = start_dipusd(&root, &services, &[]);
+    let moved = root.path().join("moved.pid");
+    std::fs::rename(&daemon.pidfile, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &daemon.pidfile).unwrap();
+    assert_eq!(stop(&root, daemon.pid, "TERM").code(), Some(0));
+    assert_eq!(std::fs::read_link(&daemon.pidfile).ok(), Some(moved.clone()), "the symlink was removed");
+    assert_eq!(std::fs::read_to_string(&moved).unwrap(), format!("{}\n", daemon.pid));
 }
 
 /// A `--host` that a dipus-import already imports is not imported twice;

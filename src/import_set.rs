@@ -22,11 +22,18 @@ struct Import {
     lock: HostLock,
 }
 
+/// An import asked for: under `key`, what `selector` picks (everything
+/// if `None`) of the exporter `dialer` reaches.
+struct Wanted {
+    key: String,
+    dialer: Dialer,
+    selector: Option<String>,
+}
+
 /// An import another process holds the lock of, tried again now and then:
 /// when that process ends, this one takes over.
 struct Waiting {
-    dialer: Dialer,
-    selector: Option<String>,
+    wanted: Wanted,
     next_try: Instant,
 }
 
@@ -35,8 +42,7 @@ struct Waiting {
 /// The lookup holds the component the import will have.
 struct Resolving {
     lookup: Lookup,
-    dialer: Dialer,
-    selector: Option<String>,
+    wanted: Wanted,
     component: u8,
     /// A retry of a waiting import (see [`Waiting`]).
     retry: bool,
@@ -76,50 +82,43 @@ impl ImportSet {
     /// it (or [`ImportSet::stop`]); other failures are logged. A sep://
     /// host name is looked up first, without waiting for the answer here.
     pub fn start_or_wait(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>) {
-        self.begin(registry, key, dialer, selector, false);
+        self.begin(registry, Wanted { key, dialer, selector }, false);
     }
 
-    fn begin(&mut self, registry: &Registry, key: String, dialer: Dialer, selector: Option<String>, retry: bool) {
-        if self.imports.contains_key(&key) || self.resolving.contains_key(&key) {
+    fn begin(&mut self, registry: &Registry, wanted: Wanted, retry: bool) {
+        if self.imports.contains_key(&wanted.key) || self.resolving.contains_key(&wanted.key) {
             return;
         }
-        let Dialer::Sep(server) = &dialer else {
-            return self.finish(registry, key, dialer, selector, &[], retry);
+        let Dialer::Sep(server) = &wanted.dialer else {
+            return self.finish(registry, wanted, &[], retry);
         };
         let lookup = match resolve(&server.host, server.port) {
-            Ok(Resolution::Done(addresses)) => return self.finish(registry, key, dialer, selector, &addresses, retry),
+            Ok(Resolution::Done(addresses)) => return self.finish(registry, wanted, &addresses, retry),
             Ok(Resolution::Pending(lookup)) => lookup,
             Err(error) => {
-                log::info!("{key}: cannot look up {} ({error}); locking it by name", server.host);
-                return self.finish(registry, key, dialer, selector, &[], retry);
+                log::info!("{}: cannot look up {} ({error}); locking it by name", wanted.key, server.host);
+                return self.finish(registry, wanted, &[], retry);
             }
         };
         let Some(component) = self.free_components.pop() else {
-            return log::warn!("{key}: {}", ImportError::TooMany { uri: dialer.uri() });
+            return log::warn!("{}: {}", wanted.key, ImportError::TooMany { uri: wanted.dialer.uri() });
         };
         let fd = lookup.fd();
         if let Err(error) =
             registry.register(&mut mio::unix::SourceFd(&fd), event_loop::token(component, 0), Interest::READABLE)
         {
             self.free_components.push(component);
-            log::info!("{key}: cannot look up {} ({error}); locking it by name", server.host);
-            return self.finish(registry, key, dialer, selector, &[], retry);
+            log::info!("{}: cannot look up {} ({error}); locking it by name", wanted.key, server.host);
+            return self.finish(registry, wanted, &[], retry);
         }
-        self.key_of.insert(component, key.clone());
-        self.resolving.insert(key, Resolving { lookup, dialer, selector, component, retry });
+        self.key_of.insert(component, wanted.key.clone());
+        self.resolving.insert(wanted.key.clone(), Resolving { lookup, wanted, component, retry });
     }
 
     /// Takes the lock and starts the import, or says why not.
-    fn finish(
-        &mut self,
-        registry: &Registry,
-        key: String,
-        dialer: Dialer,
-        selector: Option<String>,
-        addresses: &[SocketAddr],
-        retry: bool,
-    ) {
-        match self.start_at(registry, key.clone(), dialer.clone(), selector.clone(), addresses) {
+    fn finish(&mut self, registry: &Registry, wanted: Wanted, addresses: &[SocketAddr], retry: bool) {
+        let key = wanted.key.clone();
+        match self.start_at(registry, &wanted, addresses) {
             Ok(()) if retry => log::info!("{key}: its lock is free now; importing"),
             Ok(()) => {}
             // Held by another import here (two URIs of one host): waiting
@@ -133,7 +132,7 @@ impl ImportSet {
                 if !retry {
                     log::warn!("{key}: {error}; trying again every {} s", LOCK_RETRY.as_secs());
                 }
-                self.waiting.insert(key, Waiting { dialer, selector, next_try: Instant::now() + LOCK_RETRY });
+                self.waiting.insert(key, Waiting { wanted, next_try: Instant::now() + LOCK_RETRY });
             }
             Err(error) => log::warn!("{key}: {error}"),
         }
@@ -143,7 +142,7 @@ impl ImportSet {
     fn lookup_answered(&mut self, registry: &Registry, key: &str, now: Instant) {
         let Some(resolving) = self.resolving.get_mut(key) else { return };
         let Some(answer) = resolving.lookup.answer(now) else { return };
-        let Some(Resolving { lookup, dialer, selector, component, retry }) = self.resolving.remove(key) else {
+        let Some(Resolving { lookup, wanted, component, retry }) = self.resolving.remove(key) else {
             return;
         };
         let _ = registry.deregister(&mut mio::unix::SourceFd(&lookup.fd()));
@@ -156,7 +155,7 @@ impl ImportSet {
             log::info!("{key}: {message}; locking it by name");
             Vec::new()
         });
-        self.finish(registry, key.to_string(), dialer, selector, &addresses, retry);
+        self.finish(registry, wanted, &addresses, retry);
     }
 
     /// Starts importing what `selector` picks (everything if `None`); a
@@ -168,37 +167,36 @@ impl ImportSet {
         dialer: Dialer,
         selector: Option<String>,
     ) -> Result<(), ImportError> {
-        self.start_at(registry, key, dialer, selector, &[])
+        self.start_at(registry, &Wanted { key, dialer, selector }, &[])
     }
 
     /// [`ImportSet::start`], with the lock taken on `addresses`, where
     /// the host's name leads (or by name if there are none).
-    fn start_at(
-        &mut self,
-        registry: &Registry,
-        key: String,
-        dialer: Dialer,
-        selector: Option<String>,
-        addresses: &[SocketAddr],
-    ) -> Result<(), ImportError> {
-        if self.imports.contains_key(&key) {
+    fn start_at(&mut self, registry: &Registry, wanted: &Wanted, addresses: &[SocketAddr]) -> Result<(), ImportError> {
+        let Wanted { key, dialer, selector } = wanted;
+        if self.imports.contains_key(key) {
             return Ok(());
         }
         let Some(component) = self.free_components.pop() else {
             return Err(ImportError::TooMany { uri: dialer.uri() });
         };
-        let lock = match HostLock::acquire(&self.tree.scope_dir(&self.scope), &dialer, addresses) {
+        let lock = match HostLock::acquire(&self.tree.scope_dir(&self.scope), dialer, addresses) {
             Ok(lock) => lock,
             Err(error) => {
                 self.free_components.push(component);
                 return Err(error);
             }
         };
-        let config = ImportConfig { dialer, selector, scope: self.scope.clone(), options: self.options.clone() };
+        let config = ImportConfig {
+            dialer: dialer.clone(),
+            selector: selector.clone(),
+            scope: self.scope.clone(),
+            options: self.options.clone(),
+        };
         let mut importer = Importer::new(self.tree.clone(), config, component);
         importer.handle_timers(registry);
         self.key_of.insert(component, key.clone());
-        self.imports.insert(key, Import { importer, component, lock });
+        self.imports.insert(key.clone(), Import { importer, component, lock });
         Ok(())
     }
 
@@ -248,7 +246,7 @@ impl ImportSet {
         for key in due {
             let Some(waiting) = self.waiting.remove(&key) else { continue };
             // Looked up again: the name may lead elsewhere by now.
-            self.begin(registry, key, waiting.dialer, waiting.selector, true);
+            self.begin(registry, waiting.wanted, true);
         }
         let overdue: Vec<String> = self
             .resolving

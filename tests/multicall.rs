@@ -107,10 +107,13 @@ fn unknown_applet_is_a_usage_error_listing_the_known_names() {
     let out = run(Command::new(dipus_bin()).args(["frobnicate", "x"]));
     let mut needles = vec!["frobnicate"];
     needles.extend(CORE.iter().flat_map(|(a, b)| [*a, *b]));
-    assert_error(&out, 64, "dipus", &needles);
-    // Through a symlink whose name is no applet, the first argument decides.
+    let stderr = assert_error(&out, 64, "dipus", &needles);
+    assert!(!stderr.contains("run as"), "{stderr}");
+    // Through a symlink whose name is no applet, the first argument
+    // decides, and the error says why it was taken for an applet's name.
     let out = run(Command::new(applet_bin("frobnicate")).args(["nosuch"]));
-    assert_error(&out, 64, "dipus", &["nosuch", "dcat", "dls"]);
+    let why = "(run as \"frobnicate\", which is no applet's name, so the first argument must be one)";
+    assert_error(&out, 64, "dipus", &["nosuch", why, "dcat", "dls"]);
     // No applet at all: usage, and the usage status.
     let out = run(&mut Command::new(dipus_bin()));
     assert_eq!(out.status.code(), Some(64));

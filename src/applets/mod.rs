@@ -170,7 +170,14 @@ pub fn dispatch(raw_args: &[OsString]) -> i32 {
             Some(name) => match find(name) {
                 Some(applet) => (applet, 2),
                 None => {
-                    eprint_quietly(&format!("dipus: unknown applet {name:?}; known applets: {}\n", known_names()));
+                    // Through a symlink of a name no applet has (`dipus-serve`),
+                    // the argument taken for the applet's name is a surprise.
+                    let how = if invoked == "dipus" {
+                        String::new()
+                    } else {
+                        format!(" (run as {invoked:?}, which is no applet's name, so the first argument must be one)")
+                    };
+                    eprint_quietly(&format!("dipus: unknown applet {name:?}{how}; known applets: {}\n", known_names()));
                     return EXIT_USAGE;
                 }
             },

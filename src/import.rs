@@ -452,6 +452,8 @@ pub struct Importer {
     read_pending: bool,
     /// ssh processes of finished connections, still passing bytes on.
     lingering: Vec<Lingering>,
+    /// No more sessions: only the links left run on (see [`Importer::retire`]).
+    retired: bool,
 }
 
 /// An ssh process left to finish delivering what a gone client sent
@@ -513,6 +515,7 @@ impl Importer {
             session_deadline: None,
             read_pending: false,
             lingering: Vec::new(),
+            retired: false,
         }
     }
 
@@ -543,6 +546,20 @@ impl Importer {
         }
     }
 
+    /// Ends the session as it stands; the next is due at `retry_at`.
+    fn end_session(&mut self, registry: &Registry, retry_at: Instant) {
+        match std::mem::replace(&mut self.session, Session::Idle { retry_at }) {
+            Session::Connecting { mut tcp, .. } => {
+                let _ = registry.deregister(&mut tcp);
+            }
+            Session::Watching { mut stream, .. } => stream.deregister(registry),
+            Session::Resolving { lookup } => {
+                let _ = registry.deregister(&mut mio::unix::SourceFd(&lookup.fd()));
+            }
+            Session::Idle { .. } => {}
+        }
+    }
+
     /// Tries again at once if the session is waiting out its backoff.
     pub fn retry_now(&mut self) {
         if let Session::Idle { retry_at } = &mut self.session {
@@ -558,6 +575,7 @@ impl Importer {
     pub fn timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         let session = match &self.session {
+            Session::Idle { .. } if self.retired => None,
             Session::Idle { retry_at } => Some(retry_at.saturating_duration_since(now)),
             Session::Watching { .. } if self.read_pending => Some(Duration::ZERO),
             _ => None,
@@ -572,7 +590,7 @@ impl Importer {
 
     fn handle_timers_at(&mut self, registry: &Registry, now: Instant) {
         if let Session::Idle { retry_at } = self.session {
-            if now >= retry_at {
+            if now >= retry_at && !self.retired {
                 self.connect_session(registry);
             }
         }
@@ -1112,17 +1130,7 @@ impl Importer {
 
     /// The session is gone: its proxies go, and a retry is scheduled.
     fn session_failed(&mut self, registry: &Registry, message: String) {
-        let previous = std::mem::replace(&mut self.session, Session::Idle { retry_at: Instant::now() + self.backoff });
-        match previous {
-            Session::Connecting { mut tcp, .. } => {
-                let _ = registry.deregister(&mut tcp);
-            }
-            Session::Watching { mut stream, .. } => stream.deregister(registry),
-            Session::Resolving { lookup } => {
-                let _ = registry.deregister(&mut mio::unix::SourceFd(&lookup.fd()));
-            }
-            Session::Idle { .. } => {}
-        }
+        self.end_session(registry, Instant::now() + self.backoff);
         if self.synced || !self.proxies.is_empty() {
             log::warn!("{message}; removing its {} services, retrying in {:?}", self.proxies.len(), self.backoff);
         } else {
@@ -1281,14 +1289,36 @@ impl Importer {
         }
     }
 
-    /// Everything this importer made is removed (also on drop).
-    pub fn shutdown(&mut self, registry: &Registry) {
+    /// Stops importing, but lets the connections already relayed finish
+    /// on their own, as when a session is lost (dipusd, when a host leaves
+    /// or moves: cutting them would end their clients' replies early,
+    /// which looks to them like the end): the proxies and the session go,
+    /// the links stay until they end. See [`Importer::is_finished`].
+    pub fn retire(&mut self, registry: &Registry) {
+        self.retired = true;
+        self.stop_probe(registry);
+        self.end_session(registry, Instant::now());
+        self.remove_all_proxies(registry);
+    }
+
+    /// Retired, with nothing left running.
+    pub fn is_finished(&self) -> bool {
+        self.retired && self.links.is_empty() && self.lingering.is_empty()
+    }
+
+    fn stop_probe(&mut self, registry: &Registry) {
         if let Forwarding::Probing { probe, .. } = std::mem::replace(&mut self.forwarding, Forwarding::Unknown) {
             let _ = registry.deregister(&mut mio::unix::SourceFd(&probe.fd()));
             if let Dialer::Ssh(ssh) = &self.config.dialer {
                 stop_probe(ssh, &self.tree, probe);
             }
         }
+    }
+
+    /// Everything this importer made is removed (also on drop), its
+    /// connections cut.
+    pub fn shutdown(&mut self, registry: &Registry) {
+        self.stop_probe(registry);
         self.remove_all_proxies(registry);
         let links: Vec<usize> = self.links.keys().copied().collect();
         for id in links {

@@ -60,6 +60,8 @@ pub struct ImportSet {
     key_of: HashMap<u8, String>,
     waiting: HashMap<String, Waiting>,
     resolving: HashMap<String, Resolving>,
+    /// Stopped imports whose relayed connections still run, by component.
+    retiring: HashMap<u8, Importer>,
 }
 
 impl ImportSet {
@@ -74,6 +76,7 @@ impl ImportSet {
             key_of: HashMap::new(),
             waiting: HashMap::new(),
             resolving: HashMap::new(),
+            retiring: HashMap::new(),
         }
     }
 
@@ -200,25 +203,58 @@ impl ImportSet {
         Ok(())
     }
 
+    /// Stops importing under `key`: its proxies go at once, and its lock
+    /// (the host may come back under another key), but connections already
+    /// relayed run on until they end, as when the session is lost.
     pub fn stop(&mut self, registry: &Registry, key: &str) {
+        self.forget(registry, key);
+        if let Some(Import { mut importer, component, lock }) = self.imports.remove(key) {
+            drop(lock);
+            self.key_of.remove(&component);
+            importer.retire(registry);
+            if importer.is_finished() {
+                self.free_components.push(component);
+            } else {
+                self.retiring.insert(component, importer);
+            }
+        }
+    }
+
+    /// Everything stops, connections included (the process is ending).
+    pub fn stop_all(&mut self, registry: &Registry) {
+        let keys: Vec<String> =
+            self.imports.keys().chain(self.resolving.keys()).chain(self.waiting.keys()).cloned().collect();
+        for key in keys {
+            self.forget(registry, &key);
+            if let Some(mut import) = self.imports.remove(&key) {
+                import.importer.shutdown(registry);
+                self.key_of.remove(&import.component);
+                self.free_components.push(import.component);
+            }
+        }
+        for (component, mut importer) in self.retiring.drain() {
+            importer.shutdown(registry);
+            self.free_components.push(component);
+        }
+    }
+
+    /// Drops a waiting or resolving import under `key`.
+    fn forget(&mut self, registry: &Registry, key: &str) {
         self.waiting.remove(key);
         if let Some(resolving) = self.resolving.remove(key) {
             let _ = registry.deregister(&mut mio::unix::SourceFd(&resolving.lookup.fd()));
             self.key_of.remove(&resolving.component);
             self.free_components.push(resolving.component);
         }
-        if let Some(mut import) = self.imports.remove(key) {
-            import.importer.shutdown(registry);
-            self.key_of.remove(&import.component);
-            self.free_components.push(import.component);
-        }
     }
 
-    pub fn stop_all(&mut self, registry: &Registry) {
-        self.waiting.clear();
-        let keys: Vec<String> = self.imports.keys().chain(self.resolving.keys()).cloned().collect();
-        for key in keys {
-            self.stop(registry, &key);
+    /// Lets go of the retired importers with nothing left running.
+    fn release_finished(&mut self) {
+        let finished: Vec<u8> =
+            self.retiring.iter().filter(|(_, importer)| importer.is_finished()).map(|(&c, _)| c).collect();
+        for component in finished {
+            self.retiring.remove(&component);
+            self.free_components.push(component);
         }
     }
 
@@ -232,6 +268,10 @@ impl ImportSet {
 
     pub fn handle_event(&mut self, registry: &Registry, event: &mio::event::Event) {
         let component = event_loop::component(event.token());
+        if let Some(importer) = self.retiring.get_mut(&component) {
+            importer.handle_event(registry, event);
+            return self.release_finished();
+        }
         let Some(key) = self.key_of.get(&component).cloned() else { return };
         match self.imports.get_mut(&key) {
             Some(import) => import.importer.handle_event(registry, event),
@@ -257,6 +297,10 @@ impl ImportSet {
         for key in overdue {
             self.lookup_answered(registry, &key, now);
         }
+        for importer in self.retiring.values_mut() {
+            importer.handle_timers(registry);
+        }
+        self.release_finished();
         for import in self.imports.values_mut() {
             import.importer.handle_timers(registry);
             for event in import.importer.take_events() {
@@ -274,6 +318,7 @@ impl ImportSet {
             .chain(self.resolving.values().map(|resolving| resolving.lookup.deadline()))
             .map(|when| when.saturating_duration_since(now))
             .min();
-        self.imports.values().fold(waiting, |timeout, import| earliest(timeout, import.importer.timeout()))
+        let importers = self.imports.values().map(|import| &import.importer).chain(self.retiring.values());
+        importers.fold(waiting, |timeout, importer| earliest(timeout, importer.timeout()))
     }
 }

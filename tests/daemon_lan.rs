@@ -216,3 +216,62 @@ fn the_discoverer_watching_ends_when_its_reader_goes_away_while_no_exporter_is_h
     let status = child.wait_timeout(Duration::from_secs(3));
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "the discoverer kept watching for no one");
 }
+
+/// A host that "moves" (an announcement of its name from another
+/// address: here one spoofed datagram from h3) has its import stopped and
+/// started again, but a transfer already relayed through the import is no
+/// part of that: it goes on to the end, byte for byte (it used to be cut,
+/// which its client took for the end of the reply).
+#[test]
+fn a_transfer_through_an_import_outlives_the_import_being_stopped() {
+    use std::io::{Read, Write};
+    let Some(lan) = three_hosts() else { return };
+    if !require(have_command("socat"), "socat, to send the spoofed datagram") {
+        return;
+    }
+    lan.start_dipusd(0, &[]);
+    lan.start_dipusd(1, &[]);
+    lan.export(0, "cat", "echo/application/octet-stream");
+    let proxy = "imported/application/octet-stream/echo.h1..0";
+    wait_until(APPEAR, "the echo imported on h2", || lan.has(1, proxy));
+
+    let mut client = ChildGuard::spawn(
+        lan.on(1, "dcat", &["echo.h1"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    // 16 MiB in 64 paced chunks: about 3 s, which the move lands in.
+    let chunk: Vec<u8> = (0..256 * 1024u32).map(|n| (n.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut stdin = client.0.stdin.take().unwrap();
+    let sent = chunk.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for _ in 0..64 {
+            stdin.write_all(&sent)?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    });
+    let mut stdout = client.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut echoed = Vec::new();
+        stdout.read_to_end(&mut echoed).map(|_| echoed)
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let datagram = "DIPUS/1 ANNOUNCE host=h1 port=7347 ttl=15\n";
+    let target = format!("UDP-DATAGRAM:{}:7347,broadcast", lan.net.broadcast());
+    let out = run_with_timeout(
+        &mut lan.host(2).cmd("socat", ["-u", "-", target.as_str()]),
+        Some(datagram.as_bytes()),
+        DEFAULT_TIMEOUT,
+    );
+    assert_success(&out, "socat sending the spoofed announcement");
+    // h2 takes h1 for moved: the import is stopped (and made again).
+    wait_until(DEFAULT_TIMEOUT, "the import stopped on h2", || !lan.has(1, proxy));
+
+    writer.join().unwrap().expect("all of stdin written");
+    let echoed = reader.join().unwrap().expect("the echo read");
+    let status = client.wait_timeout(DEFAULT_TIMEOUT).expect("dcat exits after the echo");
+    let mut stderr = String::new();
+    client.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!((status.code(), stderr.as_str()), (Some(0), ""));
+    assert_eq!(echoed.len(), 64 * chunk.len(), "bytes echoed");
+    assert!(echoed.chunks(chunk.len()).all(|piece| piece == chunk.as_slice()), "the echo differs");
+}

@@ -57,6 +57,11 @@ const TIMER_SESSION: usize = usize::MAX;
 /// never get back to them, and the lines read but not yet applied would
 /// fill memory. The rest is read on the next turn.
 const SESSION_READ_BUDGET: usize = 256 * 1024;
+/// Most session lines read in one turn (the few KiB of one read past it
+/// still count): each `+` makes a proxy socket, some 0.5 ms of work, and
+/// an exporter announcing 17,000 services held dipusd's whole loop (its
+/// exporter, discovery, every other import) for 10 s in one turn.
+const SESSION_LINES_PER_TURN: usize = 256;
 const PROXY_BASE: usize = 1;
 const LINK_BASE: usize = 1 << 40;
 /// Tokens per link: the remote's read side, the client, the remote's
@@ -847,10 +852,10 @@ impl Importer {
             let Session::Watching { stream, lines: reader, last_heard, .. } = &mut self.session else {
                 return Ok(());
             };
-            let mut buffer = [0u8; 16 * 1024];
+            let mut buffer = [0u8; 4 * 1024];
             let mut taken = 0;
             loop {
-                if taken >= SESSION_READ_BUDGET {
+                if taken >= SESSION_READ_BUDGET || lines.len() >= SESSION_LINES_PER_TURN {
                     self.read_pending = true;
                     break;
                 }
@@ -1498,6 +1503,55 @@ mod tests {
         assert!(matches!(importer.session, Session::Watching { .. }));
         assert_eq!(importer.timers.pending(TIMER_SESSION), 1);
         drop(listener);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An exporter announcing thousands of services at once: each turn
+    /// of the loop makes a bounded number of proxies, and says there is
+    /// more to read (the loop's other work runs in between).
+    #[test]
+    fn a_long_sync_is_taken_a_bounded_part_per_turn() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("dipus-import-turns-{}", std::process::id()));
+        let tree = Tree::at(dir.clone()).unwrap();
+        tree.ensure_scope(&Scope::Imported).unwrap();
+        let config = ImportConfig {
+            dialer: Dialer::Sep(crate::sep_client::Server::new("127.0.0.1", Some(port))),
+            selector: None,
+            scope: Scope::Imported,
+            options: SocketOptions::default(),
+        };
+        let mut importer = Importer::new(tree, config, 1);
+        let poll = mio::Poll::new().unwrap();
+        importer.handle_timers_at(poll.registry(), Instant::now());
+        let (mut exporter, _) = listener.accept().unwrap();
+        let mut sync = String::from("SEP/1 200 OK\n");
+        for n in 0..2000 {
+            sync.push_str(&format!("+ text/plain/s{n}.hosta..0\n"));
+        }
+        sync.push_str("= synced\n");
+        exporter.write_all(sync.as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !matches!(importer.session, Session::Watching { .. }) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            importer.session_ready(poll.registry());
+        }
+        let mut turns = 0;
+        while !importer.synced && turns < 100 {
+            let before = importer.proxies.len();
+            importer.read_pending = false;
+            importer.session_ready(poll.registry());
+            let made = importer.proxies.len() - before;
+            assert!(made <= SESSION_LINES_PER_TURN + 200, "{made} proxies made in one turn");
+            assert!(importer.synced || importer.read_pending, "more to read, and not said");
+            turns += 1;
+        }
+        assert!(importer.synced, "not synced after {turns} turns");
+        assert_eq!(importer.proxies.len(), 2000);
+        assert!(turns >= 2000 / (SESSION_LINES_PER_TURN + 200), "{turns} turns");
+        importer.shutdown(poll.registry());
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -1469,24 +1469,30 @@ fn read_status_line(link: &mut Link) -> io::Result<Option<Vec<u8>>> {
 mod tests {
     use super::*;
 
-    /// The session is armed when it connects and again when it starts
-    /// watching; when the first deadline passes, only the current one may
-    /// go on (two chains used to go on forever, two more for each
-    /// reconnection).
-    #[test]
-    fn a_session_keeps_one_timer_going() {
+    /// A listener on loopback, standing for an exporter, and an importer
+    /// of it into a tree of its own (`dir`, for the test to remove).
+    fn importer_of_a_listener(test: &str) -> (std::net::TcpListener, std::path::PathBuf, Importer, mio::Poll) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let dir = std::env::temp_dir().join(format!("dipus-import-timer-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("dipus-import-{test}-{}", std::process::id()));
         let tree = Tree::at(dir.clone()).unwrap();
+        tree.ensure_scope(&Scope::Imported).unwrap();
         let config = ImportConfig {
             dialer: Dialer::Sep(crate::sep_client::Server::new("127.0.0.1", Some(port))),
             selector: None,
             scope: Scope::Imported,
             options: SocketOptions::default(),
         };
-        let mut importer = Importer::new(tree, config, 1);
-        let poll = mio::Poll::new().unwrap();
+        (listener, dir, Importer::new(tree, config, 1), mio::Poll::new().unwrap())
+    }
+
+    /// The session is armed when it connects and again when it starts
+    /// watching; when the first deadline passes, only the current one may
+    /// go on (two chains used to go on forever, two more for each
+    /// reconnection).
+    #[test]
+    fn a_session_keeps_one_timer_going() {
+        let (listener, dir, mut importer, poll) = importer_of_a_listener("timer");
         let start = Instant::now();
         importer.handle_timers_at(poll.registry(), start);
         assert!(matches!(importer.session, Session::Connecting { .. }));
@@ -1512,19 +1518,7 @@ mod tests {
     #[test]
     fn a_long_sync_is_taken_a_bounded_part_per_turn() {
         use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let dir = std::env::temp_dir().join(format!("dipus-import-turns-{}", std::process::id()));
-        let tree = Tree::at(dir.clone()).unwrap();
-        tree.ensure_scope(&Scope::Imported).unwrap();
-        let config = ImportConfig {
-            dialer: Dialer::Sep(crate::sep_client::Server::new("127.0.0.1", Some(port))),
-            selector: None,
-            scope: Scope::Imported,
-            options: SocketOptions::default(),
-        };
-        let mut importer = Importer::new(tree, config, 1);
-        let poll = mio::Poll::new().unwrap();
+        let (listener, dir, mut importer, poll) = importer_of_a_listener("turns");
         importer.handle_timers_at(poll.registry(), Instant::now());
         let (mut exporter, _) = listener.accept().unwrap();
         let mut sync = String::from("SEP/1 200 OK\n");

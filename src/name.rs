@@ -81,12 +81,16 @@ pub fn validate_host(host: &str) -> Result<(), NameError> {
 
 /// A component never starts with a dot: names starting with one (`.`,
 /// `..`, and dipus's own temporary sockets and import locks, which share
-/// the directories) are not services' to take.
+/// the directories) are not services' to take. Nor has it the shape of a
+/// service's file name: its directory would take that service's place
+/// (an exporter announcing `text/plain/sorter.b..0/x.evil..0` would keep
+/// host b's sorter out of every importer's tree).
 fn validate_protocol_component(component: &str) -> bool {
     !component.is_empty()
         && !component.starts_with('.')
         && component.len() <= MAX_COMPONENT
         && component.bytes().all(is_protocol_char)
+        && ServiceFile::parse(component).is_err()
 }
 
 /// A protocol path such as `audio/x-wav/to/audio/mpeg`: one or more components.
@@ -354,11 +358,15 @@ mod tests {
             ".hidden",
             "a/.import-h_1.lock",
             "a/.new-1-0",
+            "text/plain/sorter.b..0",
         ] {
             assert!(Protocol::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Protocol::parse(&vec!["a"; 17].join("/")).is_err());
         assert!(Protocol::parse("text/x.y+z").is_ok());
+        // Shaped like a service's file name only in part: a protocol.
+        assert!(Protocol::parse("a..1/b.c..x/d.e..01").is_ok());
+        assert!(ServicePath::parse("text/plain/sorter.b..0/x.evil..0").is_err());
     }
 
     #[test]

@@ -536,3 +536,34 @@ fn an_importer_continued_after_a_long_stop_keeps_its_healthy_session() {
     }
     assert_sorts(&b, "sorter.hosta");
 }
+
+/// An exporter announcing a path whose protocol part has the shape of a
+/// service's file name (`text/plain/sorter.hosta..0/x.evil..0`) is told
+/// no: its directory would take the place of the service of that name,
+/// which is then imported as usual.
+#[test]
+fn a_protocol_shaped_like_a_service_cannot_take_its_place() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (done, finished) = mpsc::channel::<()>();
+    let exporter = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the importer connects");
+        let mut request = [0u8; 64];
+        let _ = stream.read(&mut request);
+        let answer = "SEP/1 200 OK\n+ text/plain/sorter.hosta..0/x.evil..0\n+ text/plain/sorter.hosta..0\n= synced\n";
+        stream.write_all(answer.as_bytes()).unwrap();
+        let _ = finished.recv_timeout(Duration::from_secs(30));
+    });
+    let b = TestRoot::new().with_host("hostb");
+    let stderr_path = b.path().join("import.err");
+    let mut importer = ChildGuard::spawn(
+        b.cmd("dipus-import").args(["-f", &uri(port)]).stdin(Stdio::null()).stderr(File::create(&stderr_path).unwrap()),
+    );
+    let proxy = b.tree().join("imported/text/plain/sorter.hosta..0");
+    wait_until(DEFAULT_TIMEOUT, "the sorter's proxy", || common::service::is_socket(&proxy));
+    assert!(importer.terminate(Duration::from_secs(5)).is_some(), "the importer did not stop");
+    let _ = done.send(());
+    exporter.join().unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(stderr.contains("ignoring invalid service path \"text/plain/sorter.hosta..0/x.evil..0\""), "{stderr}");
+}

@@ -398,12 +398,10 @@ fn an_exporter_flooding_keepalives_neither_holds_the_importer_nor_fills_its_memo
     assert_eq!(imported(&b), Vec::<String>::new(), "the proxy was left behind");
 }
 
-/// An exporter announcing more services than the importer has descriptors
-/// for: the importer stops at three quarters of its limit, says so once,
-/// and keeps the rest for connections (it used to bind until EMFILE and
-/// warn for every service after).
-#[test]
-fn an_exporter_announcing_without_end_is_cut_off_before_the_descriptors_run_out() {
+/// A fake exporter on loopback: takes one importer's request, answers it
+/// with `answer` (status line first) and keeps the session open until
+/// told (or 30 s); its port, the telling, and the thread.
+fn exporter_answering(answer: String) -> (u16, mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (done, finished) = mpsc::channel::<()>();
@@ -411,14 +409,24 @@ fn an_exporter_announcing_without_end_is_cut_off_before_the_descriptors_run_out(
         let (mut stream, _) = listener.accept().expect("the importer connects");
         let mut request = [0u8; 64];
         let _ = stream.read(&mut request);
-        let mut answer = String::from("SEP/1 200 OK\n");
-        for n in 0..1000 {
-            answer.push_str(&format!("+ text/plain/s{n}.hosta..0\n"));
-        }
-        answer.push_str("= synced\n");
         stream.write_all(answer.as_bytes()).unwrap();
         let _ = finished.recv_timeout(Duration::from_secs(30));
     });
+    (port, done, exporter)
+}
+
+/// An exporter announcing more services than the importer has descriptors
+/// for: the importer stops at three quarters of its limit, says so once,
+/// and keeps the rest for connections (it used to bind until EMFILE and
+/// warn for every service after).
+#[test]
+fn an_exporter_announcing_without_end_is_cut_off_before_the_descriptors_run_out() {
+    let mut answer = String::from("SEP/1 200 OK\n");
+    for n in 0..1000 {
+        answer.push_str(&format!("+ text/plain/s{n}.hosta..0\n"));
+    }
+    answer.push_str("= synced\n");
+    let (port, done, exporter) = exporter_answering(answer);
     let b = TestRoot::new().with_host("hostb");
     let stderr_path = b.path().join("import.err");
     let mut command = std::process::Command::new("sh");
@@ -543,17 +551,8 @@ fn an_importer_continued_after_a_long_stop_keeps_its_healthy_session() {
 /// which is then imported as usual.
 #[test]
 fn a_protocol_shaped_like_a_service_cannot_take_its_place() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (done, finished) = mpsc::channel::<()>();
-    let exporter = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("the importer connects");
-        let mut request = [0u8; 64];
-        let _ = stream.read(&mut request);
-        let answer = "SEP/1 200 OK\n+ text/plain/sorter.hosta..0/x.evil..0\n+ text/plain/sorter.hosta..0\n= synced\n";
-        stream.write_all(answer.as_bytes()).unwrap();
-        let _ = finished.recv_timeout(Duration::from_secs(30));
-    });
+    let answer = "SEP/1 200 OK\n+ text/plain/sorter.hosta..0/x.evil..0\n+ text/plain/sorter.hosta..0\n= synced\n";
+    let (port, done, exporter) = exporter_answering(answer.to_string());
     let b = TestRoot::new().with_host("hostb");
     let stderr_path = b.path().join("import.err");
     let mut importer = ChildGuard::spawn(

@@ -123,6 +123,11 @@ impl Sshd {
         unreachable!("the last attempt panics or returns")
     }
 
+    /// `SetEnv SHLVL=1`: bash sources ~/.bashrc for a command run by sshd
+    /// only at shell level 1 (SHLVL unset); the remote user's profile is
+    /// the machine's, not ours to test, and one that prints (root's on this
+    /// image runs `pyenv init`, whose rehash complains when sessions race)
+    /// made the tests' quiet-stderr checks fail now and then.
     fn config(&self) -> String {
         let d = self.dir.display();
         format!(
@@ -144,6 +149,7 @@ impl Sshd {
              MaxStartups 100\n\
              MaxSessions 100\n\
              LogLevel INFO\n\
+             SetEnv SHLVL=1\n\
              {extra}",
             port = self.port,
             extra = self.extra,

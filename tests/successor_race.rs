@@ -280,7 +280,11 @@ fn server_racer(root: Arc<TestRoot>, racer: usize, deadline: Instant, tally: Arc
     let mut random = Random(0x2545_f491_4f6c_dd1d ^ racer as u64);
     let mut round = 0;
     while round < SERVER_ROUNDS && Instant::now() < deadline {
-        let mut server = ChildGuard::spawn(root.cmd("dipus-local-pipe").args(["cat", &spec]).stdin(Stdio::null()));
+        // Its stderr kept, to say why if it fails.
+        let stderr_path = root.path().join(format!("server-{racer}.err"));
+        let stderr = std::fs::File::create(&stderr_path).expect("a file for the server's stderr");
+        let mut server =
+            ChildGuard::spawn(root.cmd("dipus-local-pipe").args(["cat", &spec]).stdin(Stdio::null()).stderr(stderr));
         let appeared = Instant::now() + DEFAULT_TIMEOUT;
         // Inode numbers are reused at once on tmpfs: the successor's socket
         // is the one that does not refuse, and still the file at the path
@@ -288,7 +292,11 @@ fn server_racer(root: Arc<TestRoot>, racer: usize, deadline: Instant, tally: Arc
         // stale socket's, replaced while we connected).
         let mine = loop {
             if let Some(status) = server.try_status() {
-                panic!("round {round}: the server exited ({status}) before taking {}", path.display());
+                panic!(
+                    "round {round}: the server exited ({status}) before taking {}: {}",
+                    path.display(),
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
             }
             match inode(&path) {
                 Some(current) if is_socket(&path) && connect_errno(&path).is_ok() && inode(&path) == Some(current) => {

@@ -33,6 +33,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::event_loop::{self, Timers};
 use crate::forked::Forked;
+use crate::linger::{Lingering, LINGER_CHECK};
 use crate::name::{Scope, ServicePath};
 use crate::net::DescriptorReserve;
 use crate::relay::{Relay, Way};
@@ -51,6 +52,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 const SESSION: usize = 0;
 const TIMER_SESSION: usize = usize::MAX;
+/// When lingering ssh processes are looked at again (see [`LINGER_CHECK`]).
+const TIMER_LINGER: usize = usize::MAX - 1;
 /// Most bytes of the session read in one turn of the event loop. An
 /// exporter that sends without a pause never lets a read say EAGAIN:
 /// unbounded, the loop (which dipusd's exporter and relays share) would
@@ -456,35 +459,10 @@ pub struct Importer {
     /// maybe waiting: mio's edge has been used, so read again next turn.
     read_pending: bool,
     /// ssh processes of finished connections, still passing bytes on.
-    lingering: Vec<Lingering>,
+    lingering: Lingering,
     /// No more sessions: only the links left run on (see [`Importer::retire`]).
     retired: bool,
 }
-
-/// An ssh process left to finish delivering what a gone client sent
-/// (see [`SshChannel::let_finish`]); killed once [`LINGER`] has passed, or
-/// when the importer goes.
-struct Lingering {
-    child: std::process::Child,
-    until: Instant,
-}
-
-impl Drop for Lingering {
-    fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// How long an ssh process may take to pass on what a gone client sent.
-const LINGER: Duration = Duration::from_secs(30);
-/// Most ssh processes left to finish at once; past it the oldest goes.
-const MAX_LINGERING: usize = 64;
-/// How often lingering ssh processes are looked at.
-const LINGER_CHECK: Duration = Duration::from_millis(500);
-const TIMER_LINGER: usize = usize::MAX - 1;
 
 /// Whether `fd` has something to read (data or its end) right now.
 fn readable_now(fd: RawFd) -> bool {
@@ -519,7 +497,7 @@ impl Importer {
             forwarding: Forwarding::Unknown,
             session_deadline: None,
             read_pending: false,
-            lingering: Vec::new(),
+            lingering: Lingering::default(),
             retired: false,
         }
     }
@@ -609,9 +587,7 @@ impl Importer {
                     self.check_session(registry, now);
                 }
             } else if key == TIMER_LINGER {
-                // Dropped: reaped if it has ended, killed if overdue.
-                self.lingering
-                    .retain_mut(|lingering| now < lingering.until && matches!(lingering.child.try_wait(), Ok(None)));
+                self.lingering.sweep(now);
                 if !self.lingering.is_empty() {
                     self.timers.after(LINGER_CHECK, TIMER_LINGER);
                 }
@@ -1271,10 +1247,7 @@ impl Importer {
         if self.lingering.is_empty() {
             self.timers.after(LINGER_CHECK, TIMER_LINGER);
         }
-        if self.lingering.len() == MAX_LINGERING {
-            self.lingering.remove(0);
-        }
-        self.lingering.push(Lingering { child, until: Instant::now() + LINGER });
+        self.lingering.add(child, Instant::now());
     }
 
     /// `ready`: readable, writable, and read closed (see `Relay::set_read_closed`).

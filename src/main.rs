@@ -14,6 +14,7 @@ mod exporter;
 mod forked;
 mod import;
 mod import_set;
+mod linger;
 mod name;
 mod net;
 mod netlink;

@@ -450,6 +450,8 @@ pub struct Importer {
     announced: std::collections::HashSet<String>,
     /// This session announced more than the importer takes, and was told.
     over_cap: bool,
+    /// [`MAX_PROXIES`], smaller in tests.
+    proxy_limit: usize,
     forwarding: Forwarding,
     /// The session's one deadline ([`TIMER_SESSION`]); entries of the
     /// timer heap for any other instant are stale and ignored, so a
@@ -494,6 +496,7 @@ impl Importer {
             reserve: DescriptorReserve::new(),
             announced: std::collections::HashSet::new(),
             over_cap: false,
+            proxy_limit: MAX_PROXIES,
             forwarding: Forwarding::Unknown,
             session_deadline: None,
             read_pending: false,
@@ -949,8 +952,9 @@ impl Importer {
             log::warn!("{}: ignoring invalid service path {wire:?}", self.uri());
             return Ok(());
         };
-        if self.proxies.len() >= MAX_PROXIES {
-            self.over_cap(wire, &format!("it offers more than {MAX_PROXIES} services"));
+        if self.proxies.len() >= self.proxy_limit {
+            let limit = self.proxy_limit;
+            self.over_cap(wire, &format!("it offers more than {limit} services"));
             return Ok(());
         }
         if let (Dialer::Ssh(ssh), Forwarding::Yes(root)) = (&self.config.dialer, &self.forwarding) {
@@ -1518,6 +1522,38 @@ mod tests {
         assert!(importer.synced, "not synced after {turns} turns");
         assert_eq!(importer.proxies.len(), 2000);
         assert!(turns >= 2000 / (SESSION_LINES_PER_TURN + 200), "{turns} turns");
+        importer.shutdown(poll.registry());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An exporter announcing more services than an import mirrors: the
+    /// first ones get proxies, the rest none, and the session goes on.
+    #[test]
+    fn an_import_mirrors_at_most_its_limit_of_services() {
+        use std::io::Write;
+        let (listener, dir, mut importer, poll) = importer_of_a_listener("cap");
+        importer.proxy_limit = 100;
+        importer.handle_timers_at(poll.registry(), Instant::now());
+        let (mut exporter, _) = listener.accept().unwrap();
+        let mut sync = String::from("SEP/1 200 OK\n");
+        for n in 0..150 {
+            sync.push_str(&format!("+ text/plain/s{n:03}.hosta..0\n"));
+        }
+        sync.push_str("= synced\n");
+        exporter.write_all(sync.as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !importer.synced && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            importer.read_pending = false;
+            importer.session_ready(poll.registry());
+        }
+        assert!(importer.synced, "the session went on to its end of sync");
+        assert_eq!(importer.proxies.len(), 100);
+        assert!(importer.over_cap, "the cap was noticed (and warned of once)");
+        assert!(importer.proxies.contains_key("text/plain/s099.hosta..0"));
+        assert!(!importer.proxies.contains_key("text/plain/s100.hosta..0"));
+        let sockets = std::fs::read_dir(dir.join("imported/text/plain")).unwrap().count();
+        assert_eq!(sockets, 100, "a socket for each proxy, none for the rest");
         importer.shutdown(poll.registry());
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -803,22 +803,7 @@ mod tests {
 
     // ---- deterministic fuzzing ----
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut state = self.0;
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            self.0 = state;
-            state
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound as u64) as usize
-        }
-    }
+    use crate::test_random::XorShift;
 
     const PIECES: &[&[u8]] = &[
         b"DIPUS/1",

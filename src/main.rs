@@ -33,6 +33,8 @@ mod signals;
 mod ssh;
 mod ssh_mux;
 mod stdio;
+#[cfg(test)]
+mod test_random;
 mod transport;
 mod tree;
 mod watch;

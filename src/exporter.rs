@@ -437,6 +437,12 @@ impl Exporter {
     }
 
     fn start_watch(&mut self, registry: &Registry, id: usize, selector: Selector) -> io::Result<bool> {
+        // The watcher's view is only as fresh as the last inotify events
+        // read, and this connection's readiness may come in the same turn
+        // before theirs (dipusd binds its default services just after the
+        // port listens). Services bound by now have queued their events:
+        // read them first, so `= synced` follows every one that exists.
+        self.tree_changed(registry);
         let mut out = StatusLine::new(Status::Ok).to_line().into_bytes();
         let mut announced = HashSet::new();
         for service in self.watcher.current() {

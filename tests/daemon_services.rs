@@ -483,3 +483,82 @@ fn a_second_host_uri_of_a_host_dipusd_imports_is_refused_not_retried() {
         is_socket(&root.tree().join("imported/text/plain/remote.hostb..0"))
     });
 }
+
+/// What `request` (LIST or WATCH) on 127.0.0.1:`port` first hears, on a
+/// connection made as soon as the port takes one: the LIST lines, or the
+/// WATCH's `+` lines before `= synced`, sorted. None if the port never
+/// took one while dipusd `pid` ran.
+fn first_answer(root: &TestRoot, pid: u32, port: u16, request: &str) -> Option<Vec<String>> {
+    use std::io::BufRead;
+    // Tried without pause: the point is to be there the moment it listens.
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    let mut stream = loop {
+        if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            break stream;
+        }
+        if !root.with_child(pid, |c| c.is_running()) {
+            return None;
+        }
+        assert!(Instant::now() < deadline, "dipusd's port took no connection within {DEFAULT_TIMEOUT:?}");
+        std::thread::yield_now();
+    };
+    stream.set_read_timeout(Some(DEFAULT_TIMEOUT)).unwrap();
+    stream.write_all(format!("SEP/1 {request}\n").as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert_eq!(status, "SEP/1 200 OK\n", "{request}");
+    let mut lines = Vec::new();
+    for line in reader.lines() {
+        let line = line.unwrap_or_else(|e| panic!("{request}: {e} after {lines:?}"));
+        if line == "= synced" {
+            break;
+        }
+        lines.push(line);
+    }
+    lines.sort();
+    Some(lines)
+}
+
+/// A WATCH (or a LIST) answered the moment dipusd's port takes
+/// connections already has its default services: "synced" means every
+/// service there was has been sent. The exporter used to answer a WATCH
+/// from a view that had not yet read the inotify events of the services
+/// bound after its port listened, and to send their `+` lines only after
+/// `= synced`.
+#[test]
+fn a_watch_right_after_start_lists_the_default_services_before_synced() {
+    let root = TestRoot::new();
+    let services = write_services(
+        &root,
+        "sorter/text/plain exported LC_ALL=C sort\nupper/text/plain exported tr a-z A-Z\n\
+         lower/text/plain local tr A-Z a-z\n",
+    );
+    let pidfile = root.path().join("dipusd.pid");
+    let exported = ["text/plain/sorter.testhost..0", "text/plain/upper.testhost..0"];
+    let mut rounds = 0;
+    let mut attempts = 0;
+    while rounds < 20 {
+        attempts += 1;
+        assert!(attempts < 80, "dipusd could not take a free port in {attempts} attempts");
+        let port = free_port();
+        let mut cmd = root.cmd("dipusd");
+        cmd.args(["--no-discovery", "--bind", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--services")
+            .arg(&services)
+            .arg("--pidfile")
+            .arg(&pidfile);
+        let pid = root.spawn(cmd.stderr(Stdio::null()));
+        // Mostly WATCH, the subject; a LIST now and then.
+        let (request, expected): (&str, Vec<String>) = match rounds % 3 {
+            2 => ("LIST", exported.iter().map(|path| path.to_string()).collect()),
+            _ => ("WATCH", exported.iter().map(|path| format!("+ {path}")).collect()),
+        };
+        // None: the port was taken meanwhile and dipusd exited; another one.
+        if let Some(lines) = first_answer(&root, pid, port, request) {
+            assert_eq!(lines, expected, "round {rounds}: {request} right after start");
+            rounds += 1;
+            assert_eq!(stop(&root, pid, "TERM").code(), Some(0));
+        }
+    }
+}

@@ -243,6 +243,7 @@ impl Tree {
         for component in protocol.components() {
             dir.push(component);
             make_dir(&dir, mode)?;
+            race_point(RacePoint::Made, &dir);
             let meta = fs::symlink_metadata(&dir).map_err(|source| TreeError::Create { path: dir.clone(), source })?;
             if !meta.file_type().is_dir() {
                 return Err(TreeError::NotDirectory(dir));
@@ -854,25 +855,20 @@ impl PlacedSocket {
     ) -> Result<PlacedSocket, TreeError> {
         let full = tree.service_path(scope, path);
         name::check_tree_socket_path(&full)?;
-        let mut attempts = 0;
-        loop {
+        retry_pruned(|| {
             let dir = tree.ensure_protocol_dir(scope, &path.protocol)?;
             let staging = Staging::new(&dir, path.protocol.components().len())?;
             let temp = staging.temp.clone();
             make(&temp).map_err(|source| TreeError::Bind { path: temp.clone(), source })?;
             staging.adopt(options).map_err(|source| TreeError::Bind { path: temp.clone(), source })?;
             match staging.link(&full, &mut true) {
-                Ok(id) => {
-                    return Ok(PlacedSocket {
-                        placement: Placement { path: full, depth: staging.depth, id },
-                        bound_at: temp,
-                    })
-                }
-                // The reaper pruned the new directory: once more.
-                Err(source) if source.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
-                Err(source) => return Err(TreeError::Bind { path: full, source }),
+                Ok(id) => Ok(PlacedSocket {
+                    placement: Placement { path: full.clone(), depth: staging.depth, id },
+                    bound_at: temp,
+                }),
+                Err(source) => Err(TreeError::Bind { path: full.clone(), source }),
             }
-        }
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -884,18 +880,64 @@ impl PlacedSocket {
     }
 }
 
-/// Runs `bind` again if the reaper pruned the protocol directory between
-/// its creation and the bind (it removes directories that are empty).
-fn retry_pruned(mut bind: impl FnMut() -> Result<ServiceSocket, TreeError>) -> Result<ServiceSocket, TreeError> {
+/// How many times a bind is made again after its protocol directory was
+/// pruned under it. Each time takes a rival removing the last socket of
+/// that very directory (a reaped one, a server stopping) while we were in
+/// it, so this is never reached in earnest; it only bounds a livelock.
+const PRUNED_ATTEMPTS: u32 = 64;
+
+/// Runs `bind` again if a protocol directory it made was pruned under it:
+/// the reaper, and every server taking its last socket out of a directory,
+/// remove it once empty. That shows as ENOENT on whichever step came next:
+/// the mkdir of the component below (its parent went), the check after a
+/// mkdir, the open of the directory, the bind in it, or the check of where
+/// the bind landed (a directory made again meanwhile is another one).
+fn retry_pruned<T>(mut bind: impl FnMut() -> Result<T, TreeError>) -> Result<T, TreeError> {
     let mut attempts = 0;
     loop {
         match bind() {
-            Err(TreeError::Bind { source, .. }) if source.kind() == io::ErrorKind::NotFound && attempts < 3 => {
+            Err(TreeError::Create { source, .. } | TreeError::Bind { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && attempts < PRUNED_ATTEMPTS =>
+            {
                 attempts += 1;
             }
             result => return result,
         }
     }
+}
+
+/// The steps of making a socket after which a rival may prune the (still
+/// empty) protocol directory: [`retry_pruned`] must cover each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RacePoint {
+    /// A directory of the protocol was made (or found).
+    Made,
+    /// The protocol directory was opened for the hidden name, nothing in
+    /// it yet.
+    Staged,
+}
+
+/// What a test's rival does at a [`RacePoint`].
+#[cfg(test)]
+type Rival = Box<dyn FnMut(RacePoint, &Path)>;
+
+#[cfg(test)]
+thread_local! {
+    /// The rival acting at each [`RacePoint`] of this thread, if any.
+    static RIVAL: std::cell::RefCell<Option<Rival>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Where another process may act on the directory `dir`; tests act as
+/// that process here, so the race is run deterministically.
+fn race_point(point: RacePoint, dir: &Path) {
+    #[cfg(test)]
+    RIVAL.with(|rival| {
+        if let Some(rival) = rival.borrow_mut().as_mut() {
+            rival(point, dir);
+        }
+    });
+    #[cfg(not(test))]
+    let _ = (point, dir);
 }
 
 /// A socket being made at a hidden name in its protocol directory, to be
@@ -927,6 +969,7 @@ impl Staging {
         let opened = TreeDir::open(dir, depth).map_err(|source| TreeError::Bind { path: dir.to_path_buf(), source })?;
         // A leftover of an earlier process that had our process id.
         let _ = opened.remove(&hidden);
+        race_point(RacePoint::Staged, dir);
         Ok(Staging { dir: opened, depth, temp, name: hidden })
     }
 
@@ -937,19 +980,41 @@ impl Staging {
         let listen = || crate::net::unix_listen(&self.temp, BACKLOG);
         // A mode of permission bits only is the bind's own, through the
         // umask (no chmod to make); others are set by adopt.
-        let listener = match options.mode.filter(|mode| mode & !0o777 == 0) {
+        let (listener, adopted) = match options.mode.filter(|mode| mode & !0o777 == 0) {
             Some(mode) => {
                 let listener = with_umask(!mode & 0o777, listen).map_err(bind_error)?;
-                self.adopt(&SocketOptions { mode: None, ..options.clone() }).map_err(bind_error)?;
-                listener
+                (listener, self.adopt(&SocketOptions { mode: None, ..options.clone() }))
             }
             None => {
                 let listener = listen().map_err(bind_error)?;
-                self.adopt(options).map_err(bind_error)?;
-                listener
+                (listener, self.adopt(options))
             }
         };
+        if let Err(error) = adopted {
+            if error.kind() == io::ErrorKind::NotFound {
+                self.remove_stray();
+            }
+            return Err(bind_error(error));
+        }
         Ok(listener)
+    }
+
+    /// After a bind that did not land in the directory we opened: it was
+    /// pruned and made again (by another server) meanwhile, and the bind,
+    /// by path, went into the new one. The socket at our hidden name there
+    /// is the one just bound (the name is this process's alone), and would
+    /// stay for ever, dead and unlisted, keeping that directory from being
+    /// pruned. Removed in the directory now at that path, opened without
+    /// following symlinks below the scope, and only if it is a socket.
+    fn remove_stray(&self) {
+        let Some(dir) = self.temp.parent() else {
+            return;
+        };
+        if let Ok(now) = TreeDir::open(dir, self.depth) {
+            if let Ok((_, true)) = now.stat(&self.name) {
+                let _ = now.remove(&self.name);
+            }
+        }
     }
 
     /// Checks that the socket just made at the hidden name landed in the
@@ -1185,6 +1250,108 @@ mod tests {
         assert!(staging.bind(&SocketOptions::default()).is_err(), "a socket bound outside the tree was adopted");
         assert_eq!(mode_of(&secret), 0o600);
         assert!(fs::read_dir(scope.join("moved2")).unwrap().next().is_none(), "something was linked in");
+    }
+
+    /// Has `rival` act at every [`RacePoint`] of this thread (None: no more).
+    fn set_rival(rival: Option<Rival>) {
+        RIVAL.with(|slot| *slot.borrow_mut() = rival);
+    }
+
+    /// What the reaper or a stopping server does after taking the last
+    /// socket out of `dir`: prune it and its empty parents up to `scope`.
+    fn prune_as_a_rival(scope: &Path, dir: &Path) {
+        let components: Vec<String> =
+            dir.strip_prefix(scope).unwrap().iter().map(|c| c.to_str().unwrap().to_string()).collect();
+        prune_empty(scope, &Protocol::from_components(components).unwrap());
+    }
+
+    /// A rival that prunes twelve times, each time at the next of the four
+    /// race points of making a socket in `<scope>/a/b/c` (after each mkdir,
+    /// after the open for the hidden name), so that each is hit three
+    /// times; the count of its prunes.
+    fn pruning_rival(scope: PathBuf) -> std::rc::Rc<std::cell::Cell<u32>> {
+        let pruned = std::rc::Rc::new(std::cell::Cell::new(0));
+        let count = std::rc::Rc::clone(&pruned);
+        // A pruned attempt fails at once: its next point is the next
+        // attempt's first.
+        let mut points_since = 0;
+        set_rival(Some(Box::new(move |_, dir| {
+            if count.get() < 12 && points_since == count.get() % 4 {
+                prune_as_a_rival(&scope, dir);
+                count.set(count.get() + 1);
+                points_since = 0;
+            } else {
+                points_since += 1;
+            }
+        })));
+        pruned
+    }
+
+    /// The protocol directories pruned after each is made, and after it is
+    /// opened for the hidden name, twelve times over (a parent gone fails
+    /// the mkdir below it, a directory gone its check, open or bind): every
+    /// way of making a socket makes them again and binds. They used to
+    /// retry a failed bind alone, three times, and fail on a failed mkdir
+    /// (dipus-local-pipe exiting 1 while the reaper pruned its directory).
+    #[test]
+    fn a_bind_makes_its_protocol_directories_again_however_often_they_are_pruned() {
+        let scratch = Scratch::new("pruned");
+        let tree = Tree::at(scratch.0.join("tree")).unwrap();
+        let scope = tree.scope_dir(&Scope::Local);
+        let options = SocketOptions::default();
+
+        let pruned = pruning_rival(scope.clone());
+        let bound = ServiceSocket::bind(&tree, &Scope::Local, "first", "h", &protocol("a/b/c"), &options);
+        set_rival(None);
+        let bound = bound.expect("bind after its directories were pruned");
+        assert_eq!(pruned.get(), 12, "the rival did not prune twelve times");
+        assert_eq!(bound.path(), scope.join("a/b/c/first.h..0"));
+        assert!(std::os::unix::net::UnixStream::connect(bound.path()).is_ok());
+        drop(bound);
+
+        let pruned = pruning_rival(scope.clone());
+        let exact = ServicePath::parse("a/b/c/exact.h..0").unwrap();
+        let bound = ServiceSocket::bind_exact(&tree, &Scope::Local, &exact, &options);
+        set_rival(None);
+        let bound = bound.expect("bind_exact after its directories were pruned");
+        assert_eq!(pruned.get(), 12);
+        assert_eq!(bound.path(), scope.join("a/b/c/exact.h..0"));
+        drop(bound);
+
+        let pruned = pruning_rival(scope.clone());
+        let path = ServicePath::parse("a/b/c/placed.h..0").unwrap();
+        let mut listeners = Vec::new();
+        let mut make = |temp: &Path| UnixListener::bind(temp).map(|listener| listeners.push(listener));
+        let placed = PlacedSocket::place_exact(&tree, &Scope::Local, &path, &options, &mut make);
+        set_rival(None);
+        let placed = placed.expect("place_exact after its directories were pruned");
+        assert_eq!(pruned.get(), 12);
+        assert_eq!(placed.path(), scope.join("a/b/c/placed.h..0"));
+    }
+
+    /// The protocol directory pruned and made again by another server
+    /// between its opening and the bind: the bind lands in the new one, is
+    /// refused there (not where it was opened) and made again; the socket
+    /// it left at the hidden name there is removed, not left for ever.
+    #[test]
+    fn a_bind_into_a_directory_made_again_meanwhile_leaves_no_stray_socket() {
+        let scratch = Scratch::new("remade");
+        let tree = Tree::at(scratch.0.join("tree")).unwrap();
+        let scope = tree.scope_dir(&Scope::Local);
+        let mut remade = false;
+        set_rival(Some(Box::new(move |point, dir| {
+            if point == RacePoint::Staged && !std::mem::replace(&mut remade, true) {
+                fs::remove_dir(dir).unwrap();
+                make_dir(dir, 0o1777).unwrap();
+            }
+        })));
+        let bound = ServiceSocket::bind(&tree, &Scope::Local, "x", "h", &protocol("p"), &SocketOptions::default());
+        set_rival(None);
+        let bound = bound.expect("bind after its directory was made again");
+        let names: Vec<String> =
+            fs::read_dir(scope.join("p")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(names, ["x.h..0"], "a stray socket was left beside the service");
+        drop(bound);
     }
 
     /// Holds the directory's lock as another process (or any user who may

@@ -726,9 +726,31 @@ struct Placement {
 
 impl Drop for Placement {
     fn drop(&mut self) {
-        if let Err(error) = remove_if_same(&self.path, self.depth, self.id) {
-            log::warn!("cannot remove {} (left for the reaper): {error}", self.path.display());
+        match remove_if_same(&self.path, self.depth, self.id) {
+            // The protocol directories it leaves empty go too, as the
+            // reaper's do: a server stopping leaves the tree as it found it.
+            Ok(true) => prune_protocol_of(&self.path, self.depth),
+            Ok(false) => {}
+            Err(error) => log::warn!("cannot remove {} (left for the reaper): {error}", self.path.display()),
         }
+    }
+}
+
+/// [`prune_empty`] for the protocol directories of the socket path `path`,
+/// `depth` of them below its scope (none for a path outside the tree).
+fn prune_protocol_of(path: &Path, depth: usize) {
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    let components: Vec<Component> = dir.components().collect();
+    let Some(split) = components.len().checked_sub(depth).filter(|_| depth > 0) else {
+        return;
+    };
+    let scope: PathBuf = components[..split].iter().collect();
+    let names: Option<Vec<String>> =
+        components[split..].iter().map(|component| component.as_os_str().to_str().map(String::from)).collect();
+    if let Some(protocol) = names.and_then(|names| Protocol::from_components(names).ok()) {
+        prune_empty(&scope, &protocol);
     }
 }
 

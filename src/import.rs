@@ -464,6 +464,9 @@ pub struct Importer {
     lingering: Lingering,
     /// No more sessions: only the links left run on (see [`Importer::retire`]).
     retired: bool,
+    /// Where the host's name led a moment ago, for the first session (see
+    /// [`Importer::start_at`]).
+    first_addresses: Option<Vec<SocketAddr>>,
 }
 
 /// Whether `fd` has something to read (data or its end) right now.
@@ -502,7 +505,24 @@ impl Importer {
             read_pending: false,
             lingering: Lingering::default(),
             retired: false,
+            first_addresses: None,
         }
+    }
+
+    /// The first session goes to `addresses`, where the caller found the
+    /// host's name leads (it looked the name up to take the host's lock),
+    /// instead of asking the resolver again: one lookup at start, not two.
+    /// Later sessions look the name up afresh, since a host can move.
+    pub fn start_at(&mut self, addresses: &[SocketAddr]) {
+        if matches!(self.config.dialer, Dialer::Sep(_)) && !addresses.is_empty() {
+            self.first_addresses = Some(addresses.to_vec());
+        }
+    }
+
+    /// Whether the session waits for a lookup of the host's name.
+    #[cfg(test)]
+    pub(crate) fn is_looking_up(&self) -> bool {
+        matches!(self.session, Session::Resolving { .. })
     }
 
     fn token(&self, id: usize) -> Token {
@@ -655,6 +675,9 @@ impl Importer {
                 return;
             }
         };
+        if let Some(addresses) = self.first_addresses.take() {
+            return self.connect_tcp(registry, &addresses);
+        }
         match resolve(&server.host, server.port) {
             Ok(Resolution::Done(addresses)) => self.connect_tcp(registry, &addresses),
             Ok(Resolution::Pending(lookup)) => {

@@ -197,6 +197,7 @@ impl ImportSet {
             options: self.options.clone(),
         };
         let mut importer = Importer::new(self.tree.clone(), config, component);
+        importer.start_at(addresses);
         importer.handle_timers(registry);
         self.key_of.insert(component, key.clone());
         self.imports.insert(key.clone(), Import { importer, component, lock });
@@ -320,5 +321,42 @@ impl ImportSet {
             .min();
         let importers = self.imports.values().map(|import| &import.importer).chain(self.retiring.values());
         importers.fold(waiting, |timeout, importer| earliest(timeout, importer.timeout()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sep_client::Server;
+
+    /// A `--host sep://NAME` is looked up once at start: the answer the
+    /// lock is taken on is where the first session goes (the importer
+    /// used to look the name up a second time).
+    #[test]
+    fn a_host_name_is_looked_up_once_at_start() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("dipus-import-set-once-{}", std::process::id()));
+        let tree = Tree::at(dir.clone()).unwrap();
+        tree.ensure_scope(&Scope::Imported).unwrap();
+        let mut poll = mio::Poll::new().unwrap();
+        let mut set = ImportSet::new(tree, Scope::Imported, SocketOptions::default(), 16);
+        let key = "sep://localhost".to_string();
+        // localhost comes from /etc/hosts, without a nameserver.
+        set.start_or_wait(poll.registry(), key.clone(), Dialer::Sep(Server::new("localhost", Some(port))), None);
+        assert!(set.resolving.contains_key(&key), "the name is looked up for the lock");
+        let mut events = mio::Events::with_capacity(8);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while set.resolving.contains_key(&key) && Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(100))).unwrap();
+            for event in events.iter() {
+                set.handle_event(poll.registry(), event);
+            }
+        }
+        let import = set.imports.get(&key).expect("the import started once the lookup answered");
+        assert!(!import.importer.is_looking_up(), "the importer looks the name up a second time");
+        set.stop_all(poll.registry());
+        drop(listener);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -49,6 +49,16 @@ pub const SILENCE: Duration = Duration::from_secs(3 * sep::KEEPALIVE_SECS);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The wait after the exporter refused the session (a 4xx status: we are
+/// not on its allow list, say), about one announcement interval, doubling
+/// to [`MAX_REFUSAL_BACKOFF`]. A refusal is an answer, not a fault: it
+/// stands until someone changes the exporter's configuration, so asking
+/// again at every announcement (every 5 s, for ever) only fills two logs.
+pub const FIRST_REFUSAL_BACKOFF: Duration = Duration::from_secs(5);
+pub const MAX_REFUSAL_BACKOFF: Duration = Duration::from_secs(300);
+/// A refusal that goes on is warned of again after this long, so that a
+/// log read later still says why the host is missing.
+pub const REFUSAL_REWARN: Duration = Duration::from_secs(3600);
 
 const SESSION: usize = 0;
 const TIMER_SESSION: usize = usize::MAX;
@@ -423,6 +433,48 @@ pub enum ImportError {
     TooMany { uri: String },
 }
 
+/// Why a session ended, which decides when the next one is tried.
+enum Ending {
+    /// Lost, or never made (unreachable, silent, cut off): the usual
+    /// backoff, cut short when the host announces itself again.
+    Failed(String),
+    /// The exporter answered, and refused: see [`Refusals`].
+    Refused(String),
+}
+
+impl From<String> for Ending {
+    fn from(message: String) -> Ending {
+        Ending::Failed(message)
+    }
+}
+
+/// The exporter's refusals in a row: each one waits twice as long as the
+/// last, up to [`MAX_REFUSAL_BACKOFF`]; the first is warned of, the rest
+/// only if [`REFUSAL_REWARN`] has passed since. A complete sync ends the
+/// episode.
+#[derive(Debug, Default)]
+struct Refusals {
+    backoff: Option<Duration>,
+    warned_at: Option<Instant>,
+}
+
+impl Refusals {
+    /// One more refusal, at `now`: how long to wait, and whether to warn.
+    fn refused(&mut self, now: Instant) -> (Duration, bool) {
+        let backoff = self.backoff.map_or(FIRST_REFUSAL_BACKOFF, |last| (last * 2).min(MAX_REFUSAL_BACKOFF));
+        self.backoff = Some(backoff);
+        let warn = self.warned_at.is_none_or(|at| now.duration_since(at) >= REFUSAL_REWARN);
+        if warn {
+            self.warned_at = Some(now);
+        }
+        (backoff, warn)
+    }
+
+    fn refusing(&self) -> bool {
+        self.backoff.is_some()
+    }
+}
+
 /// What happened to the session, for the caller (the applet waits for the
 /// first sync; dipusd only logs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -467,6 +519,10 @@ pub struct Importer {
     /// Where the host's name led a moment ago, for the first session (see
     /// [`Importer::start_at`]).
     first_addresses: Option<Vec<SocketAddr>>,
+    refusals: Refusals,
+    /// Until the first sync, a failure is the caller's to report (see
+    /// [`Importer::caller_reports_first_failure`]).
+    caller_reports: bool,
 }
 
 /// Whether `fd` has something to read (data or its end) right now.
@@ -506,7 +562,16 @@ impl Importer {
             lingering: Lingering::default(),
             retired: false,
             first_addresses: None,
+            refusals: Refusals::default(),
+            caller_reports: false,
         }
+    }
+
+    /// The caller gives up when the session fails before its first sync,
+    /// and says why itself (dipus-import exits with the reason): the
+    /// importer does not log that failure as well.
+    pub fn caller_reports_first_failure(&mut self) {
+        self.caller_reports = true;
     }
 
     /// The first session goes to `addresses`, where the caller found the
@@ -566,8 +631,16 @@ impl Importer {
         }
     }
 
-    /// Tries again at once if the session is waiting out its backoff.
+    /// Tries again at once if the session is waiting out its backoff (the
+    /// host announced itself again: it may have restarted), unless the
+    /// exporter refused us: being heard of again does not change its mind.
     pub fn retry_now(&mut self) {
+        if !self.refusals.refusing() {
+            self.retry_at_once();
+        }
+    }
+
+    fn retry_at_once(&mut self) {
         if let Session::Idle { retry_at } = &mut self.session {
             *retry_at = Instant::now();
         }
@@ -634,7 +707,7 @@ impl Importer {
             self.session_ready(registry);
         } else if id == PROBE {
             // The probe answered (or ended): the session goes on at once.
-            self.retry_now();
+            self.retry_at_once();
         } else if id >= LINK_BASE {
             let link = LINK_BASE + (id - LINK_BASE) / LINK_STRIDE * LINK_STRIDE;
             let side = (id - LINK_BASE) % LINK_STRIDE;
@@ -837,14 +910,14 @@ impl Importer {
             self.arm_session_timer(Instant::now() + SILENCE);
         }
         if matches!(self.session, Session::Watching { .. }) {
-            if let Err(message) = self.read_session(registry) {
-                self.session_failed(registry, message);
+            if let Err(ending) = self.read_session(registry) {
+                self.session_ended(registry, ending);
             }
         }
     }
 
     /// Reads and applies everything the exporter sent.
-    fn read_session(&mut self, registry: &Registry) -> Result<(), String> {
+    fn read_session(&mut self, registry: &Registry) -> Result<(), Ending> {
         let authority = self.uri();
         let mut lines = Vec::new();
         // How the stream ended, if it did: reported after the lines that
@@ -878,7 +951,7 @@ impl Importer {
                             match reader.next_line() {
                                 Ok(Some(line)) => lines.push(line),
                                 Ok(None) => {}
-                                Err(error) => return Err(format!("{authority}: {error}")),
+                                Err(error) => return Err(format!("{authority}: {error}").into()),
                             }
                         }
                     }
@@ -894,10 +967,10 @@ impl Importer {
         for line in lines {
             self.apply_line(registry, &line)?;
         }
-        ended.map_or(Ok(()), Err)
+        ended.map_or(Ok(()), |message| Err(message.into()))
     }
 
-    fn apply_line(&mut self, registry: &Registry, line: &[u8]) -> Result<(), String> {
+    fn apply_line(&mut self, registry: &Registry, line: &[u8]) -> Result<(), Ending> {
         let authority = self.uri();
         let Session::Watching { status_read, .. } = &mut self.session else {
             return Ok(());
@@ -905,7 +978,13 @@ impl Importer {
         if !*status_read {
             let status = StatusLine::parse(line).map_err(|e| format!("{authority}: {e}"))?;
             if !status.status.is_success() {
-                return Err(format!("{authority} answered: {}", status.to_line().trim_end()));
+                let line = status.to_line();
+                // 4xx: this request, from this address, is not served
+                // (503 and other 5xx are the exporter's own trouble).
+                return Err(match status.status.code() {
+                    400..=499 => Ending::Refused(format!("{authority} refused the import: {}", line.trim_end())),
+                    _ => Ending::Failed(format!("{authority} answered: {}", line.trim_end())),
+                });
             }
             *status_read = true;
             self.announced.clear();
@@ -943,6 +1022,8 @@ impl Importer {
                 }
                 self.synced = true;
                 self.backoff = FIRST_BACKOFF;
+                self.refusals = Refusals::default();
+                self.caller_reports = false;
                 self.events.push(SessionEvent::Synced);
             }
             Event::Added(path) => {
@@ -1138,12 +1219,41 @@ impl Importer {
 
     /// The session is gone: its proxies go, and a retry is scheduled.
     fn session_failed(&mut self, registry: &Registry, message: String) {
-        self.end_session(registry, Instant::now() + self.backoff);
-        if self.synced || !self.proxies.is_empty() {
-            log::warn!("{message}; removing its {} services, retrying in {:?}", self.proxies.len(), self.backoff);
-        } else {
-            log::info!("{message}; retrying in {:?}", self.backoff);
-        }
+        self.session_ended(registry, Ending::Failed(message));
+    }
+
+    fn session_ended(&mut self, registry: &Registry, ending: Ending) {
+        let now = Instant::now();
+        let message = match ending {
+            Ending::Failed(message) => {
+                self.end_session(registry, now + self.backoff);
+                if self.synced || !self.proxies.is_empty() {
+                    log::warn!(
+                        "{message}; removing its {} services, retrying in {:?}",
+                        self.proxies.len(),
+                        self.backoff
+                    );
+                } else {
+                    log::info!("{message}; retrying in {:?}", self.backoff);
+                }
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                message
+            }
+            Ending::Refused(message) => {
+                let (wait, warn) = self.refusals.refused(now);
+                let removing = match self.proxies.len() {
+                    0 => String::new(),
+                    count => format!("; removing its {count} services"),
+                };
+                self.end_session(registry, now + wait);
+                if warn && !self.caller_reports {
+                    log::warn!("{message}{removing}; trying again in {wait:?}, then less and less often");
+                } else {
+                    log::debug!("{message}{removing}; trying again in {wait:?}");
+                }
+                message
+            }
+        };
         self.remove_all_proxies(registry);
         // Ask again with the next session: the remote tree, or sshd's
         // mind about forwarding, may have changed meanwhile.
@@ -1152,7 +1262,6 @@ impl Importer {
         }
         self.synced = false;
         self.events.push(SessionEvent::Lost(message));
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
     /// Takes every pending client of a proxy and starts its CONNECT.
@@ -1578,6 +1687,66 @@ mod tests {
         let sockets = std::fs::read_dir(dir.join("imported/text/plain")).unwrap().count();
         assert_eq!(sockets, 100, "a socket for each proxy, none for the rest");
         importer.shutdown(poll.registry());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Refusals in a row wait 5 s, 10 s, … up to 5 min, and say so once;
+    /// again only after a sync in between, or an hour after the last word.
+    #[test]
+    fn refusals_back_off_and_are_warned_of_once() {
+        let mut refusals = Refusals::default();
+        let start = Instant::now();
+        let mut now = start;
+        let mut waits = Vec::new();
+        let mut warned_after = Vec::new();
+        for _ in 0..20 {
+            let (wait, warned) = refusals.refused(now);
+            waits.push(wait.as_secs());
+            if warned {
+                warned_after.push(now.duration_since(start).as_secs());
+            }
+            now += wait;
+        }
+        assert_eq!(waits[..8], [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert!(waits[8..].iter().all(|&wait| wait == 300), "{waits:?}");
+        // 5 + 10 + … + 160 = 315 s, then every 300 s: the first refusal an
+        // hour or more after the first warning is at 315 + 11 × 300 s.
+        assert_eq!(warned_after, [0, 3615]);
+        refusals = Refusals::default();
+        assert_eq!(refusals.refused(now), (FIRST_REFUSAL_BACKOFF, true));
+    }
+
+    /// An exporter that refuses the session is not asked again when it
+    /// announces itself (dipusd's `retry_now`, about every 5 s), but after
+    /// the refusal backoff, which grows.
+    #[test]
+    fn a_refusal_is_not_retried_at_every_announcement() {
+        use std::io::Write;
+        let (listener, dir, mut importer, poll) = importer_of_a_listener("refused");
+        let mut refused_at = Instant::now();
+        let mut waits = Vec::new();
+        for _ in 0..2 {
+            importer.handle_timers_at(poll.registry(), refused_at);
+            let (mut exporter, _) = listener.accept().unwrap();
+            exporter.write_all(b"SEP/1 403 forbidden: address not allowed\n").unwrap();
+            drop(exporter);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !matches!(importer.session, Session::Idle { .. }) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                importer.session_ready(poll.registry());
+            }
+            let Session::Idle { retry_at } = importer.session else { panic!("the refused session goes on") };
+            importer.retry_now();
+            assert!(matches!(importer.session, Session::Idle { retry_at: now } if now == retry_at));
+            waits.push(retry_at.saturating_duration_since(Instant::now()));
+            refused_at = retry_at;
+        }
+        let slack = Duration::from_secs(1);
+        assert!(waits[0] > FIRST_REFUSAL_BACKOFF - slack && waits[0] <= FIRST_REFUSAL_BACKOFF, "{waits:?}");
+        assert!(waits[1] > 2 * FIRST_REFUSAL_BACKOFF - slack && waits[1] <= 2 * FIRST_REFUSAL_BACKOFF, "{waits:?}");
+        let port = listener.local_addr().unwrap().port();
+        let lost = format!("sep://127.0.0.1:{port} refused the import: SEP/1 403 forbidden: address not allowed");
+        assert_eq!(importer.take_events(), [SessionEvent::Lost(lost.clone()), SessionEvent::Lost(lost)]);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -417,6 +417,37 @@ fn a_host_imported_by_another_process_is_taken_over_when_that_one_stops() {
     assert_answers(&root, "remote", "through the import\n", "through the import\n");
 }
 
+/// An exporter that refuses the import (dipusd is not on its allow list)
+/// is warned of once, and asked again 5 s later (then less and less
+/// often), quietly: it used to be logged at info, and asked again at once
+/// (0.5 s, doubling, and at every announcement of the host).
+#[test]
+fn an_exporter_that_refuses_is_warned_of_once_and_asked_again_slowly() {
+    let other = TestRoot::new().with_host("hostb");
+    let port = start_exporter(&other, &["--allow", "10.0.0.0/8"]);
+    let root = TestRoot::new();
+    let services = write_services(&root, "");
+    let host = format!("sep://127.0.0.1:{port}");
+    let mut daemon = start_dipusd_as(&root, &services, &["--host", &host], |mut cmd| {
+        cmd.env("RUST_LOG", "dipus::import=debug,dipus::import_set=warn");
+        cmd
+    });
+    let refused = format!("{host} refused the import: SEP/1 403 forbidden: address not allowed");
+    let logged = |line: &str| line.contains(&format!("{refused}; trying again"));
+    let first = daemon.stderr.lines_until(logged, DEFAULT_TIMEOUT);
+    let first_seen = Instant::now();
+    let second = daemon.stderr.lines_until(logged, Duration::from_secs(10));
+    let between = first_seen.elapsed();
+    assert_eq!(
+        (first.last().unwrap().as_str(), second.last().unwrap().as_str()),
+        (
+            format!("[WARN  dipus::import] {refused}; trying again in 5s, then less and less often").as_str(),
+            format!("[DEBUG dipus::import] {refused}; trying again in 10s").as_str()
+        )
+    );
+    assert!(between > Duration::from_millis(4500), "asked again after {between:?}");
+}
+
 /// `cmd` in a mount namespace of its own where /etc/resolv.conf is
 /// `resolv_conf` (unshare's mounts are private: nothing shows outside).
 fn with_resolv_conf(cmd: Command, resolv_conf: &Path) -> Command {

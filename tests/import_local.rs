@@ -218,7 +218,8 @@ fn an_exporter_that_refuses_fails_the_import() {
     assert_eq!(
         stderr,
         format!(
-            "dipus-import: cannot import: sep://127.0.0.1:{port} answered: SEP/1 403 forbidden: address not allowed\n"
+            "dipus-import: cannot import: sep://127.0.0.1:{port} refused the import: SEP/1 403 forbidden: address \
+             not allowed\n"
         )
     );
     assert_eq!(imported(&b), Vec::<String>::new());

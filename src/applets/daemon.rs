@@ -331,7 +331,8 @@ impl Daemon {
                     self.imports.start_or_wait(registry, peer.host, Dialer::Sep(server), None);
                 }
                 // A host heard again may have restarted: an import waiting
-                // out its backoff tries at once.
+                // out its backoff tries at once (one the host refused keeps
+                // waiting: a refusal does not change with an announcement).
                 PeerEvent::Heard { host } => self.imports.retry_now(&host),
                 PeerEvent::Left { host, why } => {
                     log::info!("{host}: {why}; removing its imports");

@@ -107,6 +107,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         .map_err(|e| Error::io("cannot create an event loop", e))?;
     let mut importer = Importer::new(tree, config, COMPONENT);
     importer.start_at(&addresses);
+    importer.caller_reports_first_failure();
     let result = run(&mut poll, &mut importer, &signals, args.foreground, args.pidfile.as_deref());
     importer.shutdown(poll.registry());
     if let Some(path) = &args.pidfile {

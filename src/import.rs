@@ -126,6 +126,11 @@ pub struct ImportConfig {
     pub selector: Option<String>,
     pub scope: Scope,
     pub options: SocketOptions,
+    /// This host's name, as its own services carry it (`NAME.HOST..N`):
+    /// a sep:// exporter whose services all carry it is this very host
+    /// (`sep://localhost`, say), and is not imported. Over ssh the remote
+    /// tree is the user's to choose, and is not judged.
+    pub own_host: Option<String>,
 }
 
 enum Session {
@@ -431,6 +436,8 @@ pub enum ImportError {
     Lock { path: std::path::PathBuf, source: io::Error },
     #[error("too many imports at once; not importing {uri}")]
     TooMany { uri: String },
+    #[error("{uri} is this host ({host}): importing it would mirror its own services")]
+    ThisHost { uri: String, host: String },
 }
 
 /// Why a session ended, which decides when the next one is tried.
@@ -481,6 +488,9 @@ impl Refusals {
 pub enum SessionEvent {
     Synced,
     Lost(String),
+    /// The exporter is this very host (see [`ImportConfig::own_host`]);
+    /// a `Lost` follows.
+    ThisHost(String),
 }
 
 pub struct Importer {
@@ -504,6 +514,9 @@ pub struct Importer {
     over_cap: bool,
     /// [`MAX_PROXIES`], smaller in tests.
     proxy_limit: usize,
+    /// How many of `announced` carry this host's own name: never
+    /// mirrored, and if they are all there is, the exporter is this host.
+    own_named: usize,
     forwarding: Forwarding,
     /// The session's one deadline ([`TIMER_SESSION`]); entries of the
     /// timer heap for any other instant are stale and ignored, so a
@@ -556,6 +569,7 @@ impl Importer {
             announced: std::collections::HashSet::new(),
             over_cap: false,
             proxy_limit: MAX_PROXIES,
+            own_named: 0,
             forwarding: Forwarding::Unknown,
             session_deadline: None,
             read_pending: false,
@@ -989,11 +1003,13 @@ impl Importer {
             *status_read = true;
             self.announced.clear();
             self.over_cap = false;
+            self.own_named = 0;
             return Ok(());
         }
         match Event::parse(line).map_err(|e| format!("{authority}: {e}"))? {
             Event::Keepalive => {}
             Event::Synced => {
+                self.check_not_this_host()?;
                 // What this session did not announce is gone (a renewed
                 // session keeps its proxies until now).
                 let stale: Vec<String> =
@@ -1027,11 +1043,21 @@ impl Importer {
                 self.events.push(SessionEvent::Synced);
             }
             Event::Added(path) => {
-                self.announced.insert(path.clone());
-                self.add_proxy(registry, &path)?
+                let new = self.announced.insert(path.clone());
+                if self.own_host_of(&path).is_none() {
+                    self.add_proxy(registry, &path)?
+                } else if new {
+                    self.own_named += 1;
+                    if self.synced {
+                        self.check_not_this_host()?;
+                    }
+                    log::debug!("{}: not importing {path}: it carries this host's own name", self.uri());
+                }
             }
             Event::Removed(path) => {
-                self.announced.remove(&path);
+                if self.announced.remove(&path) && self.own_host_of(&path).is_some() {
+                    self.own_named -= 1;
+                }
                 if self.proxies.contains_key(&path) {
                     self.remove_proxy(registry, &path);
                     self.add_heir(registry, &path)?;
@@ -1039,6 +1065,28 @@ impl Importer {
             }
         }
         Ok(())
+    }
+
+    /// This host's name, if `wire` is a sep:// service that carries it:
+    /// one of this host's own services, or one made up in its name. It is
+    /// here already, or has no business being here.
+    fn own_host_of(&self, wire: &str) -> Option<&str> {
+        let own = self.config.own_host.as_deref()?;
+        let Dialer::Sep(_) = self.config.dialer else { return None };
+        let path = ServicePath::parse(wire).ok()?;
+        (path.file.host == own).then_some(own)
+    }
+
+    /// Ends the session if every service it announced carries this host's
+    /// name: the exporter is this very host, and the session would only
+    /// mirror its own services back into it.
+    fn check_not_this_host(&mut self) -> Result<(), Ending> {
+        if self.own_named == 0 || self.own_named < self.announced.len() {
+            return Ok(());
+        }
+        let host = self.config.own_host.clone().unwrap_or_default();
+        self.events.push(SessionEvent::ThisHost(host.clone()));
+        Err(Ending::Refused(ImportError::ThisHost { uri: self.uri(), host }.to_string()))
     }
 
     /// Makes the proxy of `wire`. `Err` when ssh's master will not
@@ -1591,6 +1639,7 @@ mod tests {
             selector: None,
             scope: Scope::Imported,
             options: SocketOptions::default(),
+            own_host: Some("here".to_string()),
         };
         (listener, dir, Importer::new(tree, config, 1), mio::Poll::new().unwrap())
     }

@@ -55,6 +55,8 @@ pub struct ImportSet {
     tree: Tree,
     scope: Scope,
     options: SocketOptions,
+    /// This host's name (see [`ImportConfig::own_host`]).
+    own_host: Option<String>,
     imports: HashMap<String, Import>,
     free_components: Vec<u8>,
     key_of: HashMap<u8, String>,
@@ -65,12 +67,14 @@ pub struct ImportSet {
 }
 
 impl ImportSet {
-    /// Importers take the token components from `first` to 255.
-    pub fn new(tree: Tree, scope: Scope, options: SocketOptions, first: u8) -> ImportSet {
+    /// Importers take the token components from `first` to 255; `own_host`
+    /// is this host's name, so that it is never imported into itself.
+    pub fn new(tree: Tree, scope: Scope, options: SocketOptions, own_host: Option<String>, first: u8) -> ImportSet {
         ImportSet {
             tree,
             scope,
             options,
+            own_host,
             imports: HashMap::new(),
             free_components: (first..=u8::MAX).rev().collect(),
             key_of: HashMap::new(),
@@ -195,6 +199,7 @@ impl ImportSet {
             selector: selector.clone(),
             scope: self.scope.clone(),
             options: self.options.clone(),
+            own_host: self.own_host.clone(),
         };
         let mut importer = Importer::new(self.tree.clone(), config, component);
         importer.start_at(addresses);
@@ -340,7 +345,7 @@ mod tests {
         let tree = Tree::at(dir.clone()).unwrap();
         tree.ensure_scope(&Scope::Imported).unwrap();
         let mut poll = mio::Poll::new().unwrap();
-        let mut set = ImportSet::new(tree, Scope::Imported, SocketOptions::default(), 16);
+        let mut set = ImportSet::new(tree, Scope::Imported, SocketOptions::default(), None, 16);
         let key = "sep://localhost".to_string();
         // localhost comes from /etc/hosts, without a nameserver.
         set.start_or_wait(poll.registry(), key.clone(), Dialer::Sep(Server::new("localhost", Some(port))), None);

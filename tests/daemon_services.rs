@@ -448,6 +448,34 @@ fn an_exporter_that_refuses_is_warned_of_once_and_asked_again_slowly() {
     assert!(between > Duration::from_millis(4500), "asked again after {between:?}");
 }
 
+/// A `--host` that is this very host (dipusd's own port on loopback) is
+/// refused with a warning naming the reason: its exported services are
+/// not mirrored into `imported/` (where `dls` showed each twice).
+#[test]
+fn a_host_uri_of_this_very_host_is_refused_not_mirrored() {
+    let root = TestRoot::new();
+    let services = write_services(&root, "upper/text/plain exported tr a-z A-Z\n");
+    let own_uri = std::cell::RefCell::new(String::new());
+    let mut daemon = start_dipusd_as(&root, &services, &[], |mut cmd| {
+        // dipusd's own port, whichever the rig picked.
+        let port = cmd.get_args().skip_while(|arg| *arg != "--port").nth(1).unwrap().to_str().unwrap().to_owned();
+        own_uri.replace(format!("sep://127.0.0.1:{port}"));
+        cmd.args(["--host", own_uri.borrow().as_str()]);
+        cmd
+    });
+    let warning = daemon.stderr.next_line(DEFAULT_TIMEOUT).expect("a warning about importing this host");
+    assert_eq!(
+        warning,
+        format!(
+            "[WARN  dipus::import] {} is this host (testhost): importing it would mirror its own services; trying \
+             again in 5s, then less and less often",
+            own_uri.borrow()
+        )
+    );
+    assert_eq!(sockets(&root.tree()), [UPPER]);
+    assert_eq!(dls(&root), "text/plain/upper.testhost..0\n");
+}
+
 /// `cmd` in a mount namespace of its own where /etc/resolv.conf is
 /// `resolv_conf` (unshare's mounts are private: nothing shows outside).
 fn with_resolv_conf(cmd: Command, resolv_conf: &Path) -> Command {

@@ -225,6 +225,28 @@ fn an_exporter_that_refuses_fails_the_import() {
     assert_eq!(imported(&b), Vec::<String>::new());
 }
 
+/// Importing this very host (its own exporter, on loopback) is refused,
+/// naming the reason: its exported services would be mirrored back into
+/// it, and `dls` would show each twice.
+#[test]
+fn importing_this_very_host_is_refused() {
+    let a = exporting_root();
+    let port = start_exporter(&a, &[]);
+    for spelling in [uri(port), format!("sep://localhost:{port}")] {
+        let out = import_cmd(&a, &[&spelling]);
+        let stderr = assert_error(&out, 1, "dipus-import", &[]);
+        assert_eq!(
+            stderr,
+            format!("dipus-import: {spelling} is this host (hosta): importing it would mirror its own services\n")
+        );
+        assert_eq!(imported(&a), Vec::<String>::new());
+    }
+    // Another host of the same machine is another host.
+    let b = TestRoot::new().with_host("hostb");
+    let _importer = import(&b, &[], &uri(port));
+    assert_eq!(imported(&b), ["text/plain/sorter.hosta..0"]);
+}
+
 #[test]
 fn proxies_take_the_mode_asked_for() {
     let a = exporting_root();

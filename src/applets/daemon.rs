@@ -182,7 +182,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     };
     let reaper = Reaper::new(tree.clone(), REAPER).map_err(|e| Error::io("cannot start the reaper", e))?;
     let interfaces = InterfaceEvents::open().map_err(|e| log::info!("no interface events ({e}); polling")).ok();
-    let imports = ImportSet::new(tree.clone(), Scope::Imported, import_options, FIRST_IMPORTER);
+    let imports = ImportSet::new(tree.clone(), Scope::Imported, import_options, Some(host.clone()), FIRST_IMPORTER);
     let mut daemon = Daemon {
         tree,
         host,

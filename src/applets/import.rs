@@ -20,7 +20,8 @@
 //! or SIGHUP, it removes every socket it created. Proxy sockets are mode
 //! 0666 for `sep://` (the service is public on the LAN anyway) and 0600 for
 //! `ssh://`; `--mode`, `--group` and `--owner` change that. Importing the
-//! same host twice into one scope is refused (exit 1).
+//! same host twice into one scope is refused (exit 1), and so is a sep://
+//! exporter that is this very host (its services all carry our name).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -33,7 +34,7 @@ use nix::sys::signal::Signal;
 
 use crate::error::Error;
 use crate::event_loop;
-use crate::import::{Dialer, HostLock, ImportConfig, Importer, SessionEvent};
+use crate::import::{Dialer, HostLock, ImportConfig, ImportError, Importer, SessionEvent};
 use crate::name::Scope;
 use crate::selector::{Remote, Target};
 use crate::sep_client::Server;
@@ -96,8 +97,14 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
         Dialer::Ssh(_) => Vec::new(),
     };
     let _lock = HostLock::acquire(&directory, &dialer, &addresses)?;
-    let config =
-        ImportConfig { dialer, selector: crate::transport::selector_argument(&target.selector), scope, options };
+    // This host's own services are here already: a sep:// exporter that
+    // offers nothing else is this host, and refused.
+    let own_host = match &dialer {
+        Dialer::Sep(_) => Some(crate::applets::host_name()?),
+        Dialer::Ssh(_) => None,
+    };
+    let selector = crate::transport::selector_argument(&target.selector);
+    let config = ImportConfig { dialer, selector, scope, options, own_host };
     crate::net::raise_fd_limit();
     let signals = SignalPipe::new(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
         .map_err(|e| Error::io("cannot set up signal handling", e))?;
@@ -161,6 +168,11 @@ fn run(
                         // session, started from the background, does not.
                         importer.renew_session(poll.registry());
                     }
+                }
+                // Its services would be mirrored back into it: no use
+                // trying again, whether before the first sync or after.
+                SessionEvent::ThisHost(host) => {
+                    return Err(ImportError::ThisHost { uri: importer.uri(), host }.into());
                 }
                 SessionEvent::Lost(message) if !first_sync_done => {
                     return Err(Error::io("cannot import", io::Error::other(message)));

@@ -94,7 +94,7 @@ pub fn main(name: &str, args: &[&str]) -> Result<(), Error> {
     } else {
         None
     };
-    let mut imports = ImportSet::new(tree, scope, options, FIRST_IMPORTER);
+    let mut imports = ImportSet::new(tree, scope, options, None, FIRST_IMPORTER);
     // A host named here that another importer holds is refused, as
     // dipus-import refuses it: running on without it would look like
     // success.

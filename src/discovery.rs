@@ -16,6 +16,14 @@
 //! validates it, malformed ones are dropped and counted by reason, each
 //! source is rate-limited, and the address used is the datagram's source,
 //! never one it claims.
+//!
+//! A host heard from a new address has moved only once its old address
+//! has stopped announcing (its entry expired): while both announce, they
+//! are two hosts with one name (a cloned VM, a copied configuration), and
+//! the first one heard is kept. Following each announcement instead made
+//! every peer's import of that name flip between the two, its proxies
+//! going and coming every few seconds. A real move (DHCP renumbering, a
+//! laptop changing networks) is then followed within one ttl.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -122,6 +130,10 @@ pub const MAX_PEERS: usize = 1024;
 /// address); a source announcing more is making names up.
 pub const MAX_HOSTS_PER_ADDRESS: usize = 16;
 
+/// Addresses warned of for announcing our own name; announcements from
+/// further ones are logged at debug only (and counted, as all are).
+const MAX_OWN_NAME_WARNINGS: usize = 16;
+
 /// Counters of dropped datagrams, by reason.
 #[derive(Debug, Default, Clone)]
 pub struct Drops {
@@ -137,6 +149,7 @@ impl Drops {
             "too-many-peers",
             "too-many-hosts-per-address",
             "not-allowed",
+            "name-in-use",
         ]);
         Drops { by_reason: reasons.map(|reason| (reason, 0)).collect() }
     }
@@ -161,6 +174,13 @@ pub struct Discovery {
     /// announcement, a discoverer must not list itself).
     own_host: String,
     peers: HashMap<String, Peer>,
+    /// For a host whose name is also announced from another address while
+    /// it still announces, that other address, warned of once (see the
+    /// module docs). Only names in `peers` have an entry.
+    rivals: HashMap<String, IpAddr>,
+    /// Addresses warned of for announcing our own name (a clone of this
+    /// host does so at every announcement): each is warned of once.
+    own_name_warned: std::collections::HashSet<IpAddr>,
     next_announce: Option<Instant>,
     /// Announcements still due at 1 s and 2 s after start.
     probes_left: u32,
@@ -203,6 +223,8 @@ impl Discovery {
             announcement,
             own_host: own_host.to_string(),
             peers: HashMap::new(),
+            rivals: HashMap::new(),
+            own_name_warned: std::collections::HashSet::new(),
             next_announce: announcing.then(Instant::now),
             probes_left: if announcing { 2 } else { 0 },
             jitter: Jitter::new(),
@@ -320,6 +342,7 @@ impl Discovery {
             self.peers.values().filter(|peer| peer.expires <= now).map(|peer| peer.host.clone()).collect();
         for host in expired {
             self.peers.remove(&host);
+            self.rivals.remove(&host);
             log::info!("{host}: announcements expired");
             self.events.push(PeerEvent::Left { host, why: "expired" });
         }
@@ -380,7 +403,16 @@ impl Discovery {
             Datagram::Announce { host, port, ttl } => {
                 if host == self.own_host {
                     if !own.contains(&source.ip()) {
-                        log::warn!("{source} announces our own host name {host}; ignored");
+                        // Bounded: spoofed sources cannot grow the set.
+                        let first = self.own_name_warned.len() < MAX_OWN_NAME_WARNINGS
+                            && self.own_name_warned.insert(source.ip());
+                        if first {
+                            log::warn!(
+                                "{source} announces our own host name {host}; ignored; two hosts have one name?"
+                            );
+                        } else {
+                            log::debug!("{source} announces our own host name {host}; ignored");
+                        }
                         self.drops.count("own-name");
                     }
                     return;
@@ -412,9 +444,23 @@ impl Discovery {
                         known.expires = peer.expires;
                         self.events.push(PeerEvent::Heard { host });
                     }
+                    // Its address still announces: another host has its name.
+                    Some(known) if known.address != peer.address && known.expires > Instant::now() => {
+                        self.drops.count("name-in-use");
+                        if self.rivals.get(&host) != Some(&peer.address) {
+                            log::warn!(
+                                "host {host} is announced from {} and {}; keeping {}; two hosts have one name?",
+                                known.address,
+                                peer.address,
+                                known.address
+                            );
+                            self.rivals.insert(host, peer.address);
+                        }
+                    }
                     Some(known) => {
                         log::info!("{host}: moved from {}:{} to {source}", known.address, known.port);
                         *known = peer.clone();
+                        self.rivals.remove(&host);
                         self.events.push(PeerEvent::Left { host: host.clone(), why: "moved" });
                         self.events.push(PeerEvent::Joined(peer));
                     }
@@ -429,6 +475,7 @@ impl Discovery {
                 // Only the address that announced the host may take it away.
                 if self.peers.get(&host).is_some_and(|peer| peer.address == source.ip()) {
                     self.peers.remove(&host);
+                    self.rivals.remove(&host);
                     log::info!("{host}: said bye");
                     self.events.push(PeerEvent::Left { host, why: "bye" });
                 }
@@ -492,6 +539,52 @@ mod tests {
         let total = discovery.drops.total();
         assert!(total > DATAGRAMS_PER_TURN as u64 && total <= sent as u64, "{total}");
         assert!(!discovery.read_pending);
+    }
+
+    /// Two live hosts with one name (a cloned VM): the first heard keeps
+    /// the name while it announces, and the other's announcements make
+    /// no event (each one used to move the host, and every peer's import
+    /// of it flipped between the two). Once the first's entry expires,
+    /// the other takes the name: a real move costs at most one ttl.
+    #[test]
+    fn a_name_announced_from_two_addresses_stays_with_the_first_until_it_expires() {
+        let mut discovery = Discovery::new("me", None, 0).unwrap();
+        let (first, second) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        announce(&mut discovery, [10, 0, 0, 1], "twin");
+        assert!(matches!(discovery.take_events().as_slice(), [PeerEvent::Joined(peer)] if peer.address == first));
+        for _ in 0..3 {
+            announce(&mut discovery, [10, 0, 0, 2], "twin");
+            announce(&mut discovery, [10, 0, 0, 1], "twin");
+        }
+        let heard = PeerEvent::Heard { host: "twin".to_string() };
+        assert_eq!(discovery.take_events(), [heard.clone(), heard.clone(), heard]);
+        assert_eq!(discovery.peers().iter().map(|peer| peer.address).collect::<Vec<_>>(), [first]);
+        assert_eq!(discovery.drops.by_reason["name-in-use"], 3);
+        // Warned of once: the rival is remembered.
+        assert_eq!(discovery.rivals, HashMap::from([("twin".to_string(), second)]));
+
+        // The first stops announcing: its entry expires, and the name is
+        // free for the other.
+        discovery.peers.get_mut("twin").unwrap().expires = Instant::now();
+        discovery.handle_timers();
+        assert_eq!(discovery.take_events(), [PeerEvent::Left { host: "twin".to_string(), why: "expired" }]);
+        assert!(discovery.rivals.is_empty());
+        announce(&mut discovery, [10, 0, 0, 2], "twin");
+        assert!(matches!(discovery.take_events().as_slice(), [PeerEvent::Joined(peer)] if peer.address == second));
+    }
+
+    /// A clone of this host announces our name at every announcement: it
+    /// is ignored each time, and warned of once.
+    #[test]
+    fn our_own_name_from_another_address_is_warned_of_once() {
+        let mut discovery = Discovery::new("me", None, 0).unwrap();
+        for _ in 0..3 {
+            announce(&mut discovery, [10, 0, 0, 9], "me");
+        }
+        assert!(discovery.take_events().is_empty());
+        assert!(discovery.peers().is_empty());
+        assert_eq!(discovery.drops.by_reason["own-name"], 3);
+        assert_eq!(discovery.own_name_warned, std::collections::HashSet::from([IpAddr::from([10, 0, 0, 9])]));
     }
 
     /// dipusd hears only the networks it serves: a datagram from elsewhere

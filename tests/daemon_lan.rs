@@ -217,16 +217,17 @@ fn the_discoverer_watching_ends_when_its_reader_goes_away_while_no_exporter_is_h
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "the discoverer kept watching for no one");
 }
 
-/// A host that "moves" (an announcement of its name from another
-/// address: here one spoofed datagram from h3) has its import stopped and
-/// started again, but a transfer already relayed through the import is no
-/// part of that: it goes on to the end, byte for byte (it used to be cut,
-/// which its client took for the end of the reply).
+/// A host that leaves (here a `BYE` from h1's address, while its dipusd
+/// goes on: one datagram from socat) has its import stopped, and started
+/// again at its next announcement, but a transfer already relayed through
+/// the import is no part of that: it goes on to the end, byte for byte (it
+/// used to be cut, which its client took for the end of the reply). A
+/// host that moves is stopped the same way.
 #[test]
 fn a_transfer_through_an_import_outlives_the_import_being_stopped() {
     use std::io::{Read, Write};
     let Some(lan) = three_hosts() else { return };
-    if !require(have_command("socat"), "socat, to send the spoofed datagram") {
+    if !require(have_command("socat"), "socat, to send the BYE") {
         return;
     }
     lan.start_dipusd(0, &[]);
@@ -255,15 +256,15 @@ fn a_transfer_through_an_import_outlives_the_import_being_stopped() {
         stdout.read_to_end(&mut echoed).map(|_| echoed)
     });
     std::thread::sleep(Duration::from_millis(800));
-    let datagram = "DIPUS/1 ANNOUNCE host=h1 port=7347 ttl=15\n";
+    let datagram = "DIPUS/1 BYE host=h1\n";
     let target = format!("UDP-DATAGRAM:{}:7347,broadcast", lan.net.broadcast());
     let out = run_with_timeout(
-        &mut lan.host(2).cmd("socat", ["-u", "-", target.as_str()]),
+        &mut lan.host(0).cmd("socat", ["-u", "-", target.as_str()]),
         Some(datagram.as_bytes()),
         DEFAULT_TIMEOUT,
     );
-    assert_success(&out, "socat sending the spoofed announcement");
-    // h2 takes h1 for moved: the import is stopped (and made again).
+    assert_success(&out, "socat sending the BYE");
+    // h2 takes h1 for gone: the import is stopped (and made again).
     wait_until(DEFAULT_TIMEOUT, "the import stopped on h2", || !lan.has(1, proxy));
 
     writer.join().unwrap().expect("all of stdin written");
@@ -274,4 +275,64 @@ fn a_transfer_through_an_import_outlives_the_import_being_stopped() {
     assert_eq!((status.code(), stderr.as_str()), (Some(0), ""));
     assert_eq!(echoed.len(), 64 * chunk.len(), "bytes echoed");
     assert!(echoed.chunks(chunk.len()).all(|piece| piece == chunk.as_slice()), "the echo differs");
+}
+
+/// Two live hosts with one name (h1 and a clone of it, as a copied VM
+/// would be): h2 keeps importing the first it heard, for as long as that
+/// one announces, and says once that the name is announced twice. Each
+/// announcement of the other used to move the host: h2's import flipped
+/// between the two every second or so, its proxy going and coming.
+#[test]
+fn a_host_name_announced_by_two_hosts_stays_with_the_first() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(lan) = Lan::new(&["h1", "h2", "h1"]) else { return };
+    // Announcements every second, so that a flip would show at once.
+    let ttl = ["--ttl", "3"];
+    lan.start_dipusd(0, &ttl);
+    lan.start_dipusd(2, &ttl);
+    for (index, answer) in [(0, "first"), (2, "clone")] {
+        let root = lan.root(index);
+        let pid = root.spawn(&mut lan.on(
+            index,
+            "dipus-export-pipe",
+            &["--mode", "0666", &format!("echo {answer}"), "who/text/plain"],
+        ));
+        wait_for_socket(root, pid, &root.tree().join("exported/text/plain/who.h1..0"));
+    }
+    let pidfile = lan.root(1).path().join("dipusd.pid");
+    let mut args = ttl.to_vec();
+    args.extend(["--pidfile", pidfile.to_str().unwrap()]);
+    let mut guard = ChildGuard::spawn(lan.on(1, "dipusd", &args).stdin(Stdio::null()).stderr(Stdio::piped()));
+    let mut stderr = common::child::LineReader::new(guard.0.stderr.take().unwrap());
+    let daemon = lan.root(1).adopt(guard);
+    let proxy = "imported/text/plain/who.h1..0";
+    wait_until(DEFAULT_TIMEOUT, "h1's who imported on h2", || lan.has(1, proxy));
+    let who = || {
+        let out = run_with_timeout(&mut lan.on(1, "dcat", &["who"]), None, DEFAULT_TIMEOUT);
+        assert_success(&out, "dcat who on h2");
+        text(&out).0
+    };
+    let kept = who();
+    let (kept_index, other_index) = if kept == "first\n" { (0, 2) } else { (2, 0) };
+    let inode = |relative: &str| std::fs::symlink_metadata(lan.root(1).tree().join(relative)).map(|m| m.ino()).ok();
+    let proxy_inode = inode(proxy);
+
+    // Three ttls: some nine announcements of each.
+    let until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < until {
+        assert_eq!(who(), kept, "h2's import of h1 moved to the other h1");
+        assert_eq!(inode(proxy), proxy_inode, "h2's proxy of h1's who was made again");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = lan.root(1).with_child(daemon, |c| c.terminate(DEFAULT_TIMEOUT));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "h2's dipusd after SIGTERM");
+    let (lines, _) = stderr.rest(DEFAULT_TIMEOUT);
+    let (kept_address, other_address) = (lan.host(kept_index).addr(), lan.host(other_index).addr());
+    assert_eq!(
+        lines,
+        [format!(
+            "[WARN  dipus::discovery] host h1 is announced from {kept_address} and {other_address}; keeping \
+             {kept_address}; two hosts have one name?"
+        )]
+    );
 }

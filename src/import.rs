@@ -49,6 +49,14 @@ pub const SILENCE: Duration = Duration::from_secs(3 * sep::KEEPALIVE_SECS);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A session lost sooner than this after its sync was a flap (see
+/// [`Importer::flap_hold`]); one that lasted longer was a working import.
+pub const STEADY: Duration = Duration::from_secs(60);
+/// After a flap, the next session waits at least this many times as long
+/// as the flapping session's sync took, announcements or not.
+const FLAP_HOLD_FACTOR: u32 = 4;
+/// The longest such wait.
+const MAX_FLAP_HOLD: Duration = Duration::from_secs(300);
 /// The wait after the exporter refused the session (a 4xx status: we are
 /// not on its allow list, say), about one announcement interval, doubling
 /// to [`MAX_REFUSAL_BACKOFF`]. A refusal is an answer, not a fault: it
@@ -500,6 +508,13 @@ pub struct Importer {
     session: Session,
     backoff: Duration,
     synced: bool,
+    /// When the current session's answer came (its sync began).
+    sync_began: Option<Instant>,
+    /// When the current session synced, and how long its sync took.
+    synced_at: Option<(Instant, Duration)>,
+    /// No session before this, even if the host announces itself (see
+    /// [`Importer::flap_hold`]).
+    hold_until: Option<Instant>,
     proxies: HashMap<String, Proxy>,
     proxy_paths: HashMap<usize, String>,
     next_proxy: usize,
@@ -558,6 +573,9 @@ impl Importer {
             session: Session::Idle { retry_at: Instant::now() },
             backoff: FIRST_BACKOFF,
             synced: false,
+            sync_began: None,
+            synced_at: None,
+            hold_until: None,
             proxies: HashMap::new(),
             proxy_paths: HashMap::new(),
             next_proxy: 0,
@@ -648,9 +666,14 @@ impl Importer {
     /// Tries again at once if the session is waiting out its backoff (the
     /// host announced itself again: it may have restarted), unless the
     /// exporter refused us: being heard of again does not change its mind.
+    /// Nor, after a flap, before the flap's hold is over.
     pub fn retry_now(&mut self) {
-        if !self.refusals.refusing() {
-            self.retry_at_once();
+        if self.refusals.refusing() {
+            return;
+        }
+        let now = Instant::now();
+        if let Session::Idle { retry_at } = &mut self.session {
+            *retry_at = self.hold_until.map_or(now, |hold| hold.max(now)).min(*retry_at);
         }
     }
 
@@ -1001,6 +1024,7 @@ impl Importer {
                 });
             }
             *status_read = true;
+            self.sync_began = Some(Instant::now());
             self.announced.clear();
             self.over_cap = false;
             self.own_named = 0;
@@ -1035,6 +1059,10 @@ impl Importer {
                 }
                 if !self.synced {
                     log::info!("{authority}: synced, {} services", self.proxies.len());
+                }
+                if let Some(began) = self.sync_began.take() {
+                    let now = Instant::now();
+                    self.synced_at = Some((now, now.duration_since(began)));
                 }
                 self.synced = true;
                 self.backoff = FIRST_BACKOFF;
@@ -1274,15 +1302,14 @@ impl Importer {
         let now = Instant::now();
         let message = match ending {
             Ending::Failed(message) => {
-                self.end_session(registry, now + self.backoff);
+                let hold = self.flap_hold(now);
+                let wait = self.backoff.max(hold);
+                self.end_session(registry, now + wait);
+                self.hold_until = (!hold.is_zero()).then(|| now + hold);
                 if self.synced || !self.proxies.is_empty() {
-                    log::warn!(
-                        "{message}; removing its {} services, retrying in {:?}",
-                        self.proxies.len(),
-                        self.backoff
-                    );
+                    log::warn!("{message}; removing its {} services, retrying in {wait:?}", self.proxies.len());
                 } else {
-                    log::info!("{message}; retrying in {:?}", self.backoff);
+                    log::info!("{message}; retrying in {wait:?}");
                 }
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 message
@@ -1309,7 +1336,24 @@ impl Importer {
             self.forwarding = Forwarding::Unknown;
         }
         self.synced = false;
+        self.sync_began = None;
         self.events.push(SessionEvent::Lost(message));
+    }
+
+    /// How long to wait at least after a session lost at `now`. A session
+    /// that synced and was lost within [`STEADY`] is a flap (an exporter
+    /// that restarts, or closes each watch, over and over): the next one
+    /// waits [`FLAP_HOLD_FACTOR`] times as long as its sync took. The
+    /// backoff alone would not do: a complete sync resets it, and every
+    /// announcement cuts it short, so an exporter with thousands of
+    /// services that flapped had its importer making and removing a proxy
+    /// for each of them all the time. For a small exporter the hold is
+    /// milliseconds, and nothing changes.
+    fn flap_hold(&mut self, now: Instant) -> Duration {
+        match self.synced_at.take() {
+            Some((at, took)) if now.duration_since(at) < STEADY => (took * FLAP_HOLD_FACTOR).min(MAX_FLAP_HOLD),
+            _ => Duration::ZERO,
+        }
     }
 
     /// Takes every pending client of a proxy and starts its CONNECT.
@@ -1735,6 +1779,65 @@ mod tests {
         assert!(!importer.proxies.contains_key("text/plain/s100.hosta..0"));
         let sockets = std::fs::read_dir(dir.join("imported/text/plain")).unwrap().count();
         assert_eq!(sockets, 100, "a socket for each proxy, none for the rest");
+        importer.shutdown(poll.registry());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An exporter that syncs and then goes, over and over: the next
+    /// session waits four times as long as the sync took, and the host
+    /// announcing itself does not cut that short; a session that lasted
+    /// [`STEADY`] is no flap, and an announcement brings it back at once.
+    #[test]
+    fn a_flapping_exporter_is_asked_again_only_after_a_hold() {
+        use std::io::Write;
+        let (listener, dir, mut importer, poll) = importer_of_a_listener("flap");
+        importer.handle_timers_at(poll.registry(), Instant::now());
+        let (mut exporter, _) = listener.accept().unwrap();
+        exporter.write_all(b"SEP/1 200 OK\n+ text/plain/a.hosta..0\n= synced\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !importer.synced && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            importer.session_ready(poll.registry());
+        }
+        assert!(importer.synced);
+        let (at, _) = importer.synced_at.expect("the sync was timed");
+        // As if this sync had taken 2 s.
+        importer.synced_at = Some((at, Duration::from_secs(2)));
+        drop(exporter);
+        let lost = |importer: &mut Importer| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !matches!(importer.session, Session::Idle { .. }) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                importer.session_ready(poll.registry());
+            }
+            match importer.session {
+                Session::Idle { retry_at } => retry_at,
+                _ => panic!("the session was not lost"),
+            }
+        };
+        let retry_at = lost(&mut importer);
+        let hold = retry_at.saturating_duration_since(Instant::now());
+        assert!(hold > Duration::from_secs(7) && hold <= Duration::from_secs(8), "{hold:?}");
+        importer.retry_now();
+        assert!(matches!(importer.session, Session::Idle { retry_at: now } if now == retry_at), "cut short");
+
+        // A session that stayed up past STEADY: no hold, and the host
+        // announcing itself brings the next one at once.
+        importer.handle_timers_at(poll.registry(), retry_at);
+        let (mut exporter, _) = listener.accept().unwrap();
+        exporter.write_all(b"SEP/1 200 OK\n= synced\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !importer.synced && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            importer.session_ready(poll.registry());
+        }
+        let (at, _) = importer.synced_at.expect("the sync was timed");
+        importer.synced_at = Some((at - STEADY, Duration::from_secs(2)));
+        drop(exporter);
+        let retry_at = lost(&mut importer);
+        assert!(retry_at.saturating_duration_since(Instant::now()) <= FIRST_BACKOFF);
+        importer.retry_now();
+        assert!(matches!(importer.session, Session::Idle { retry_at: now } if now <= Instant::now()));
         importer.shutdown(poll.registry());
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -254,7 +254,9 @@ fn run(server: &mut PipeServer, signals: &SignalPipe) -> io::Result<()> {
                             // A free slot: take what waited in the backlog.
                             server.accept_ready()?;
                         } else {
-                            log::info!("{signal}: removing {} and exiting", server.socket.path().display());
+                            // Its socket is removed on the way out only if it is
+                            // still ours (a successor may hold the name by now).
+                            log::info!("{signal}: exiting (serving {})", server.socket.path().display());
                             return Ok(());
                         }
                     }

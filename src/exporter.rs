@@ -15,7 +15,8 @@
 //! Faults are bounded: a connection cap answered with 503, descriptors
 //! running out answered with 503 through a reserve descriptor instead of a
 //! spinning accept loop, a WATCH or reply whose peer stops reading closed
-//! after [`STALL`], and TCP keepalive and user timeout on every socket.
+//! after [`STALL`], TCP keepalive on every socket, and a user timeout on
+//! every one but those relaying a stream (see `net::relaying`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
@@ -474,6 +475,8 @@ impl Exporter {
         registry.register(&mut unix, connection_token(id, 1), Interest::READABLE | Interest::WRITABLE)?;
         registry.reregister(&mut connection.tcp, connection_token(id, 0), Interest::READABLE | Interest::WRITABLE)?;
         let relay = Relay::between(connection.tcp.as_raw_fd(), unix.as_raw_fd());
+        let _ = crate::net::relaying(connection.tcp.as_raw_fd());
+        self.timers.after(crate::net::PEER_CHECK_EVERY, id);
         let prefix = StatusLine::new(Status::Ok).to_line().into_bytes();
         connection.state = State::Relay { unix, prefix, written: 0, relay };
         Self::progress(connection, registry, id, 0, [true, true, false])
@@ -553,12 +556,12 @@ impl Exporter {
 
     fn check_time(&mut self, registry: &Registry, id: usize, now: Instant) {
         enum Action {
-            Nothing,
             Close,
             TimeOut,
             Rearm(Instant),
             Keepalive,
             Connect,
+            CheckPeers,
         }
         let Some(connection) = self.connections.get_mut(&id) else {
             return;
@@ -578,11 +581,20 @@ impl Exporter {
             }
             State::Watch { last_sent, .. } if now.duration_since(*last_sent) >= keepalive => Action::Keepalive,
             State::Watch { last_sent, .. } => Action::Rearm(*last_sent + keepalive),
-            State::Relay { .. } => Action::Nothing,
+            State::Relay { .. } => Action::CheckPeers,
             State::Busy { .. } => Action::Connect,
         };
         match action {
-            Action::Nothing => {}
+            Action::CheckPeers => {
+                let State::Relay { relay, .. } = &mut connection.state else { unreachable!("matched above") };
+                match relay.check_peers() {
+                    Ok(()) => self.timers.after(crate::net::PEER_CHECK_EVERY, id),
+                    Err(error) => {
+                        log::info!("{}: {error}; closing", connection.peer);
+                        self.close(registry, id);
+                    }
+                }
+            }
             Action::Close => self.close(registry, id),
             Action::Rearm(when) => self.timers.at(when, id),
             Action::TimeOut => {

@@ -725,13 +725,35 @@ impl Importer {
                     self.timers.after(LINGER_CHECK, TIMER_LINGER);
                 }
             } else if key >= LINK_BASE {
-                let stuck = self.links.get(&key).is_some_and(|link| {
-                    !matches!(link.state, LinkState::Relaying(_)) && now.duration_since(link.since) >= CONNECT_TIMEOUT
-                });
-                if stuck {
-                    log::info!("{}: CONNECT timed out", self.uri());
-                    self.close_link(registry, key);
-                }
+                self.check_link(registry, key, now);
+            }
+        }
+    }
+
+    /// A link's timer: a CONNECT that took too long ends; a relayed TCP
+    /// link whose exporter answers nothing any more ends (see
+    /// [`Relay::check_peers`]), else it is looked at again later.
+    fn check_link(&mut self, registry: &Registry, key: usize, now: Instant) {
+        let Some(link) = self.links.get_mut(&key) else {
+            return;
+        };
+        let relay = match &mut link.state {
+            LinkState::Relaying(relay) => relay,
+            _ if now.duration_since(link.since) >= CONNECT_TIMEOUT => {
+                log::info!("{}: CONNECT timed out", self.config.dialer.uri());
+                self.close_link(registry, key);
+                return;
+            }
+            _ => return,
+        };
+        if !matches!(link.remote, Remote::Tcp { .. }) {
+            return;
+        }
+        match relay.check_peers() {
+            Ok(()) => self.timers.after(crate::net::PEER_CHECK_EVERY, key),
+            Err(error) => {
+                log::warn!("{}: {error}; ending the connection", link.path);
+                self.close_link(registry, key);
             }
         }
     }
@@ -1489,7 +1511,15 @@ impl Importer {
             Ok(true) => {}
             Ok(false) => self.close_link(registry, id),
             Err(error) => {
-                log::debug!("{}: {error}", self.links.get(&id).map(|l| l.path.as_str()).unwrap_or(""));
+                let path = self.links.get(&id).map(|l| l.path.as_str()).unwrap_or("");
+                // A link cut (the exporter's host silent, a route gone)
+                // leaves its client with less than was sent: said at the
+                // default level. A peer that reset or left is ordinary.
+                if crate::relay::link_failed(&error) {
+                    log::warn!("{path}: {error}; ending the connection");
+                } else {
+                    log::debug!("{path}: {error}");
+                }
                 self.close_link(registry, id);
             }
         }
@@ -1589,6 +1619,9 @@ fn advance_link(
                     }
                 };
                 log::debug!("{}: relaying", link.path);
+                if let Remote::Tcp { tcp, .. } = &link.remote {
+                    let _ = crate::net::relaying(tcp.as_raw_fd());
+                }
                 link.state = LinkState::Relaying(Box::new(relay));
             }
             LinkState::Relaying(relay) => {

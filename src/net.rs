@@ -66,10 +66,14 @@ pub const KEEPALIVE_IDLE_SECS: u32 = 10;
 pub const KEEPALIVE_INTERVAL_SECS: u32 = 5;
 pub const KEEPALIVE_PROBES: u32 = 3;
 /// Data unacknowledged for this long ends the connection: a peer that
-/// vanished while we were sending (a WATCH stream's keepalives, a relay) is
-/// noticed even though our writes still fit in the send buffer. Longer
-/// than any blip we ride out.
+/// vanished while we were sending (a WATCH stream's keepalives) is noticed
+/// even though our writes still fit in the send buffer. Longer than any
+/// blip we ride out. Relayed connections drop it (see [`relaying`]) and
+/// are watched by [`PeerCheck`] against the same figure instead.
 pub const USER_TIMEOUT_MS: u32 = 20_000;
+/// How often the TCP legs of relayed connections are looked at
+/// ([`PeerCheck`]).
+pub const PEER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Unsent bytes a TCP leg may queue before it stops reporting writable.
 /// Without a limit the kernel lets a bulk relay park megabytes in the send
 /// queue, cold by the time the far side reads them: two hops on one host
@@ -110,6 +114,72 @@ pub fn tune_tcp(fd: RawFd) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A connection that starts relaying a stream drops the user timeout
+/// that [`tune_tcp`] set: Linux also counts a zero window held that long
+/// as the peer being gone, and so cut the stream of any reader that paused
+/// for 20 s (`dcat … | less`, a suspended client, a busy service) after a
+/// few hundred kilobytes, as if it had ended. [`PeerCheck`] tells a paused
+/// peer from a vanished one instead.
+pub fn relaying(fd: RawFd) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: as in tune_tcp.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        setsockopt(&fd, sockopt::TcpUserTimeout, &0).map_err(to_io)?;
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = fd;
+    Ok(())
+}
+
+/// Whether the peer of a relayed TCP connection is gone, asked of the
+/// kernel every [`PEER_CHECK_EVERY`]: what we sent (data, or probes of a
+/// zero window) unanswered for [`USER_TIMEOUT_MS`], at two looks in a row.
+/// A paused reader answers the kernel's window probes, and so is never
+/// taken for gone, however long it pauses; a probe just sent looks
+/// unanswered for one round trip, hence the second look. A peer gone
+/// while nothing was sent is keepalive's to notice.
+#[derive(Debug, Default)]
+pub struct PeerCheck {
+    suspect: bool,
+}
+
+impl PeerCheck {
+    pub fn gone(&mut self, fd: RawFd) -> bool {
+        let silent = unanswered(fd);
+        let gone = silent && self.suspect;
+        self.suspect = silent;
+        gone
+    }
+}
+
+/// The error a relay fails with when [`PeerCheck`] finds its peer gone.
+pub fn peer_silent() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("connection timed out: the peer acknowledged nothing for {} s", USER_TIMEOUT_MS / 1000),
+    )
+}
+
+/// Whether `fd` has data or window probes out that its peer has not
+/// answered for [`USER_TIMEOUT_MS`].
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn unanswered(fd: RawFd) -> bool {
+    // SAFETY: tcp_info is plain old data; the kernel fills at most
+    // `length` bytes of it, from a descriptor the caller keeps open.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut length = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let got = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut length)
+    };
+    got == 0 && (info.tcpi_unacked > 0 || info.tcpi_probes > 0) && info.tcpi_last_ack_recv >= USER_TIMEOUT_MS
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn unanswered(_fd: RawFd) -> bool {
+    false
 }
 
 /// The soft descriptor limit the process was started with, before

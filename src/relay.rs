@@ -128,6 +128,8 @@ struct Endpoint {
     /// A TCP (or other IP) socket; asked only when a direction into it
     /// turns bulk, then kept.
     over_ip: Option<bool>,
+    /// Whether the peer of a TCP leg still answers (see [`Relay::check_peers`]).
+    peer_check: crate::net::PeerCheck,
     /// Given to the relay (see [`Relay::adopt`]): a pipe sink is closed
     /// at EOF, since closing is the only way to end a pipe.
     owned: Option<OwnedFd>,
@@ -153,6 +155,7 @@ impl Endpoint {
             read_closed: false,
             check_error: false,
             over_ip: None,
+            peer_check: crate::net::PeerCheck::default(),
             owned: None,
         }
     }
@@ -588,6 +591,32 @@ impl Relay {
         }
     }
 
+    /// Whether any descriptor is a TCP (or other IP) connection, whose
+    /// peer [`Relay::check_peers`] looks after.
+    pub fn has_ip_leg(&mut self) -> bool {
+        self.endpoints.iter_mut().any(Endpoint::is_over_ip)
+    }
+
+    /// Asks the kernel whether the peer of each TCP leg still answers, to
+    /// be called every [`crate::net::PEER_CHECK_EVERY`] by whoever drives
+    /// the relay (TCP legs have no user timeout while relaying, see
+    /// [`crate::net::relaying`]). An error: a peer left what we sent
+    /// unanswered for 20 s, and the relay has failed.
+    pub fn check_peers(&mut self) -> io::Result<()> {
+        let gone = self.endpoints.iter_mut().position(|endpoint| {
+            let fd = endpoint.fd;
+            endpoint.is_over_ip() && endpoint.peer_check.gone(fd)
+        });
+        let Some(gone) = gone else {
+            return Ok(());
+        };
+        // What was written into it is what went unacknowledged.
+        if let Some(direction) = self.directions.iter_mut().find(|direction| direction.sink == gone) {
+            direction.failed_sink = true;
+        }
+        Err(crate::net::peer_silent())
+    }
+
     pub fn is_done(&self) -> bool {
         self.directions.iter().all(|d| d.state == State::Closed)
     }
@@ -643,10 +672,16 @@ pub fn run_until(relay: &mut Relay, finished: impl Fn(&Relay) -> bool) -> io::Re
     let poller = polling::Poller::new()?;
     let mut registered: Vec<RawFd> = Vec::new();
     let mut events = polling::Events::new();
+    let watched = relay.has_ip_leg();
+    let mut next_check = std::time::Instant::now() + crate::net::PEER_CHECK_EVERY;
     let result = (|| loop {
         relay.pump()?;
         if finished(relay) || relay.is_done() {
             return Ok(());
+        }
+        if watched && std::time::Instant::now() >= next_check {
+            relay.check_peers()?;
+            next_check = std::time::Instant::now() + crate::net::PEER_CHECK_EVERY;
         }
         // A descriptor epoll refuses (/dev/null) is always ready from now
         // on: pump again before sleeping, or nothing may ever wake us.
@@ -685,7 +720,8 @@ pub fn run_until(relay: &mut Relay, finished: impl Fn(&Relay) -> bool) -> io::Re
             continue;
         }
         events.clear();
-        match poller.wait(&mut events, None) {
+        let timeout = watched.then(|| next_check.saturating_duration_since(std::time::Instant::now()));
+        match poller.wait(&mut events, timeout) {
             Ok(_) => {}
             Err(error) if interrupted(&error) => continue,
             Err(error) => return Err(error),
@@ -714,7 +750,7 @@ fn interrupted(error: &io::Error) -> bool {
 /// the timeouts, a route gone) rather than one its peer ended: what was
 /// read is not all there was, so a source that gets one fails the relay
 /// instead of ending its direction like a peer that closed.
-fn link_failed(error: &io::Error) -> bool {
+pub fn link_failed(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH))
 }
 

@@ -84,6 +84,9 @@ impl Server {
         if !status.status.is_success() {
             return Err(ClientError::Refused { address: self.authority(), status });
         }
+        if matches!(request, Request::Connect(_)) {
+            let _ = crate::net::relaying(stream.as_raw_fd());
+        }
         Ok(stream)
     }
 

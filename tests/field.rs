@@ -705,7 +705,8 @@ fn an_address_added_after_dipusd_started_is_announced_within_two_seconds() {
 
 /// The exporter's host drops off the network in the middle of a transfer
 /// (the cable, not the service): dcat must not take the silence for the
-/// end of the reply. Once TCP gives up (its 20 s user timeout), it exits
+/// end of the reply. Once its data has gone unacknowledged for 20 s (seen
+/// at two looks 5 s apart, see net::PeerCheck), it exits
 /// 74 naming the failed connection, not 0 with a short output.
 #[test]
 fn a_link_that_fails_mid_transfer_is_an_error_for_dcat_not_a_short_reply() {
@@ -727,12 +728,49 @@ fn a_link_that_fails_mid_transfer_is_an_error_for_dcat_not_a_short_reply() {
     let down = Instant::now();
     // More to send, which now goes unacknowledged.
     stdin.write_all(&[b'x'; 4096]).unwrap();
-    let status = dcat.wait_timeout(Duration::from_secs(45)).expect("dcat gives up within TCP's user timeout");
+    let status = dcat.wait_timeout(Duration::from_secs(45)).expect("dcat gives up once its data went unacknowledged");
     lan.host(0).link_up();
     let mut stderr = String::new();
     dcat.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     eprintln!("dcat ended {:?} after the cable: {status}, {stderr:?}", down.elapsed());
     assert_eq!(status.code(), Some(74), "{stderr}");
     assert!(stderr.contains("the connection to the service failed"), "{stderr}");
+    drop(stdin);
+}
+
+/// The exporter's host drops off in the middle of a transfer through an
+/// import. The relayed connection has no TCP user timeout (a paused reader
+/// must not be cut), so the importer itself notices that nothing it sends
+/// is acknowledged any more, and ends the connection within the same 20 s
+/// (and two looks, 5 s apart) rather than after TCP's fifteen minutes of
+/// retransmissions: the client is not left hanging.
+#[test]
+fn a_link_that_fails_mid_transfer_through_an_import_is_ended_not_left_hanging() {
+    let Some(lan) = Lan::new(&["hosta", "hostb"]) else { return };
+    lan.export(0, "cat", "echo/text/plain");
+    lan.start_exporter(0, 1);
+    let importer = lan.import(1, 0, "imported/text/plain/echo.hosta..0");
+    let mut dcat = ChildGuard::spawn(
+        lan.on(1, "dcat", &["echo.hosta"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let mut stdin = dcat.0.stdin.take().unwrap();
+    let mut stdout = dcat.0.stdout.take().unwrap();
+    stdin.write_all(b"before\n").unwrap();
+    let mut got = [0u8; 7];
+    stdout.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before\n");
+    lan.host(0).link_down();
+    let down = Instant::now();
+    // More to send, which now goes unacknowledged.
+    stdin.write_all(&[b'x'; 4096]).unwrap();
+    poll_until(Duration::from_secs(45), "the importer ends its connections to the vanished host", || {
+        tcp_ports_of(lan.host(1), importer).is_empty()
+    });
+    let ended = down.elapsed();
+    // The client's connection was closed with it: dcat's reply ends.
+    let status = dcat.wait_timeout(DEFAULT_TIMEOUT).expect("dcat's reply ends with the connection");
+    lan.host(0).link_up();
+    eprintln!("the import's connections ended {ended:?} after the cable; dcat {status}");
+    assert!(ended >= Duration::from_secs(15), "given up after only {ended:?}");
     drop(stdin);
 }

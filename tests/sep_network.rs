@@ -195,6 +195,72 @@ fn big_random_data_through_the_import_comes_back_identical() {
     assert_eq!(got, expected, "(length, hash) of what came back");
 }
 
+/// Longer than TCP's 20 s user timeout, which Linux also applies to a
+/// zero window: a reader pausing this long had its stream cut after a few
+/// hundred kilobytes, and dcat exited 0.
+const READER_PAUSE: Duration = Duration::from_secs(26);
+
+/// A reader that pauses (`dcat … | less`, a suspended client) holds the
+/// stream up across the TCP leg, directly over sep:// and through an
+/// import alike, for as long as it likes: when it reads on, the rest is
+/// all there.
+#[test]
+fn a_reader_that_pauses_longer_than_the_tcp_timeouts_gets_the_whole_stream() {
+    const SIZE: usize = 32 << 20;
+    let Some(lan) = Lan::new() else { return };
+    let file = lan.a.tree().with_file_name("source.bin");
+    let mut expected = Digest::new();
+    {
+        let mut out = std::fs::File::create(&file).unwrap();
+        let mut random = Random(0x2545_f491_4f6c_dd1d);
+        let mut buffer = vec![0u8; 1 << 20];
+        for _ in 0..SIZE / buffer.len() {
+            random.fill(&mut buffer);
+            expected.update(&buffer);
+            out.write_all(&buffer).unwrap();
+        }
+    }
+    let expected = expected.finish();
+    lan.export(&format!("cat {}", file.display()), "source/application/octet-stream");
+    lan.start_exporter();
+    lan.import();
+    let direct = format!("{}/source", lan.uri());
+    let readers: Vec<_> = [direct.as_str(), "source.hosta"]
+        .into_iter()
+        .map(|selector| {
+            let mut client = ChildGuard::spawn(
+                lan.on_b("dcat", &[selector]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+            );
+            let mut stdout = client.0.stdout.take().unwrap();
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut digest = Digest::new();
+                let mut buffer = vec![0u8; 64 << 10];
+                let mut first = true;
+                loop {
+                    match stdout.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => digest.update(&buffer[..n]),
+                    }
+                    if std::mem::take(&mut first) {
+                        std::thread::sleep(READER_PAUSE);
+                    }
+                }
+                let _ = tx.send(digest.finish());
+            });
+            (selector.to_string(), client, rx)
+        })
+        .collect();
+    for (selector, mut client, rx) in readers {
+        let got = rx.recv_timeout(READER_PAUSE + BULK_TIMEOUT).expect("the stream ends in time");
+        let status = client.wait_timeout(DEFAULT_TIMEOUT).expect("dcat exits after the stream");
+        let mut stderr = String::new();
+        client.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert_eq!((status.code(), stderr.as_str()), (Some(0), ""), "dcat {selector}");
+        assert_eq!(got, expected, "(length, hash) through dcat {selector}");
+    }
+}
+
 #[test]
 fn services_appearing_and_vanishing_on_a_are_mirrored_on_b_within_a_second() {
     let Some(lan) = Lan::new() else { return };

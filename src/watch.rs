@@ -10,7 +10,7 @@
 //! difference. Linux only (inotify); other systems would need a periodic
 //! rescan, which this module does not offer yet.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use crate::tree::{Service, Tree};
+use crate::tree::{FileId, Service, Tree};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -29,12 +29,19 @@ pub enum Change {
     Modified(Service),
 }
 
+/// A reported service and the socket file it was reported for, so that
+/// another file put at its path (renamed over it) is told apart.
+struct Known {
+    service: Service,
+    id: FileId,
+}
+
 pub struct TreeWatcher {
     tree: Tree,
     inotify: Inotify,
     directories: HashMap<WatchDescriptor, PathBuf>,
     /// What has been reported, by full path.
-    known: BTreeMap<PathBuf, Service>,
+    known: BTreeMap<PathBuf, Known>,
     /// Changes found while setting up watches, not yet handed out.
     pending: Vec<Change>,
     /// A watch on the root's parent, for the root itself being removed or
@@ -92,7 +99,7 @@ impl TreeWatcher {
 
     /// The services known now, in preference order.
     pub fn current(&self) -> Vec<Service> {
-        let mut services: Vec<Service> = self.known.values().cloned().collect();
+        let mut services: Vec<Service> = self.known.values().map(|known| known.service.clone()).collect();
         crate::tree::sort_services(&mut services);
         services
     }
@@ -147,12 +154,12 @@ impl TreeWatcher {
                 } else if event.mask.intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM) {
                     if is_dir {
                         self.forget_directory(&path);
-                    } else if let Some(service) = self.known.remove(&path) {
-                        self.pending.push(Change::Removed(service));
+                    } else if let Some(known) = self.known.remove(&path) {
+                        self.pending.push(Change::Removed(known.service));
                     }
                 } else if event.mask.contains(AddWatchFlags::IN_ATTRIB) && !is_dir {
-                    if let Some(service) = self.known.get(&path) {
-                        self.pending.push(Change::Modified(service.clone()));
+                    if let Some(known) = self.known.get(&path) {
+                        self.pending.push(Change::Modified(known.service.clone()));
                     }
                 }
             }
@@ -201,19 +208,18 @@ impl TreeWatcher {
     /// Compares the tree on disk with what was reported and queues the
     /// difference (after an overflow, when events were lost).
     fn rescan_into_pending(&mut self) {
-        let on_disk: BTreeMap<PathBuf, Service> =
-            self.tree.list().unwrap_or_default().into_iter().map(|service| (service.full.clone(), service)).collect();
-        let gone: Vec<PathBuf> = self.known.keys().filter(|path| !on_disk.contains_key(*path)).cloned().collect();
+        let on_disk: BTreeSet<PathBuf> =
+            self.tree.list().unwrap_or_default().into_iter().map(|service| service.full).collect();
+        let gone: Vec<PathBuf> = self.known.keys().filter(|path| !on_disk.contains(*path)).cloned().collect();
         for path in gone {
-            if let Some(service) = self.known.remove(&path) {
-                self.pending.push(Change::Removed(service));
+            if let Some(known) = self.known.remove(&path) {
+                self.pending.push(Change::Removed(known.service));
             }
         }
-        for (path, service) in on_disk {
-            if let std::collections::btree_map::Entry::Vacant(entry) = self.known.entry(path) {
-                entry.insert(service.clone());
-                self.pending.push(Change::Added(service));
-            }
+        // New ones, and known paths where another socket took the place
+        // of the one reported.
+        for path in on_disk {
+            self.consider(&path);
         }
         // Directories made while the queue overflowed need watches too.
         let _ = self.watch_directory(self.tree.root().to_path_buf());
@@ -246,19 +252,34 @@ impl TreeWatcher {
         Ok(())
     }
 
-    /// A new file: a service if it is a socket with a service's name.
+    /// A file made at `path` or renamed to it: a service if it is a socket
+    /// with a service's name. At a path already reported, rename(2) may
+    /// have put anything in place of the socket (a file, a symlink,
+    /// another socket) with no deletion event: unless it is the very
+    /// socket reported, that service is gone, and a new socket there is a
+    /// new service.
     fn consider(&mut self, path: &Path) {
-        use std::os::unix::fs::FileTypeExt;
-        if self.known.contains_key(path) || path.file_name().and_then(OsStr::to_str).is_none_or(|n| n.starts_with('.'))
-        {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if path.file_name().and_then(OsStr::to_str).is_none_or(|n| n.starts_with('.')) {
             return;
         }
-        let is_socket = std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket());
-        if !is_socket {
-            return;
+        let socket = std::fs::symlink_metadata(path)
+            .ok()
+            .filter(|meta| meta.file_type().is_socket())
+            .map(|meta| FileId { dev: meta.dev(), ino: meta.ino() });
+        if let Some(known) = self.known.get(path) {
+            if Some(known.id) == socket {
+                return;
+            }
+            if let Some(known) = self.known.remove(path) {
+                self.pending.push(Change::Removed(known.service));
+            }
         }
+        let Some(id) = socket else {
+            return;
+        };
         if let Some(service) = self.tree.service_at(path) {
-            self.known.insert(path.to_path_buf(), service.clone());
+            self.known.insert(path.to_path_buf(), Known { service: service.clone(), id });
             self.pending.push(Change::Added(service));
         }
     }
@@ -272,8 +293,8 @@ impl TreeWatcher {
             .map(|(path, _)| path.clone())
             .collect();
         for path in gone {
-            if let Some(service) = self.known.remove(&path) {
-                self.pending.push(Change::Removed(service));
+            if let Some(known) = self.known.remove(&path) {
+                self.pending.push(Change::Removed(known.service));
             }
         }
         let stale: Vec<WatchDescriptor> = self

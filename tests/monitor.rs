@@ -221,3 +221,33 @@ fn sockets_in_a_directory_that_is_not_a_users_scope_are_not_reported() {
     lines.expect_line(&plus(&local), DEFAULT_TIMEOUT);
     assert_eq!(lines.next_line(QUIET), None, "nothing else changed");
 }
+
+#[test]
+fn anything_renamed_over_a_live_socket_reports_it_removed() {
+    let root = TestRoot::new();
+    let (_file_server, file_path) = serve(&root, "cat", "file/text/plain", "local/text/plain/file.testhost..0");
+    let (_link_server, link_path) = serve(&root, "cat", "link/text/plain", "local/text/plain/link.testhost..0");
+    let (_socket_server, socket_path) = serve(&root, "cat", "socket/text/plain", "local/text/plain/socket.testhost..0");
+    let (_, mut lines) = root.spawn_lines(root.cmd("dipus-service-monitor").arg("--initial"));
+    let mut initial: Vec<Option<String>> = (0..3).map(|_| lines.next_line(DEFAULT_TIMEOUT)).collect();
+    initial.sort();
+    assert_eq!(initial, [Some(plus(&file_path)), Some(plus(&link_path)), Some(plus(&socket_path))]);
+    lines.expect_line("= synced", DEFAULT_TIMEOUT);
+
+    // rename(2) over a path sends IN_MOVED_TO for it and no deletion: the
+    // servers still listen, but their sockets are no longer in the tree.
+    let staged = root.path().join("staged");
+    std::fs::write(&staged, "not a socket").unwrap();
+    std::fs::rename(&staged, &file_path).unwrap();
+    lines.expect_line(&minus(&file_path), DEFAULT_TIMEOUT);
+    std::os::unix::fs::symlink("/nonexistent", &staged).unwrap();
+    std::fs::rename(&staged, &link_path).unwrap();
+    lines.expect_line(&minus(&link_path), DEFAULT_TIMEOUT);
+    // Another socket in its place (bound at a hidden name, which is no
+    // service) is a new service at the same path.
+    let (_other, hidden) = common::service::listen_at(&root, "local/text/plain/.other");
+    std::fs::rename(&hidden, &socket_path).unwrap();
+    lines.expect_line(&minus(&socket_path), DEFAULT_TIMEOUT);
+    lines.expect_line(&plus(&socket_path), DEFAULT_TIMEOUT);
+    assert_eq!(lines.next_line(QUIET), None, "nothing else changed");
+}

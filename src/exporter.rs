@@ -35,7 +35,7 @@ use crate::selector::Selector;
 use crate::sep::{self, Request, Status, StatusLine};
 use crate::sep_server::View;
 use crate::tree::Tree;
-use crate::watch::TreeWatcher;
+use crate::watch::{RootEvent, TreeWatcher};
 
 /// Token component of the exporter's events.
 pub const COMPONENT: u8 = 1;
@@ -101,6 +101,8 @@ pub struct Exporter {
     view: View,
     listeners: Vec<TcpListener>,
     watcher: TreeWatcher,
+    /// The root was made again since [`take_root_renewed`](Exporter::take_root_renewed).
+    root_renewed: bool,
     connections: HashMap<usize, Connection>,
     next_id: usize,
     timers: Timers,
@@ -169,12 +171,14 @@ impl Exporter {
             listeners.push(TcpListener::from_std(listener));
         }
         tree.ensure_root().map_err(io::Error::other)?;
-        let watcher = TreeWatcher::new(&tree)?;
+        let mut watcher = TreeWatcher::new(&tree)?;
+        watcher.keep_root();
         Ok(Exporter {
             tree,
             view: View::Exported,
             listeners,
             watcher,
+            root_renewed: false,
             connections: HashMap::new(),
             next_id: 0,
             timers: Timers::default(),
@@ -625,6 +629,12 @@ impl Exporter {
         }
     }
 
+    /// Whether the root was removed and made again since the last call:
+    /// what the daemon had made in it is gone and is to be made again.
+    pub fn take_root_renewed(&mut self) -> bool {
+        std::mem::take(&mut self.root_renewed)
+    }
+
     fn tree_changed(&mut self, registry: &Registry) {
         let changes = match self.watcher.read_changes() {
             Ok(changes) => changes,
@@ -633,6 +643,18 @@ impl Exporter {
                 return;
             }
         };
+        let root = self.tree.root().display();
+        match self.watcher.take_root_event() {
+            Some(RootEvent::Renewed) => {
+                log::warn!("{root} was removed or moved away; made it again and watching it afresh");
+                self.root_renewed = true;
+            }
+            Some(RootEvent::Unavailable(why)) => log::warn!(
+                "{root} was removed or moved away and cannot be watched again ({why}); \
+                 serving nothing until it can"
+            ),
+            None => {}
+        }
         if changes.is_empty() {
             return;
         }

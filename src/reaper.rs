@@ -111,7 +111,10 @@ fn holders(sockets: &HashSet<u64>) -> HashMap<u64, Vec<u32>> {
 impl Reaper {
     pub fn new(tree: Tree, component: u8) -> io::Result<Reaper> {
         tree.ensure_root().map_err(io::Error::other)?;
-        let watcher = TreeWatcher::new(&tree)?;
+        let mut watcher = TreeWatcher::new(&tree)?;
+        // The exporter beside it says so when the root is made again; this
+        // one only needs to follow.
+        watcher.keep_root();
         let now = Instant::now();
         Ok(Reaper {
             tree,
@@ -153,6 +156,7 @@ impl Reaper {
         let id = event_loop::id(event.token());
         if id == WATCHER {
             let changes = self.watcher.read_changes().unwrap_or_default();
+            let _ = self.watcher.take_root_event();
             if changes.iter().any(|change| matches!(change, Change::Added(_))) {
                 // New sockets: learn who holds them; a successor may also
                 // have made an older one stale. Look once more a little

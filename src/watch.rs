@@ -29,6 +29,20 @@ pub enum Change {
     Modified(Service),
 }
 
+/// What became of the root of a watcher that keeps it
+/// ([`keep_root`](TreeWatcher::keep_root)), for the daemon to log and act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootEvent {
+    /// The root was removed or moved away (its services were reported
+    /// removed) and a root is watched at its path again, made anew or
+    /// found made by another process (its services reported added).
+    Renewed,
+    /// The root was removed or moved away and none can be watched at its
+    /// path, for the reason given. Tried again whenever something changes
+    /// in the root's parent.
+    Unavailable(String),
+}
+
 /// A reported service and the socket file it was reported for, so that
 /// another file put at its path (renamed over it) is told apart.
 struct Known {
@@ -48,6 +62,19 @@ pub struct TreeWatcher {
     /// moved away: the root's own IN_DELETE_SELF comes only once nothing
     /// holds the directory any more, and every socket bound below it does.
     parent: Option<WatchDescriptor>,
+    /// The parent watch is for good (a client's, see
+    /// [`follow_root`](Self::follow_root)), not only while the root of a
+    /// watcher that keeps it may be going.
+    following_root: bool,
+    /// A daemon's: a root removed or moved away is made again and watched.
+    keep_root: bool,
+    /// The root watched, as it was when its watch was added: a path that
+    /// names another directory now names another tree.
+    root_id: Option<FileId>,
+    /// Not yet taken by [`take_root_event`](Self::take_root_event).
+    root_event: Option<RootEvent>,
+    /// The root is lost and could not be watched again (reported once).
+    root_unavailable: bool,
 }
 
 fn watch_flags() -> AddWatchFlags {
@@ -74,10 +101,36 @@ impl TreeWatcher {
             known: BTreeMap::new(),
             pending: Vec::new(),
             parent: None,
+            following_root: false,
+            keep_root: false,
+            root_id: None,
+            root_event: None,
+            root_unavailable: false,
         };
-        watcher.watch_directory(tree.root().to_path_buf())?;
+        watcher.watch_root()?;
         watcher.pending.clear();
         Ok(watcher)
+    }
+
+    /// For daemons, which outlive anything done to the tree: once the root
+    /// is removed or moved away (a /tmp cleaner, `rm -rf`), its services
+    /// are reported removed, the root is made again (or the one another
+    /// process made is taken) and watched, and its services are reported
+    /// added; see [`take_root_event`](Self::take_root_event). Without it
+    /// the watcher would stay on the old directory, blind for good.
+    ///
+    /// The root's parent (usually /tmp) is watched only from the moment a
+    /// scope directory goes, which is how a root with live sockets below
+    /// it starts to be removed, until one is made again: not for good, as
+    /// its every change would wake the daemon.
+    pub fn keep_root(&mut self) {
+        self.keep_root = true;
+    }
+
+    /// What became of the root since the last call (see
+    /// [`keep_root`](Self::keep_root)).
+    pub fn take_root_event(&mut self) -> Option<RootEvent> {
+        self.root_event.take()
     }
 
     /// Also watches the root's parent, so that the root itself being
@@ -85,11 +138,81 @@ impl TreeWatcher {
     /// with [`wait_changes`](Self::wait_changes). Not for daemons: the
     /// parent is usually /tmp, whose every deletion would wake them.
     pub fn follow_root(&mut self) {
+        self.following_root = true;
+        self.watch_parent();
+    }
+
+    fn watch_parent(&mut self) {
+        if self.parent.is_some() {
+            return;
+        }
         if let Some(parent) = self.tree.root().parent() {
-            let flags = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_ONLYDIR;
+            let mut flags = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_ONLYDIR;
+            if self.keep_root {
+                // A root made again by another process, or what was in the
+                // way of making it removed: time to try again.
+                flags |= AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO;
+            }
             // Without it (a parent we may not read), a removed root is
             // noticed when the last socket below it is closed.
             self.parent = self.inotify.add_watch(parent, flags).ok();
+        }
+    }
+
+    /// Drops the parent watch a keeping watcher holds while its root may
+    /// be going (not a client's).
+    fn unwatch_parent(&mut self) {
+        if self.following_root {
+            return;
+        }
+        if let Some(parent) = self.parent.take() {
+            let _ = self.inotify.rm_watch(parent);
+        }
+    }
+
+    fn root_watched(&self) -> bool {
+        self.directories.values().any(|directory| directory == self.tree.root())
+    }
+
+    /// Whether the root's path no longer names the directory watched.
+    fn root_replaced(&self) -> bool {
+        FileId::of(self.tree.root()).ok() != self.root_id
+    }
+
+    fn watch_root(&mut self) -> io::Result<()> {
+        // The identity first: a root swapped between the two is then seen
+        // as another one than recorded, and watched again.
+        self.root_id = FileId::of(self.tree.root()).ok();
+        self.watch_directory(self.tree.root().to_path_buf())
+    }
+
+    /// The root is gone: everything under it is reported removed, then a
+    /// root is made at its path and watched (a symlink or a directory of
+    /// a stranger in its place is refused by `ensure_root`, and by the
+    /// watch's IN_DONT_FOLLOW).
+    fn renew_root(&mut self) {
+        let root = self.tree.root().to_path_buf();
+        self.forget_directory(&root);
+        // To hear of it when the way is clear, if it is not now.
+        self.watch_parent();
+        let outcome = match self.tree.ensure_root() {
+            Ok(()) => self.watch_root().map_err(|error| format!("cannot watch {}: {error}", root.display())),
+            Err(error) => Err(error.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                log::debug!("{}: watching the root made again", root.display());
+                self.root_event = Some(RootEvent::Renewed);
+                self.root_unavailable = false;
+                self.unwatch_parent();
+            }
+            Err(error) => {
+                self.forget_directory(&root);
+                if !self.root_unavailable {
+                    self.root_event = Some(RootEvent::Unavailable(error));
+                }
+                self.root_unavailable = true;
+            }
         }
     }
 
@@ -120,7 +243,14 @@ impl TreeWatcher {
                 }
                 if Some(event.wd) == self.parent {
                     let root = self.tree.root().to_path_buf();
-                    if event.mask.contains(AddWatchFlags::IN_ISDIR) && event.name.as_deref() == root.file_name() {
+                    let going = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
+                    // A late event for a root already made again names the
+                    // old one: only a path that names another is gone.
+                    if event.mask.contains(AddWatchFlags::IN_ISDIR)
+                        && event.mask.intersects(going)
+                        && event.name.as_deref() == root.file_name()
+                        && self.root_replaced()
+                    {
                         self.forget_directory(&root);
                     }
                     continue;
@@ -145,6 +275,10 @@ impl TreeWatcher {
                 let is_dir = event.mask.contains(AddWatchFlags::IN_ISDIR);
                 if event.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
                     if is_dir {
+                        if directory == self.tree.root() {
+                            // A scope is back: the tree is in use again.
+                            self.unwatch_parent();
+                        }
                         // Watch first, then scan: nothing made in between
                         // is missed, and `known` dedupes what is seen twice.
                         let _ = self.watch_directory(path);
@@ -154,6 +288,15 @@ impl TreeWatcher {
                 } else if event.mask.intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM) {
                     if is_dir {
                         self.forget_directory(&path);
+                        if self.keep_root && directory == self.tree.root() {
+                            // The root may be next (`rm -rf` empties it
+                            // first): hear of it from its parent, and see
+                            // whether it went already.
+                            self.watch_parent();
+                            if self.root_replaced() {
+                                self.forget_directory(&directory);
+                            }
+                        }
                     } else if let Some(known) = self.known.remove(&path) {
                         self.pending.push(Change::Removed(known.service));
                     }
@@ -163,6 +306,9 @@ impl TreeWatcher {
                     }
                 }
             }
+        }
+        if self.keep_root && !self.root_watched() {
+            self.renew_root();
         }
         Ok(std::mem::take(&mut self.pending))
     }
@@ -181,7 +327,7 @@ impl TreeWatcher {
             if !changes.is_empty() {
                 return Ok(changes);
             }
-            if !self.directories.values().any(|directory| directory == self.tree.root()) {
+            if !self.root_watched() {
                 let root = self.tree.root().display();
                 return Err(io::Error::new(io::ErrorKind::NotFound, format!("{root} was removed or moved away")));
             }
@@ -208,6 +354,12 @@ impl TreeWatcher {
     /// Compares the tree on disk with what was reported and queues the
     /// difference (after an overflow, when events were lost).
     fn rescan_into_pending(&mut self) {
+        if self.root_replaced() {
+            // Lost with the events: the root itself went.
+            let root = self.tree.root().to_path_buf();
+            self.forget_directory(&root);
+            return;
+        }
         let on_disk: BTreeSet<PathBuf> =
             self.tree.list().unwrap_or_default().into_iter().map(|service| service.full).collect();
         let gone: Vec<PathBuf> = self.known.keys().filter(|path| !on_disk.contains(*path)).cloned().collect();

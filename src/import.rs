@@ -630,6 +630,11 @@ impl Importer {
         self.config.dialer.uri()
     }
 
+    /// What this importer was started with.
+    pub fn config(&self) -> &ImportConfig {
+        &self.config
+    }
+
     pub fn proxy_count(&self) -> usize {
         self.proxies.len()
     }

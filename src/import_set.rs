@@ -226,6 +226,26 @@ impl ImportSet {
         }
     }
 
+    /// The tree was removed and made again, and every import's lock and
+    /// proxies went with the old one: each import is started afresh (its
+    /// lock taken again, its proxies made at its first sync). Connections
+    /// already relayed run on until they end.
+    pub fn restart_all(&mut self, registry: &Registry) {
+        let wanted: Vec<Wanted> = self
+            .imports
+            .iter()
+            .map(|(key, import)| {
+                let config = import.importer.config();
+                Wanted { key: key.clone(), dialer: config.dialer.clone(), selector: config.selector.clone() }
+            })
+            .collect();
+        for wanted in wanted {
+            log::info!("{}: importing again into the new tree", wanted.key);
+            self.stop(registry, &wanted.key);
+            self.begin(registry, wanted, false);
+        }
+    }
+
     /// Everything stops, connections included (the process is ending).
     pub fn stop_all(&mut self, registry: &Registry) {
         let keys: Vec<String> =

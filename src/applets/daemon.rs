@@ -92,6 +92,11 @@ struct Args {
 
 const DEFAULT_SERVICES: &str = "/etc/dipus/services";
 
+/// The default services' sockets: open to every local user.
+fn service_options() -> SocketOptions {
+    SocketOptions { mode: Some(0o666), ..SocketOptions::default() }
+}
+
 // Token components.
 const SIGNALS: u8 = 0;
 const EXPORTER: u8 = crate::exporter::COMPONENT;
@@ -276,7 +281,12 @@ impl Daemon {
                             }
                         }
                     }
-                    EXPORTER => self.exporter.handle_event(registry, event),
+                    EXPORTER => {
+                        self.exporter.handle_event(registry, event);
+                        if self.exporter.take_root_renewed() {
+                            self.remake_tree(registry);
+                        }
+                    }
                     DISCOVERY => {
                         if let Some(discovery) = &mut self.discovery {
                             discovery.handle_readable();
@@ -375,13 +385,12 @@ impl Daemon {
             if self.services.iter().any(|(running, _)| *running == line) {
                 continue;
             }
-            let options = SocketOptions { mode: Some(0o666), ..SocketOptions::default() };
             match PipeServer::new(
                 &self.tree,
                 line.scope.clone(),
                 &line.spec,
                 &self.host,
-                &options,
+                &service_options(),
                 line.command.clone(),
                 Some(line.children),
             ) {
@@ -392,7 +401,11 @@ impl Daemon {
                 Err(error) => log::warn!("cannot start {}: {error}", line.spec),
             }
         }
-        // Tokens are indexes: register every listener afresh.
+        self.register_services(registry);
+    }
+
+    /// Tokens are indexes: every listener is registered afresh.
+    fn register_services(&mut self, registry: &Registry) {
         for (index, (_, server)) in self.services.iter_mut().enumerate() {
             let fd = server.listener_fd();
             let token = event_loop::token(SERVICES, index);
@@ -402,6 +415,27 @@ impl Daemon {
             }
             let _ = server.accept_ready();
         }
+    }
+
+    /// The root was removed and the exporter made it again (it logged
+    /// that): what dipusd had in the old tree is made again in the new
+    /// one, its `imported/` scope, its default services (their running
+    /// children kept) and its imports.
+    fn remake_tree(&mut self, registry: &Registry) {
+        if let Err(error) = self.tree.ensure_scope(&Scope::Imported) {
+            log::warn!("cannot make the imported scope again: {error}");
+        }
+        for (line, server) in &mut self.services {
+            let _ = registry.deregister(&mut mio::unix::SourceFd(&server.listener_fd()));
+            match server.rebind(&self.tree, line.scope.clone(), &line.spec, &self.host, &service_options()) {
+                Ok(()) => log::info!("serving {} again at {}", line.spec, server.socket.path().display()),
+                // Its old listener stays registered, unreachable, until a
+                // SIGHUP or a root made again once more tries again.
+                Err(error) => log::warn!("cannot serve {} again in the new tree: {error}", line.spec),
+            }
+        }
+        self.register_services(registry);
+        self.imports.restart_all(registry);
     }
 
     fn reload(&mut self, registry: &Registry) {

@@ -147,6 +147,21 @@ impl PipeServer {
         Ok(PipeServer { socket, command, limit, children: HashSet::new() })
     }
 
+    /// Binds a new socket in place of one whose file went with the tree
+    /// (see `dipusd`): the children serving connections run on, and count
+    /// against the limit as before.
+    pub fn rebind(
+        &mut self,
+        tree: &Tree,
+        scope: Scope,
+        spec: &ServiceSpec,
+        host: &str,
+        options: &SocketOptions,
+    ) -> Result<(), Error> {
+        self.socket = ServiceSocket::bind(tree, &scope, &spec.name, host, &spec.protocol, options)?;
+        Ok(())
+    }
+
     pub fn set_limit(&mut self, limit: Option<usize>) {
         self.limit = limit;
     }

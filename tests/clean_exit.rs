@@ -148,31 +148,8 @@ fn dipusd_stopped_takes_the_emptied_protocol_directories_of_its_services_and_imp
     std::fs::write(&services, "upper/text/plain/utf-8 local tr a-z A-Z\nlower/text/x exported tr A-Z a-z\n").unwrap();
     // Another service's socket in `local/text`: that directory stays.
     let (_foreign, _) = listen_at(&root, "local/text/foreign.testhost..0");
-    let pidfile = root.path().join("dipusd.pid");
-    let mut daemon = None;
-    for _ in 0..5 {
-        let pid = root.spawn(
-            root.cmd("dipusd")
-                .args(["--no-discovery", "--bind", "127.0.0.1", "--port", &free_port().to_string()])
-                .args(["--host", &format!("sep://127.0.0.1:{port}")])
-                .arg("--services")
-                .arg(&services)
-                .arg("--pidfile")
-                .arg(&pidfile)
-                .stderr(Stdio::null()),
-        );
-        let mut up = false;
-        wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
-            let running = root.with_child(pid, |c| c.is_running());
-            up = running && std::fs::read_to_string(&pidfile).is_ok_and(|text| text == format!("{pid}\n"));
-            up || !running
-        });
-        if up {
-            daemon = Some(pid);
-            break;
-        }
-    }
-    let daemon = daemon.expect("dipusd did not start on any of 5 free ports");
+    let host = format!("sep://127.0.0.1:{port}");
+    let daemon = common::service::start_loopback_dipusd(&root, &services, &["--host", &host]);
     wait_until(DEFAULT_TIMEOUT, "the import of hosta", || sockets(&root.tree()).len() == 5);
     assert_eq!(
         sockets(&root.tree()),

@@ -714,20 +714,7 @@ fn a_link_that_fails_mid_transfer_is_an_error_for_dcat_not_a_short_reply() {
     lan.export(0, "cat", "echo/text/plain");
     lan.start_exporter(0, 1);
     let uri = format!("{}/echo", lan.uri(0));
-    let mut dcat = ChildGuard::spawn(
-        lan.on(1, "dcat", &[&uri]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
-    );
-    let mut stdin = dcat.0.stdin.take().unwrap();
-    let mut stdout = dcat.0.stdout.take().unwrap();
-    // Echoed before the cable goes: the transfer is under way.
-    stdin.write_all(b"before\n").unwrap();
-    let mut got = [0u8; 7];
-    stdout.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"before\n");
-    lan.host(0).link_down();
-    let down = Instant::now();
-    // More to send, which now goes unacknowledged.
-    stdin.write_all(&[b'x'; 4096]).unwrap();
+    let (mut dcat, stdin, down) = echo_then_cut(&lan, &uri);
     let status = dcat.wait_timeout(Duration::from_secs(45)).expect("dcat gives up once its data went unacknowledged");
     lan.host(0).link_up();
     let mut stderr = String::new();
@@ -736,6 +723,26 @@ fn a_link_that_fails_mid_transfer_is_an_error_for_dcat_not_a_short_reply() {
     assert_eq!(status.code(), Some(74), "{stderr}");
     assert!(stderr.contains("the connection to the service failed"), "{stderr}");
     drop(stdin);
+}
+
+/// `dcat SELECTOR` on host 1 to host 0's echo service: a line echoed
+/// (the transfer is under way), then host 0's cable out and more sent,
+/// which now goes unacknowledged. Returns dcat, its stdin (still open)
+/// and when the cable went.
+fn echo_then_cut(lan: &Lan, selector: &str) -> (ChildGuard, std::process::ChildStdin, Instant) {
+    let mut dcat = ChildGuard::spawn(
+        lan.on(1, "dcat", &[selector]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let mut stdin = dcat.0.stdin.take().unwrap();
+    let mut stdout = dcat.0.stdout.take().unwrap();
+    stdin.write_all(b"before\n").unwrap();
+    let mut got = [0u8; 7];
+    stdout.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before\n");
+    lan.host(0).link_down();
+    let down = Instant::now();
+    stdin.write_all(&[b'x'; 4096]).unwrap();
+    (dcat, stdin, down)
 }
 
 /// The exporter's host drops off in the middle of a transfer through an
@@ -750,19 +757,7 @@ fn a_link_that_fails_mid_transfer_through_an_import_is_ended_not_left_hanging() 
     lan.export(0, "cat", "echo/text/plain");
     lan.start_exporter(0, 1);
     let importer = lan.import(1, 0, "imported/text/plain/echo.hosta..0");
-    let mut dcat = ChildGuard::spawn(
-        lan.on(1, "dcat", &["echo.hosta"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
-    );
-    let mut stdin = dcat.0.stdin.take().unwrap();
-    let mut stdout = dcat.0.stdout.take().unwrap();
-    stdin.write_all(b"before\n").unwrap();
-    let mut got = [0u8; 7];
-    stdout.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"before\n");
-    lan.host(0).link_down();
-    let down = Instant::now();
-    // More to send, which now goes unacknowledged.
-    stdin.write_all(&[b'x'; 4096]).unwrap();
+    let (mut dcat, stdin, down) = echo_then_cut(&lan, "echo.hosta");
     poll_until(Duration::from_secs(45), "the importer ends its connections to the vanished host", || {
         tcp_ports_of(lan.host(1), importer).is_empty()
     });

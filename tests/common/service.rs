@@ -287,22 +287,29 @@ pub fn start_exporter(root: &TestRoot, args: &[&str]) -> u16 {
 /// Starts `dipusd --no-discovery --bind 127.0.0.1 --port P --services
 /// <empty file>` in `root` on a free port (on loopback only: tests never
 /// offer anything to the host's network) and waits for its pidfile,
-/// written once its reaper runs; returns its pid. A port taken meanwhile makes dipusd exit:
-/// then another one is tried.
+/// written once its reaper runs; returns its pid.
 pub fn start_reaping_dipusd(root: &TestRoot) -> u32 {
     let services = root.path().join("services");
     fs::write(&services, "").unwrap();
+    start_loopback_dipusd(root, &services, &[])
+}
+
+/// Starts `dipusd --no-discovery --bind 127.0.0.1 --port P --services
+/// SERVICES ARGS…` in `root` on a free port and waits for its pidfile;
+/// returns its pid. A port taken meanwhile makes dipusd exit: then
+/// another one is tried.
+pub fn start_loopback_dipusd(root: &TestRoot, services: &Path, args: &[&str]) -> u32 {
     let pidfile = root.path().join("dipusd.pid");
     for _ in 0..5 {
         let _ = fs::remove_file(&pidfile);
         let port = free_port().to_string();
-        let pid =
-            root.spawn(root.cmd("dipusd").args(["--no-discovery", "--bind", "127.0.0.1", "--port", &port]).args([
-                "--services".as_ref(),
-                services.as_os_str(),
-                "--pidfile".as_ref(),
-                pidfile.as_os_str(),
-            ]));
+        let pid = root.spawn(
+            root.cmd("dipusd")
+                .args(["--no-discovery", "--bind", "127.0.0.1", "--port", &port])
+                .args(args)
+                .args(["--services".as_ref(), services.as_os_str(), "--pidfile".as_ref(), pidfile.as_os_str()])
+                .stderr(std::process::Stdio::null()),
+        );
         let mut up = false;
         wait_until(DEFAULT_TIMEOUT, "dipusd writes its pidfile", || {
             let running = root.with_child(pid, |c| c.is_running());

@@ -1726,6 +1726,30 @@ mod tests {
         (listener, dir, Importer::new(tree, config, 1), mio::Poll::new().unwrap())
     }
 
+    /// Starts `importer`'s session at `at`, has the exporter (the
+    /// listener's end) send `text`, and runs the importer until it has
+    /// synced (at most 5 s); returns the exporter's end.
+    fn sync_from(
+        listener: &std::net::TcpListener,
+        importer: &mut Importer,
+        poll: &mio::Poll,
+        at: Instant,
+        text: &str,
+    ) -> std::net::TcpStream {
+        use std::io::Write;
+        importer.handle_timers_at(poll.registry(), at);
+        let (mut exporter, _) = listener.accept().unwrap();
+        exporter.write_all(text.as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !importer.synced && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            importer.read_pending = false;
+            importer.session_ready(poll.registry());
+        }
+        assert!(importer.synced, "the session went on to its end of sync");
+        exporter
+    }
+
     /// The session is armed when it connects and again when it starts
     /// watching; when the first deadline passes, only the current one may
     /// go on (two chains used to go on forever, two more for each
@@ -1793,24 +1817,14 @@ mod tests {
     /// first ones get proxies, the rest none, and the session goes on.
     #[test]
     fn an_import_mirrors_at_most_its_limit_of_services() {
-        use std::io::Write;
         let (listener, dir, mut importer, poll) = importer_of_a_listener("cap");
         importer.proxy_limit = 100;
-        importer.handle_timers_at(poll.registry(), Instant::now());
-        let (mut exporter, _) = listener.accept().unwrap();
         let mut sync = String::from("SEP/1 200 OK\n");
         for n in 0..150 {
             sync.push_str(&format!("+ text/plain/s{n:03}.hosta..0\n"));
         }
         sync.push_str("= synced\n");
-        exporter.write_all(sync.as_bytes()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !importer.synced && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-            importer.read_pending = false;
-            importer.session_ready(poll.registry());
-        }
-        assert!(importer.synced, "the session went on to its end of sync");
+        let _exporter = sync_from(&listener, &mut importer, &poll, Instant::now(), &sync);
         assert_eq!(importer.proxies.len(), 100);
         assert!(importer.over_cap, "the cap was noticed (and warned of once)");
         assert!(importer.proxies.contains_key("text/plain/s099.hosta..0"));
@@ -1827,17 +1841,9 @@ mod tests {
     /// [`STEADY`] is no flap, and an announcement brings it back at once.
     #[test]
     fn a_flapping_exporter_is_asked_again_only_after_a_hold() {
-        use std::io::Write;
         let (listener, dir, mut importer, poll) = importer_of_a_listener("flap");
-        importer.handle_timers_at(poll.registry(), Instant::now());
-        let (mut exporter, _) = listener.accept().unwrap();
-        exporter.write_all(b"SEP/1 200 OK\n+ text/plain/a.hosta..0\n= synced\n").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !importer.synced && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-            importer.session_ready(poll.registry());
-        }
-        assert!(importer.synced);
+        let sync = "SEP/1 200 OK\n+ text/plain/a.hosta..0\n= synced\n";
+        let exporter = sync_from(&listener, &mut importer, &poll, Instant::now(), sync);
         let (at, _) = importer.synced_at.expect("the sync was timed");
         // As if this sync had taken 2 s.
         importer.synced_at = Some((at, Duration::from_secs(2)));
@@ -1861,14 +1867,7 @@ mod tests {
 
         // A session that stayed up past STEADY: no hold, and the host
         // announcing itself brings the next one at once.
-        importer.handle_timers_at(poll.registry(), retry_at);
-        let (mut exporter, _) = listener.accept().unwrap();
-        exporter.write_all(b"SEP/1 200 OK\n= synced\n").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !importer.synced && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-            importer.session_ready(poll.registry());
-        }
+        let exporter = sync_from(&listener, &mut importer, &poll, retry_at, "SEP/1 200 OK\n= synced\n");
         let (at, _) = importer.synced_at.expect("the sync was timed");
         importer.synced_at = Some((at - STEADY, Duration::from_secs(2)));
         drop(exporter);

@@ -79,6 +79,10 @@ enum State {
         prefix: Vec<u8>,
         written: usize,
         relay: Relay,
+        /// When its peers are looked at next (see `Relay::check_peers`);
+        /// timers of the connection's earlier states that fire before
+        /// are stale.
+        next_check: Instant,
     },
     /// CONNECT to a service whose backlog is full: tried again at the
     /// timer, as a blocking client would wait (see `BusyWait`).
@@ -480,9 +484,10 @@ impl Exporter {
         registry.reregister(&mut connection.tcp, connection_token(id, 0), Interest::READABLE | Interest::WRITABLE)?;
         let relay = Relay::between(connection.tcp.as_raw_fd(), unix.as_raw_fd());
         let _ = crate::net::relaying(connection.tcp.as_raw_fd());
-        self.timers.after(crate::net::PEER_CHECK_EVERY, id);
+        let next_check = Instant::now() + crate::net::PEER_CHECK_EVERY;
+        self.timers.at(next_check, id);
         let prefix = StatusLine::new(Status::Ok).to_line().into_bytes();
-        connection.state = State::Relay { unix, prefix, written: 0, relay };
+        connection.state = State::Relay { unix, prefix, written: 0, relay, next_check };
         Self::progress(connection, registry, id, 0, [true, true, false])
     }
 
@@ -530,7 +535,7 @@ impl Exporter {
                 }
                 Ok(true)
             }
-            State::Relay { unix, prefix, written, relay } => {
+            State::Relay { unix, prefix, written, relay, .. } => {
                 let fd = if side == 0 { tcp.as_raw_fd() } else { unix.as_raw_fd() };
                 relay.set_ready(fd, readable, writable);
                 if read_closed {
@@ -566,6 +571,7 @@ impl Exporter {
             Keepalive,
             Connect,
             CheckPeers,
+            Stale,
         }
         let Some(connection) = self.connections.get_mut(&id) else {
             return;
@@ -585,14 +591,21 @@ impl Exporter {
             }
             State::Watch { last_sent, .. } if now.duration_since(*last_sent) >= keepalive => Action::Keepalive,
             State::Watch { last_sent, .. } => Action::Rearm(*last_sent + keepalive),
-            State::Relay { .. } => Action::CheckPeers,
+            State::Relay { next_check, .. } if now >= *next_check => Action::CheckPeers,
+            State::Relay { .. } => Action::Stale,
             State::Busy { .. } => Action::Connect,
         };
         match action {
+            Action::Stale => {}
             Action::CheckPeers => {
-                let State::Relay { relay, .. } = &mut connection.state else { unreachable!("matched above") };
+                let State::Relay { relay, next_check, .. } = &mut connection.state else {
+                    unreachable!("matched above")
+                };
                 match relay.check_peers() {
-                    Ok(()) => self.timers.after(crate::net::PEER_CHECK_EVERY, id),
+                    Ok(()) => {
+                        *next_check = now + crate::net::PEER_CHECK_EVERY;
+                        self.timers.at(*next_check, id);
+                    }
                     Err(error) => {
                         log::info!("{}: {error}; closing", connection.peer);
                         self.close(registry, id);

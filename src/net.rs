@@ -143,15 +143,24 @@ pub fn relaying(fd: RawFd) -> io::Result<()> {
 /// while nothing was sent is keepalive's to notice.
 #[derive(Debug, Default)]
 pub struct PeerCheck {
-    suspect: bool,
+    /// The first look of the current run of looks that found it silent.
+    silent_since: Option<std::time::Instant>,
 }
 
 impl PeerCheck {
+    /// Gone: silent at this look and at one at least
+    /// [`PEER_CHECK_EVERY`] before, with none in between that was not.
     pub fn gone(&mut self, fd: RawFd) -> bool {
-        let silent = unanswered(fd);
-        let gone = silent && self.suspect;
-        self.suspect = silent;
-        gone
+        self.judge(unanswered(fd), std::time::Instant::now())
+    }
+
+    fn judge(&mut self, silent: bool, now: std::time::Instant) -> bool {
+        if !silent {
+            self.silent_since = None;
+            return false;
+        }
+        let since = *self.silent_since.get_or_insert(now);
+        now.duration_since(since) >= PEER_CHECK_EVERY
     }
 }
 
@@ -345,6 +354,21 @@ impl DescriptorReserve {
 
 #[cfg(test)]
 mod tests {
+    /// Two looks at least 5 s apart, silent both, and none answered in
+    /// between: a look soon after another (a probe just sent, not yet
+    /// answered) does not count.
+    #[test]
+    fn a_peer_is_gone_only_when_silent_at_two_looks_five_seconds_apart() {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let mut check = super::PeerCheck::default();
+        assert!(!check.judge(true, start));
+        assert!(!check.judge(true, start + Duration::from_millis(100)), "too soon after the first");
+        assert!(!check.judge(false, start + Duration::from_secs(3)), "it answered");
+        assert!(!check.judge(true, start + Duration::from_secs(6)), "a new run of silence");
+        assert!(check.judge(true, start + Duration::from_secs(11)));
+    }
+
     use super::*;
     use nix::sys::socket::getsockopt;
 

@@ -430,9 +430,17 @@ impl LockFile {
 
 impl Drop for LockFile {
     fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
         // Removed while still locked, so nobody can lock this file after us
-        // and believe it is the current one.
-        let _ = std::fs::remove_file(&self.path);
+        // and believe it is the current one; but only if the path still
+        // names it: the tree may have been removed and made again (see
+        // `TreeWatcher::keep_root`), and the lock at that path now be
+        // another importer's.
+        let ours = self._file.metadata().map(|meta| (meta.dev(), meta.ino())).ok();
+        let named = std::fs::symlink_metadata(&self.path).map(|meta| (meta.dev(), meta.ino())).ok();
+        if ours.is_some() && ours == named {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -1936,6 +1944,24 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let lost = format!("sep://127.0.0.1:{port} refused the import: SEP/1 403 forbidden: address not allowed");
         assert_eq!(importer.take_events(), [SessionEvent::Lost(lost.clone()), SessionEvent::Lost(lost)]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A lock file whose path was taken over (the tree removed and made
+    /// again, another importer's lock there now) is not removed by the
+    /// importer that held the old one.
+    #[test]
+    fn a_dropped_lock_leaves_a_file_that_took_its_path() {
+        let dir = std::env::temp_dir().join(format!("dipus-import-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(".import-x.lock");
+        let lock = LockFile::take(&path, "sep://x").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let other = LockFile::take(&path, "sep://x").expect("a new file at the path is free to lock");
+        drop(lock);
+        assert!(path.exists(), "the other importer's lock file was removed");
+        drop(other);
+        assert!(!path.exists(), "its own holder removes it");
         let _ = std::fs::remove_dir_all(dir);
     }
 

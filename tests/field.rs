@@ -17,7 +17,8 @@
 //!
 //! The timings asserted come from the code: the exporter's keepalive every
 //! 5 s and the importer's 15 s of silence (src/import.rs), the 20 s TCP
-//! user timeout (src/net.rs), the 0.5 s-to-30 s backoff, announcements at
+//! user timeout and, on relayed streams, the 20 s of unanswered data seen
+//! at looks 5 s apart (src/net.rs), the 0.5 s-to-30 s backoff, announcements at
 //! start, +1 s, +2 s, then every ttl/3.
 
 mod common;
@@ -768,4 +769,45 @@ fn a_link_that_fails_mid_transfer_through_an_import_is_ended_not_left_hanging() 
     eprintln!("the import's connections ended {ended:?} after the cable; dcat {status}");
     assert!(ended >= Duration::from_secs(15), "given up after only {ended:?}");
     drop(stdin);
+}
+
+/// The client's host drops off while the exporter sends it a stream: the
+/// exporter's relayed connection has no TCP user timeout (a paused reader
+/// must not be cut), so the exporter itself notices that what it sends is
+/// acknowledged no more, and closes the connection (and the service's)
+/// within the same 20 s and two looks 5 s apart, rather than after TCP's
+/// fifteen minutes of retransmissions.
+#[test]
+fn an_exporter_ends_a_stream_to_a_host_that_dropped_off_mid_transfer() {
+    let Some(lan) = Lan::new(&["hosta", "hostb"]) else { return };
+    lan.export(0, "cat /dev/zero", "zero/application/octet-stream");
+    lan.start_exporter(0, 1);
+    let uri = format!("{}/zero", lan.uri(0));
+    let mut dcat = ChildGuard::spawn(lan.on(1, "dcat", &[&uri]).stdin(Stdio::piped()).stdout(Stdio::piped()));
+    // Kept open: the connection stays established (not half-closed).
+    let _stdin = dcat.0.stdin.take().unwrap();
+    let mut stdout = dcat.0.stdout.take().unwrap();
+    let (flowing_tx, flowing) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 64 << 10];
+        let mut total = 0;
+        while let Ok(count @ 1..) = stdout.read(&mut buffer) {
+            total += count;
+            if total >= 1 << 20 {
+                let _ = flowing_tx.send(());
+            }
+        }
+    });
+    flowing.recv_timeout(DEFAULT_TIMEOUT).expect("the stream flows");
+    let relays = || established(lan.host(0), &["( sport = :7347 )"]);
+    assert_eq!(relays().len(), 1, "the exporter relays one connection");
+    lan.host(1).link_down();
+    let down = Instant::now();
+    poll_until(Duration::from_secs(45), "the exporter closes the connection to the vanished host", || {
+        relays().is_empty()
+    });
+    let ended = down.elapsed();
+    lan.host(1).link_up();
+    eprintln!("the exporter ended the stream {ended:?} after the cable");
+    assert!(ended >= Duration::from_secs(15), "given up after only {ended:?}");
 }
